@@ -1,0 +1,12 @@
+"""The `normdrop` command line: one Typer app; each sub-command lives in a module of this package."""
+
+import typer
+
+app = typer.Typer(
+    name="normdrop",
+    help="Batch normalization and dropout: layers, a training lab, and tests of the claims made about them.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+# Sub-commands register themselves here, one line each: app.command()(module.function)

@@ -1,0 +1,65 @@
+"""Batch normalization layers (Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network Training by
+Reducing Internal Covariate Shift"), drop-in replacements for torch.nn.BatchNorm{1,2,3}d.
+
+They subclass torch's classes (and so ``_BatchNorm``): constructor, parameters, buffers, state_dict keys, repr and
+input checks are torch's, so ``isinstance`` checks (``SyncBatchNorm.convert_sync_batchnorm``,
+``torch.optim.swa_utils.update_bn``, ``fuse_conv_bn_eval``) keep working. The forward is normdrop's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normdrop.nn import functional as F
+
+_FORMULAS = r"""
+
+    Training, per channel c over the batch (and spatial) dims, with n values per channel:
+
+        mu_c = mean(x_c),   var_c = mean((x_c - mu_c)^2)        (biased, used to normalize)
+        y = (x - mu_c) / sqrt(var_c + eps) * gamma_c + beta_c
+        running_mean <- (1 - m) running_mean + m mu_c
+        running_var  <- (1 - m) running_var  + m var_c * n / (n - 1)   (unbiased)
+
+    with m = momentum, or m = 1 / num_batches_tracked (a cumulative average) when momentum is None.
+    Inference (``eval()``), if track_running_stats: the same y with running_mean / running_var in place of
+    mu_c / var_c; without running statistics, batch statistics are used in both modes.
+"""
+
+
+class _NormdropBatchNorm:
+    """The forward shared by the three ranks; mixed in before torch's class so it takes precedence."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / self.num_batches_tracked.double()
+        # Batch statistics in training, and in eval when there are no running statistics to use.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_NormdropBatchNorm, torch.nn.BatchNorm1d):
+    __doc__ = "Batch norm over a 2D (N, C) or 3D (N, C, L) input; drop-in for torch.nn.BatchNorm1d." + _FORMULAS
+
+
+class BatchNorm2d(_NormdropBatchNorm, torch.nn.BatchNorm2d):
+    __doc__ = "Batch norm over a 4D (N, C, H, W) input; drop-in for torch.nn.BatchNorm2d." + _FORMULAS
+
+
+class BatchNorm3d(_NormdropBatchNorm, torch.nn.BatchNorm3d):
+    __doc__ = "Batch norm over a 5D (N, C, D, H, W) input; drop-in for torch.nn.BatchNorm3d." + _FORMULAS

@@ -1,0 +1,240 @@
+"""normdrop.nn.functional: batch norm and dropout, with torch.nn.functional's signatures and semantics.
+
+The math is normdrop's own (``normdrop.nn.kernels``), registered as custom ops (``normdrop.nn.ops``);
+this module checks arguments the way torch does, and updates running statistics.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from normdrop.nn.ops import batch_norm_op, dropout_op
+from normdrop.nn.rng import draw_rng_state
+
+__all__ = [
+    "InputDimError",
+    "alpha_dropout",
+    "batch_norm",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "feature_alpha_dropout",
+]
+
+
+class InputDimError(ValueError, RuntimeError):
+    """An input with the wrong number of dimensions.
+
+    It is a ValueError (what normdrop promises) and a RuntimeError (what torch's dropout1d raises), so code written
+    against either keeps catching it.
+    """
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Batch normalization over dim 1 of an (N, C, \*) input (Ioffe & Szegedy 2015).
+
+    Training: normalize with the batch's mean and biased variance per channel, and, when running statistics are
+    given, update them in place with the batch mean and the *unbiased* batch variance:
+    ``running = (1 - momentum) * running + momentum * batch``.
+    Inference (``training=False``): normalize with ``running_mean`` / ``running_var``.
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    ``momentum`` may be a 0-dim tensor (``BatchNorm(momentum=None)`` passes ``1 / num_batches_tracked``).
+    """
+    if input.ndim < 2:
+        raise InputDimError(f"batch_norm expects an input of shape (N, C, *), got a {input.ndim}D input")
+    if training:
+        values_per_channel = input.numel() // max(input.shape[1], 1)
+        if values_per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+            )
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in inference mode needs running_mean and running_var, got None")
+    channels = input.shape[1]
+    for name, tensor in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if tensor is not None and tensor.shape != (channels,):
+            raise ValueError(
+                f"batch_norm {name} must have shape ({channels},) for an input with {channels} channels, "
+                f"got {tuple(tensor.shape)}"
+            )
+
+    y, mean, var = batch_norm_op(input, weight, bias, running_mean, running_var, training, eps)
+    if training and running_mean is not None and running_var is not None and input.numel() > 0:
+        n = input.numel() // channels
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
+            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype) * (momentum * n / (n - 1)))
+    return y
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _apply_dropout(
+    input: Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    mask_dims: int,
+    alpha: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Shared path of every dropout flavour: identity, zeros, or the custom op, in place or not."""
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p == 1.0:
+        return input.mul_(0.0) if inplace else input * 0.0
+    rng_state = draw_rng_state(generator)
+    y = dropout_op(input, rng_state, float(p), mask_dims, alpha, True)
+    return input.copy_(y) if inplace else y
+
+
+def dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Element-wise dropout (Srivastava et al. 2014): each element is zeroed with probability ``p`` and the
+    survivors are scaled by ``1 / (1 - p)`` in training, so E[y] = x; the identity in inference.
+
+    The mask comes from a counter-based generator seeded from ``generator`` (or torch's default generator), so
+    ``torch.manual_seed`` reproduces it, and backward regenerates it instead of storing it.
+    """
+    _check_p(p)
+    return _apply_dropout(input, p, training, inplace, input.ndim, False, generator)
+
+
+def _feature_dropout(
+    input: Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    batched: bool,
+    alpha: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    # The mask covers (N, C) of a batched input and (C,) of an unbatched one, broadcast over the spatial dims.
+    return _apply_dropout(input, p, training, inplace, 2 if batched else 1, alpha, generator)
+
+
+def dropout1d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Channel dropout for (N, C, L) or (C, L) inputs (Tompson et al. 2015): whole channels are zeroed with
+    probability ``p``, survivors scaled by ``1 / (1 - p)``."""
+    _check_p(p)
+    if input.ndim not in (2, 3):
+        raise InputDimError(f"dropout1d expects a 2D (C, L) or 3D (N, C, L) input, but received a {input.ndim}D input")
+    return _feature_dropout(input, p, training, inplace, input.ndim == 3, False, generator)
+
+
+def dropout2d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Channel dropout for (N, C, H, W) inputs (Tompson et al. 2015); as torch does, a 3D input is read as
+    (N, C, L) with a warning, and other ranks warn and drop over their first two dims."""
+    _check_p(p)
+    if input.ndim not in (3, 4):
+        warnings.warn(
+            f"dropout2d: received a {input.ndim}D input; dropout2d is meant for 3D or 4D inputs, "
+            "use dropout for others",
+            stacklevel=2,
+        )
+    if input.ndim == 3:
+        warnings.warn(
+            "dropout2d: received a 3D input and treats it as (N, C, L) (channel-wise 1D dropout), as torch does; "
+            "use dropout1d for that",
+            stacklevel=2,
+        )
+    if input.ndim < 2:
+        raise InputDimError(f"dropout2d needs at least 2 dimensions (N, C), got a {input.ndim}D input")
+    return _feature_dropout(input, p, training, inplace, True, False, generator)
+
+
+def dropout3d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Channel dropout for (N, C, D, H, W) or (C, D, H, W) inputs; other ranks warn and drop over their first
+    two dims, as torch does."""
+    _check_p(p)
+    if input.ndim not in (4, 5):
+        warnings.warn(
+            f"dropout3d: received a {input.ndim}D input; dropout3d is meant for 4D or 5D inputs, "
+            "use dropout for others",
+            stacklevel=2,
+        )
+    if input.ndim < 2:
+        raise InputDimError(f"dropout3d needs at least 2 dimensions (N, C), got a {input.ndim}D input")
+    return _feature_dropout(input, p, training, inplace, input.ndim != 4, False, generator)
+
+
+def alpha_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Alpha dropout for SELU networks (Klambauer et al. 2017): dropped units are set to SELU's saturation value
+    and an affine map ``a * y + b`` restores zero mean and unit variance; identity in inference."""
+    _check_p(p)
+    return _apply_dropout(input, p, training, inplace, input.ndim, True, generator)
+
+
+def feature_alpha_dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = False,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Alpha dropout of whole channels of an (N, C, \*) input (Klambauer et al. 2017)."""
+    _check_p(p)
+    if input.ndim < 2:
+        raise InputDimError(f"feature_alpha_dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
+    return _feature_dropout(input, p, training, inplace, True, True, generator)

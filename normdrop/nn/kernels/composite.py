@@ -1,0 +1,185 @@
+"""The torch-composite backend: batch norm and dropout written with elementary torch ops.
+
+It runs on any device torch supports (CPU, CUDA, ...), it is differentiable as written (so double backward works
+through it), and it is the oracle the fast kernels are tested against. It never calls torch's own batch_norm,
+dropout or bernoulli ops: those are the oracle for *this* file.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normdrop.nn.rng import MASK32, MIX_MULTIPLIER_1, MIX_MULTIPLIER_2, drop_threshold, round_keys
+
+# SELU's negative saturation value, lambda * alpha (Klambauer et al. 2017): alpha dropout sets dropped units to
+# -SELU_SATURATION before its affine correction.
+SELU_SATURATION = 1.7580993408473766
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reduced-precision inputs are normalized in float32, as torch does; float32/float64 in their own type."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def channel_view(stat: Tensor, ndim: int) -> Tensor:
+    """Reshape a per-channel vector (C,) so it broadcasts against an (N, C, *) input."""
+    return stat.view((1, -1) + (1,) * (ndim - 2))
+
+
+def reduce_dims(ndim: int) -> list[int]:
+    """All dims but the channel dim 1: batch norm's statistics are per channel over (N, *spatial)."""
+    return [0, *range(2, ndim)]
+
+
+# ----------------------------------------------------------------------------------------------- batch norm
+
+
+def batch_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm forward (Ioffe & Szegedy 2015).
+
+    Training:   mu_c = mean_{n,s} x[n,c,s],  var_c = mean_{n,s} (x[n,c,s] - mu_c)^2   (biased)
+    Inference:  mu_c = running_mean_c,       var_c = running_var_c
+    Both:       y = (x - mu_c) / sqrt(var_c + eps) * gamma_c + beta_c
+
+    Returns ``(y, mean, var)``; ``mean`` and ``var`` are the batch statistics in training and empty tensors in
+    inference (the caller already holds the running statistics).
+    """
+    compute = opmath_dtype(x.dtype)
+    channels = x.shape[1]
+    xc = x.to(compute)
+    if x.numel() == 0:
+        stats = torch.zeros(channels, dtype=compute, device=x.device)
+        return torch.empty_like(x), stats, stats.clone()
+    if training:
+        var, mean = torch.var_mean(xc, dim=reduce_dims(x.ndim), correction=0)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean, var = running_mean.to(compute), running_var.to(compute)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(compute)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(compute)
+    y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
+    if not training:
+        empty = x.new_empty(0, dtype=compute)
+        return y, empty, empty.clone()
+    return y, mean, var
+
+
+def batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    grad_mean: Tensor | None = None,
+    grad_var: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form batch norm backward; returns ``(grad_input, grad_weight, grad_bias)``.
+
+    With x_hat = (x - mu) * r, r = 1 / sqrt(var + eps), g = dL/dy, n = N * prod(spatial), per channel:
+
+        dL/dbeta  = sum g                    dL/dgamma = sum g * x_hat
+        training:  dL/dx = gamma * r * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)
+                           + dL/dmu / n + dL/dvar * 2 (x - mu) / n
+        inference: dL/dx = gamma * r * g
+
+    The dL/dmu and dL/dvar terms are zero in a first backward; they carry the gradients that reach the batch
+    statistics (which the op also returns) in a double backward. Written with differentiable torch ops only,
+    so the backward itself can be differentiated.
+    """
+    compute = opmath_dtype(x.dtype)
+    ndim = x.ndim
+    dims = reduce_dims(ndim)
+    g = grad_out.to(compute)
+    centered = x.to(compute) - channel_view(mean.to(compute), ndim)
+    inv_std = torch.rsqrt(var.to(compute) + eps)
+    grad_bias = g.sum(dims)
+    grad_weight = (g * centered).sum(dims) * inv_std
+    gain = inv_std if weight is None else inv_std * weight.to(compute)
+    if not training:
+        grad_input = g * channel_view(gain, ndim)
+    else:
+        n = x.numel() // x.shape[1]
+        # dL/dx = g * gain + (x - mu) * slope + offset, with per-channel slope and offset.
+        slope = -gain * grad_weight * inv_std / n
+        offset = -gain * grad_bias / n
+        if grad_var is not None:
+            slope = slope + 2.0 * grad_var.to(compute) / n
+        if grad_mean is not None:
+            offset = offset + grad_mean.to(compute) / n
+        grad_input = torch.addcmul(
+            torch.addcmul(channel_view(offset, ndim), g, channel_view(gain, ndim)),
+            centered,
+            channel_view(slope, ndim),
+        )
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    return grad_input.to(x.dtype), grad_weight.to(param_dtype), grad_bias.to(param_dtype)
+
+
+# -------------------------------------------------------------------------------------------------- dropout
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """The 32-bit avalanche permutation of ``normdrop.nn.rng.mix32`` on an int64 tensor of values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_MULTIPLIER_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_MULTIPLIER_2) & MASK32
+    return x ^ (x >> 15)
+
+
+def counter_bits(seed: int, offset: int, count: int, device: torch.device) -> Tensor:
+    """32 random bits (as int64 values in [0, 2**32)) for counters offset .. offset + count - 1."""
+    k0, k1, k2 = round_keys(seed)
+    counter = torch.arange(offset, offset + count, dtype=torch.int64, device=device)
+    h = _mix32((counter & MASK32) ^ k0)
+    h = _mix32(h ^ (counter >> 32) ^ k1)
+    return _mix32(h ^ k2)
+
+
+def keep_mask(shape: tuple[int, ...], seed: int, offset: int, p: float, device: torch.device) -> Tensor:
+    """Boolean mask of the given logical shape: True where the unit is kept (probability 1 - p)."""
+    count = 1
+    for size in shape:
+        count *= size
+    return (counter_bits(seed, offset, count, device) >= drop_threshold(p)).view(shape)
+
+
+def mask_shape(x: Tensor, mask_dims: int) -> tuple[int, ...]:
+    """The shape of the mask: x's first ``mask_dims`` dims, broadcast (size 1) over the rest."""
+    return tuple(x.shape[:mask_dims]) + (1,) * (x.ndim - mask_dims)
+
+
+def dropout_forward(x: Tensor, seed: int, offset: int, p: float, mask_dims: int, alpha: bool, shift: bool) -> Tensor:
+    """Apply a dropout mask regenerated from ``(seed, offset)``; 0 < p < 1.
+
+    Standard (Srivastava et al. 2014):  y = x * m / (1 - p),                    m ~ Bernoulli(1 - p)
+    Alpha (Klambauer et al. 2017):      y = a * (x * m + s' * (1 - m)) + b,    s' = -lambda * alpha of SELU,
+        a = ((1 - p) (1 + p s'^2))^(-1/2),  b = -a s' p, which keeps zero mean / unit variance inputs so.
+    ``shift=False`` drops the additive part of alpha dropout: y = a * x * m. That is the map backward applies
+    (alpha dropout is affine in x), and for standard dropout backward is the forward map itself.
+    The mask covers x's first ``mask_dims`` dims (all of them for element-wise dropout, (N, C) for channel
+    dropout) and is broadcast over the rest.
+    """
+    keep = keep_mask(mask_shape(x, mask_dims), seed, offset, p, x.device).to(x.dtype)
+    if not alpha:
+        return x * (keep * (1.0 / (1.0 - p)))
+    a = 1.0 / ((SELU_SATURATION**2 * p + 1.0) * (1.0 - p)) ** 0.5
+    y = x * (keep * a)
+    if shift:
+        y = y + ((keep - 1.0) * (SELU_SATURATION * a) + SELU_SATURATION * a * p)
+    return y

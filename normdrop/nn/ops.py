@@ -1,0 +1,99 @@
+"""normdrop's ops registered with ``torch.library``: custom op + autograd formula + fake (meta) implementation.
+
+Registering them makes the ops opaque, single nodes to ``torch.compile`` (no graph break, fake tensors propagate
+shapes), while the math lives in the chosen kernel backend (``normdrop.nn.kernels``).
+
+- ``normdrop::batch_norm(x, weight, bias, running_mean, running_var, training, eps) -> (y, mean, var)``
+  is functional: it never writes the running statistics (the caller updates them from ``mean``/``var``).
+- ``normdrop::dropout(x, rng_state, p, mask_dims, alpha, shift) -> y`` takes the mask's ``(seed, offset)`` pair
+  as an int64 tensor, so the op is a pure function of its inputs and backward regenerates the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normdrop.nn.kernels import backend_for, composite
+
+
+@torch.library.custom_op("normdrop::batch_norm", mutates_args=())
+def batch_norm_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm forward; see ``kernels.composite.batch_norm_forward`` for the math."""
+    return backend_for(x).batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+
+
+@batch_norm_op.register_fake
+def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps):
+    stats_shape = (x.shape[1],) if training else (0,)
+    compute = composite.opmath_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(stats_shape, dtype=compute), x.new_empty(stats_shape, dtype=compute)
+
+
+def _batch_norm_setup_context(ctx, inputs, output) -> None:
+    x, weight, _bias, running_mean, running_var, training, eps = inputs
+    _y, mean, var = output
+    if training:
+        ctx.save_for_backward(x, weight, mean, var)
+    else:
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.training = training
+    ctx.eps = eps
+    ctx.has_bias = _bias is not None
+
+
+def _batch_norm_backward(ctx, grad_y, grad_mean, grad_var):
+    x, weight, mean, var = ctx.saved_tensors
+    # When a double backward is being recorded, use the differentiable composite formula; otherwise the backend.
+    backend = composite if torch.is_grad_enabled() else backend_for(x)
+    grad_x, grad_weight, grad_bias = backend.batch_norm_backward(
+        grad_y, x, weight, mean, var, ctx.training, ctx.eps, grad_mean, grad_var
+    )
+    return (
+        grad_x,
+        grad_weight if weight is not None else None,
+        grad_bias if ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup_context)
+
+
+@torch.library.custom_op("normdrop::dropout", mutates_args=())
+def dropout_op(x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool) -> Tensor:
+    """Dropout with the mask regenerated from ``rng_state = (seed, offset)``; see ``composite.dropout_forward``."""
+    seed, offset = (int(v) for v in rng_state.tolist())
+    return backend_for(x).dropout_forward(x, seed, offset, p, mask_dims, alpha, shift)
+
+
+@dropout_op.register_fake
+def _dropout_fake(x, rng_state, p, mask_dims, alpha, shift):
+    return torch.empty_like(x)
+
+
+def _dropout_setup_context(ctx, inputs, output) -> None:
+    _x, rng_state, p, mask_dims, alpha, _shift = inputs
+    ctx.save_for_backward(rng_state)
+    ctx.params = (p, mask_dims, alpha)
+
+
+def _dropout_backward(ctx, grad_y):
+    (rng_state,) = ctx.saved_tensors
+    p, mask_dims, alpha = ctx.params
+    # dy/dx is the same mask times the same scale: backward is the op itself without the additive shift.
+    return dropout_op(grad_y, rng_state, p, mask_dims, alpha, False), None, None, None, None, None
+
+
+dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)

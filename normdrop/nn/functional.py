@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from normdrop.nn.ops import batch_norm_op, dropout_op
+from normdrop.nn import ops
 from normdrop.nn.rng import draw_rng_state
 
 __all__ = [
@@ -81,7 +81,7 @@ def batch_norm(
                 f"got {tuple(tensor.shape)}"
             )
 
-    y, mean, var = batch_norm_op(input, weight, bias, running_mean, running_var, training, eps)
+    y, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         n = input.numel() // channels
         with torch.no_grad():
@@ -110,7 +110,7 @@ def _apply_dropout(
     if p == 1.0:
         return input.mul_(0.0) if inplace else input * 0.0
     rng_state = draw_rng_state(generator)
-    y = dropout_op(input, rng_state, float(p), mask_dims, alpha, True)
+    y = ops.dropout(input, rng_state, float(p), mask_dims, alpha, True)
     return input.copy_(y) if inplace else y
 
 

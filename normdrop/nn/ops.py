@@ -1,7 +1,9 @@
 """normdrop's ops registered with ``torch.library``: custom op + autograd formula + fake (meta) implementation.
 
 Registering them makes the ops opaque, single nodes to ``torch.compile`` (no graph break, fake tensors propagate
-shapes), while the math lives in the chosen kernel backend (``normdrop.nn.kernels``).
+shapes), while the math lives in the chosen kernel backend (``normdrop.nn.kernels``). A custom op costs about
+100 us of Python dispatch per call, more than the whole layer on the lab's small models, so eager mode goes through
+equivalent ``torch.autograd.Function``s instead; ``batch_norm`` and ``dropout`` below pick the path.
 
 - ``normdrop::batch_norm(x, weight, bias, running_mean, running_var, training, eps) -> (y, mean, var)``
   is functional: it never writes the running statistics (the caller updates them from ``mean``/``var``).
@@ -39,7 +41,7 @@ def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, eps):
 
 
 def _batch_norm_setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, running_mean, running_var, training, eps = inputs
+    x, weight, bias, running_mean, running_var, training, eps = inputs
     _y, mean, var = output
     if training:
         ctx.save_for_backward(x, weight, mean, var)
@@ -47,7 +49,7 @@ def _batch_norm_setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(x, weight, running_mean, running_var)
     ctx.training = training
     ctx.eps = eps
-    ctx.has_bias = _bias is not None
+    ctx.has_bias = bias is not None
 
 
 def _batch_norm_backward(ctx, grad_y, grad_mean, grad_var):
@@ -69,6 +71,38 @@ def _batch_norm_backward(ctx, grad_y, grad_mean, grad_var):
 
 
 batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup_context)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """The eager twin of ``normdrop::batch_norm``: same kernels, same saved tensors, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps):
+        output = backend_for(x).batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+        ctx.set_materialize_grads(False)
+        _batch_norm_setup_context(ctx, (x, weight, bias, running_mean, running_var, training, eps), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        if grad_y is None:
+            grad_y = torch.zeros_like(ctx.saved_tensors[0])
+        return _batch_norm_backward(ctx, grad_y, grad_mean, grad_var)
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch norm forward through the custom op when compiling, through the autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
+    return _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, eps)
 
 
 @torch.library.custom_op("normdrop::dropout", mutates_args=())
@@ -97,3 +131,27 @@ def _dropout_backward(ctx, grad_y):
 
 
 dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """The eager twin of ``normdrop::dropout``; its backward is itself (without shift), so it is twice
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, rng_state, p, mask_dims, alpha, shift):
+        seed, offset = (int(v) for v in rng_state.tolist())
+        ctx.mask_key = (seed, offset, p, mask_dims, alpha)
+        ctx.rng_state = rng_state
+        return backend_for(x).dropout_forward(x, seed, offset, p, mask_dims, alpha, shift)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        _seed, _offset, p, mask_dims, alpha = ctx.mask_key
+        return _DropoutFunction.apply(grad_y, ctx.rng_state, p, mask_dims, alpha, False), None, None, None, None, None
+
+
+def dropout(x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool) -> Tensor:
+    """Dropout through the custom op when compiling, through the autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return dropout_op(x, rng_state, p, mask_dims, alpha, shift)
+    return _DropoutFunction.apply(x, rng_state, p, mask_dims, alpha, shift)

@@ -140,14 +140,15 @@ class _DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rng_state, p, mask_dims, alpha, shift):
         seed, offset = (int(v) for v in rng_state.tolist())
-        ctx.mask_key = (seed, offset, p, mask_dims, alpha)
-        ctx.rng_state = rng_state
+        ctx.save_for_backward(rng_state)
+        ctx.params = (p, mask_dims, alpha)
         return backend_for(x).dropout_forward(x, seed, offset, p, mask_dims, alpha, shift)
 
     @staticmethod
     def backward(ctx, grad_y):
-        _seed, _offset, p, mask_dims, alpha = ctx.mask_key
-        return _DropoutFunction.apply(grad_y, ctx.rng_state, p, mask_dims, alpha, False), None, None, None, None, None
+        (rng_state,) = ctx.saved_tensors
+        p, mask_dims, alpha = ctx.params
+        return _DropoutFunction.apply(grad_y, rng_state, p, mask_dims, alpha, False), None, None, None, None, None
 
 
 def dropout(x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool) -> Tensor:

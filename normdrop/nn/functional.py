@@ -56,6 +56,7 @@ def batch_norm(
     """
     if input.ndim < 2:
         raise InputDimError(f"batch_norm expects an input of shape (N, C, *), got a {input.ndim}D input")
+    _check_floating(input, "batch_norm")
     if training:
         values_per_channel = input.numel() // max(input.shape[1], 1)
         if values_per_channel == 1:
@@ -75,7 +76,8 @@ def batch_norm(
         ("weight", weight),
         ("bias", bias),
     ):
-        if tensor is not None and tensor.shape != (channels,):
+        # An empty input is returned as it is whatever the parameters' shapes, as torch does.
+        if tensor is not None and tensor.shape != (channels,) and input.numel() > 0:
             raise ValueError(
                 f"batch_norm {name} must have shape ({channels},) for an input with {channels} channels, "
                 f"got {tuple(tensor.shape)}"
@@ -88,6 +90,11 @@ def batch_norm(
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
             running_var.mul_(1 - momentum).add_(var.to(running_var.dtype) * (momentum * n / (n - 1)))
     return y
+
+
+def _check_floating(input: Tensor, op_name: str) -> None:
+    if not input.is_floating_point():
+        raise TypeError(f"{op_name} expects a floating-point input (float16/32/64 or bfloat16), got {input.dtype}")
 
 
 def _check_p(p: float) -> None:
@@ -108,7 +115,10 @@ def _apply_dropout(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
-        return input.mul_(0.0) if inplace else input * 0.0
+        return input.mul_(0) if inplace else input * 0  # NaN and inf become NaN, as in torch
+    if mask_dims > input.ndim:  # channel dropout on a 0D/1D input; checked only when dropping, as torch does
+        raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
+    _check_floating(input, "dropout")
     rng_state = draw_rng_state(generator)
     y = ops.dropout(input, rng_state, float(p), mask_dims, alpha, True)
     return input.copy_(y) if inplace else y
@@ -184,8 +194,6 @@ def dropout2d(
             "use dropout1d for that",
             stacklevel=2,
         )
-    if input.ndim < 2:
-        raise InputDimError(f"dropout2d needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     return _feature_dropout(input, p, training, inplace, True, False, generator)
 
 
@@ -197,8 +205,8 @@ def dropout3d(
     *,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Channel dropout for (N, C, D, H, W) or (C, D, H, W) inputs; other ranks warn and drop over their first
-    two dims, as torch does."""
+    r"""Channel dropout for (N, C, D, H, W) or (C, D, H, W) inputs; as torch does, any rank but 5 is read as
+    unbatched (one mask value per index of dim 0), with a warning for ranks other than 4."""
     _check_p(p)
     if input.ndim not in (4, 5):
         warnings.warn(
@@ -206,9 +214,7 @@ def dropout3d(
             "use dropout for others",
             stacklevel=2,
         )
-    if input.ndim < 2:
-        raise InputDimError(f"dropout3d needs at least 2 dimensions (N, C), got a {input.ndim}D input")
-    return _feature_dropout(input, p, training, inplace, input.ndim != 4, False, generator)
+    return _feature_dropout(input, p, training, inplace, input.ndim == 5, False, generator)
 
 
 def alpha_dropout(
@@ -235,6 +241,4 @@ def feature_alpha_dropout(
 ) -> Tensor:
     r"""Alpha dropout of whole channels of an (N, C, \*) input (Klambauer et al. 2017)."""
     _check_p(p)
-    if input.ndim < 2:
-        raise InputDimError(f"feature_alpha_dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     return _feature_dropout(input, p, training, inplace, True, True, generator)

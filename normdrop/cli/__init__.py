@@ -10,3 +10,13 @@ app = typer.Typer(
 )
 
 # Sub-commands register themselves here, one line each: app.command()(module.function)
+
+from normdrop.cli import lab  # noqa: E402
+
+app.command()(lab.sweep)
+app.command()(lab.runs)
+app.command()(lab.export)
+
+from normdrop.cli import train  # noqa: E402
+
+app.command()(train.train)

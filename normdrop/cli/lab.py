@@ -1,0 +1,163 @@
+"""Lab commands: ``normdrop sweep`` runs a study into the store, ``normdrop runs`` lists stored runs,
+``normdrop export`` writes the store's tables as CSV or Parquet."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from normdrop.spec import RunSpec
+from normdrop.store import (
+    DEFAULT_STORE_FILENAME,
+    RUN_STATUSES,
+    STORE_ENV_VAR,
+    ExportFormat,
+    Store,
+    StoredRun,
+    StoreError,
+)
+from normdrop.sweep import ExecutorName, StudyError, SweepError, load_study, run_sweep
+
+StoreOption = Annotated[
+    Path,
+    typer.Option("--store", envvar=STORE_ENV_VAR, show_envvar=True, help="The run store (a SQLite file)."),
+]
+_DEFAULT_STORE = Path(DEFAULT_STORE_FILENAME)
+# Typer takes a list of Enum members, not of Literal values.
+StatusChoice = Enum("StatusChoice", {status: status for status in RUN_STATUSES}, type=str)
+# Summary values worth a column in `normdrop runs`, when the runs have them.
+_SUMMARY_COLUMNS = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
+
+_stdout = Console()
+_stderr = Console(stderr=True)
+
+
+def sweep(
+    study: Annotated[Path, typer.Argument(help="The study file (TOML: fixed parameters, grid axes, seeds).")],
+    store: StoreOption = _DEFAULT_STORE,
+    executor: Annotated[ExecutorName, typer.Option(help="Where runs execute.")] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default $RAY_ADDRESS, else a local instance).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Parallel runs of the local executor (default: one per core).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")] = False,
+) -> None:
+    """Run every run of a study that the store does not hold yet; exit status 1 if any run failed."""
+    try:
+        specs = load_study(study)
+        report = run_sweep(
+            specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
+        )
+    except (StudyError, StoreError, SweepError, ImportError) as error:
+        _fail(str(error))
+    if not quiet:
+        _stdout.print(
+            f"{report.total} runs in {study}: {report.reused} already in the store, {report.finished} finished, "
+            f"{report.diverged} diverged, {report.failed} failed -> {store}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    if report.failed:
+        _stderr.print(
+            f"{report.failed} runs failed; see `normdrop runs --status failed --store {store}`",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
+def runs(
+    store: StoreOption = _DEFAULT_STORE,
+    status: Annotated[list[StatusChoice] | None, typer.Option(help="Keep runs with this status (repeatable).")] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="Keep runs whose spec has FIELD=VALUE, e.g. norm=batch (repeatable)."),
+    ] = None,
+) -> None:
+    """List stored runs: their status, the spec fields that differ between them, and final metrics."""
+    spec_filters = dict(_parse_filter(text) for text in filters or [])
+    try:
+        with _open_existing(store) as opened:
+            stored = opened.runs(None if status is None else [choice.value for choice in status], **spec_filters)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="'--filter'") from error
+    _stdout.print(_runs_table(stored, title=f"{len(stored)} runs in {store}"))
+
+
+def export(
+    file_format: Annotated[ExportFormat, typer.Option("--format", help="File format of the tables.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write runs, metrics and probe_records into.")],
+    store: StoreOption = _DEFAULT_STORE,
+) -> None:
+    """Export the runs, metrics and probe-record tables of the store, one file each."""
+    try:
+        with _open_existing(store) as opened:
+            written = opened.export(out, file_format)
+    except ImportError as error:
+        _fail(str(error))
+    for path in written:
+        _stdout.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
+def _open_existing(path: Path) -> Store:
+    """Open a store for reading; a missing file is an error rather than a new empty store."""
+    if not path.exists():
+        _fail(f"{path}: no run store here (run `normdrop sweep` first, or pass --store / ${STORE_ENV_VAR})")
+    try:
+        return Store(path)
+    except StoreError as error:
+        _fail(str(error))
+
+
+def _parse_filter(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE``; VALUE is read as JSON when it parses (numbers, true/false, null), else as text."""
+    field, separator, raw = text.partition("=")
+    if not separator or not field:
+        raise typer.BadParameter(f"expected FIELD=VALUE, got {text!r}", param_hint="'--filter'")
+    try:
+        return field.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return field.strip(), raw
+
+
+def _runs_table(stored: list[StoredRun], title: str) -> Table:
+    """One row per run; spec columns only for the fields whose values differ between the runs."""
+    varying = [name for name in RunSpec.model_fields if len({json.dumps(run.spec.get(name)) for run in stored}) > 1]
+    summary_keys = [key for key in _SUMMARY_COLUMNS if any(run.summary.get(key) is not None for run in stored)]
+    table = Table(title=title)
+    table.add_column("run_id", no_wrap=True, min_width=len(stored[0].run_id) if stored else None)
+    table.add_column("status", no_wrap=True)
+    for column in (*varying, *summary_keys, "wall time"):
+        table.add_column(column, justify="right")
+    for run in stored:
+        status = run.status if run.diverged_step is None else f"{run.status} @{run.diverged_step}"
+        table.add_row(
+            run.run_id,
+            status,
+            *(_cell(run.spec.get(name)) for name in varying),
+            *(_cell(run.summary.get(key)) for key in summary_keys),
+            f"{run.wall_time:.1f}s",
+        )
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _fail(message: str) -> NoReturn:
+    """Print the error (without reading it as rich markup: study errors contain [fixed]) and exit 2."""
+    _stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+    raise typer.Exit(2)

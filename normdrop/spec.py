@@ -1,0 +1,214 @@
+"""What one training run is: its spec (the inputs, whose hash is the run's identity) and its result.
+
+A :class:`RunSpec` names everything that decides a run's numbers: data, architecture, optimizer, schedule,
+step budget and seed. Two equal specs give bitwise-equal metrics on the same machine (see
+:func:`normdrop.train.run`), so the store can key runs by :attr:`RunSpec.run_id` and reuse finished ones.
+
+Machine-specific inputs that do not change the numbers (the directory holding real dataset files, the number of
+torch threads) are deliberately *not* spec fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TRAINING_SEMANTICS_VERSION: int = 1
+"""Bump whenever the trainer or the builders change what a given spec computes; it is part of every run id."""
+
+ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet"]
+DropoutKind = Literal["standard", "alpha", "channel", "feature_alpha"]
+DropoutPosition = Literal["after_norm", "before_norm", "before_head"]
+NormPosition = Literal["before_act", "after_act"]
+Activation = Literal["relu", "gelu", "tanh", "selu", "elu", "identity"]
+Init = Literal["default", "kaiming", "xavier", "lecun", "orthogonal"]
+Layers = Literal["normdrop", "torch"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["constant", "step", "cosine"]
+RunStatus = Literal["finished", "diverged", "failed"]
+
+_CONV_MODELS = ("cnn1d", "cnn2d", "resnet")
+_PROBE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 63-bit seed for one random stream of a run (``"init"``, ``"batch_order"``, ``"dropout"``).
+
+    One user-facing ``seed`` feeds several generators; hashing it with the stream's name keeps, say, the dropout
+    masks from replaying the random numbers that drew the initial weights.
+    """
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class RunSpec(BaseModel):
+    """Every input of one training run. Frozen, hashable, and strict: unknown fields are errors.
+
+    The defaults are the MNIST-1D MLP baseline of Greydanus (2020): 40 -> 100 -> 100 -> 10 ReLU network,
+    Adam with learning rate 1e-2, batches of 100 (the paper trains for 6000 steps; the default here is shorter).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # data
+    dataset: str = Field("mnist1d", description="dataset name (normdrop.data.DATASET_NAMES)")
+    train_size: int | None = Field(None, ge=1, description="use only this many training examples")
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of training labels replaced at random")
+    standardize: bool = Field(True, description="standardize inputs with statistics of the training set")
+    data_seed: int = Field(0, ge=0, description="seed of synthetic data, the training subset and the label noise")
+    dataset_options: tuple[tuple[str, int | float], ...] = Field(
+        (), description="size/noise knobs of the synthetic datasets, as (name, value) pairs"
+    )
+
+    # architecture
+    model: ModelName = Field("mlp", description="architecture: mlp, cnn1d, cnn2d or resnet")
+    depth: int = Field(
+        2, ge=1, le=64, description="mlp: hidden layers; cnn: conv layers; resnet: residual blocks per stage"
+    )
+    width: int = Field(100, ge=1, le=4096, description="hidden units (mlp) or channels of the first stage (cnn)")
+    activation: Activation = Field("relu", description="nonlinearity of every hidden layer")
+    init: Init = Field("default", description="weight init: default (torch's), kaiming, xavier, lecun, orthogonal")
+    norm: str = Field("none", description="normalization layer: none, batch (see normdrop.models.NORM_LAYERS)")
+    norm_position: NormPosition = Field("before_act", description="norm before or after the activation")
+    norm_momentum: float | None = Field(
+        0.1, gt=0.0, le=1.0, description="running-statistics momentum of the norm (None: cumulative average)"
+    )
+    norm_eps: float = Field(1e-5, gt=0.0, description="epsilon added to the variance by the norm")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability p (0 disables dropout)")
+    dropout_kind: DropoutKind = Field(
+        "standard", description="standard (per unit), alpha (SELU), channel or feature_alpha (conv models)"
+    )
+    dropout_position: DropoutPosition = Field(
+        "after_norm",
+        description="in every hidden layer after the norm, before the norm, or only once before the classifier",
+    )
+    layers: Layers = Field("normdrop", description="take BatchNorm/Dropout from normdrop.nn or from torch.nn")
+
+    # optimization
+    optimizer: OptimizerName = Field("adam", description="sgd, adam or adamw")
+    lr: float = Field(1e-2, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty (sgd, adam) or decoupled decay (adamw)")
+    schedule: Schedule = Field("constant", description="learning-rate schedule after warmup")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from lr/warmup_steps to lr")
+    lr_step_size: int = Field(
+        1000, ge=1, description="step schedule: multiply the lr by lr_gamma every this many steps"
+    )
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: decay factor")
+    lr_min: float = Field(0.0, ge=0.0, description="cosine schedule: final learning rate")
+    batch_size: int = Field(100, ge=1, description="examples per optimizer step")
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    eval_every: int = Field(250, ge=1, description="evaluate on the full train and test sets every this many steps")
+    seed: int = Field(0, ge=0, description="seed of weight init, batch order and dropout masks")
+    diverge_loss: float = Field(
+        100.0, gt=0.0, description="a batch loss above this (or non-finite) stops the run as diverged"
+    )
+
+    # instruments
+    probes: tuple[str, ...] = Field((), description="names of probes to attach (normdrop.probes)")
+    probe_every: int = Field(100, ge=1, description="run the probes every this many steps")
+    probe_batch_size: int = Field(256, ge=1, description="size of the fixed probe batch given to probes and hooks")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from normdrop.data import DATASET_NAMES  # lazy: keeps importing the spec light
+
+        if value not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {value!r}; expected one of {', '.join(DATASET_NAMES)}")
+        return value
+
+    @field_validator("norm")
+    @classmethod
+    def _known_norm(cls, value: str) -> str:
+        from normdrop.models import NORM_LAYERS  # lazy: the registry lives with the builders
+
+        if value not in NORM_LAYERS:
+            raise ValueError(f"unknown norm {value!r}; expected one of {sorted(NORM_LAYERS)}")
+        return value
+
+    @field_validator("dataset_options", mode="before")
+    @classmethod
+    def _options_as_pairs(cls, value: Any) -> Any:
+        # A mapping is accepted for convenience and stored as sorted pairs, so the spec stays hashable and the
+        # order in which options are given does not change the run id.
+        pairs = value.items() if isinstance(value, Mapping) else value
+        return tuple(sorted((str(key), option) for key, option in pairs))
+
+    @field_validator("probes")
+    @classmethod
+    def _canonical_probes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _PROBE_NAME.match(name):
+                raise ValueError(f"probe name {name!r} must be lower_snake_case")
+        # Sorted and unique, so that the order in which probes are listed does not change the run id.
+        return tuple(sorted(set(value)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSpec:
+        option_names = [name for name, _ in self.dataset_options]
+        if len(set(option_names)) != len(option_names):
+            raise ValueError(f"dataset_options names must be unique, got {option_names}")
+        if self.dropout_kind in ("channel", "feature_alpha") and self.model not in _CONV_MODELS:
+            raise ValueError(
+                f"dropout_kind={self.dropout_kind!r} drops whole channels and needs a conv model "
+                f"({', '.join(_CONV_MODELS)}), got model={self.model!r}"
+            )
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0.0):
+            raise ValueError(
+                f"nesterov=True needs optimizer='sgd' and momentum > 0, got optimizer={self.optimizer!r} "
+                f"and momentum={self.momentum}"
+            )
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
+        if self.schedule == "cosine" and self.lr_min > self.lr:
+            raise ValueError(f"lr_min={self.lr_min} must not exceed lr={self.lr}")
+        return self
+
+    @property
+    def run_id(self) -> str:
+        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields + semantics version)."""
+        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": self.model_dump(mode="json")}
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunResult:
+    """What one run produced.
+
+    ``metrics`` is long format ``(step, name, value)``; step ``t`` means "measured at the parameters after ``t``
+    optimizer updates". ``summary`` holds the final evaluation (``None`` values when the run did not finish).
+    """
+
+    run_id: str
+    spec: RunSpec
+    status: RunStatus
+    diverged_step: int | None = None
+    error: str | None = None
+    metrics: list[tuple[int, str, float]] = field(default_factory=list)
+    probe_records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, float | bool | None] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-dict form (the spec as a dict of its fields); non-finite floats are kept as Python floats."""
+        data = asdict(self)
+        data["spec"] = self.spec.model_dump(mode="json")
+        data["metrics"] = [list(row) for row in self.metrics]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """Inverse of :meth:`to_dict`."""
+        fields = dict(data)
+        fields["spec"] = RunSpec.model_validate(fields["spec"])
+        fields["metrics"] = [(int(step), str(name), float(value)) for step, name, value in fields["metrics"]]
+        return cls(**fields)

@@ -1,0 +1,430 @@
+"""Sweeps: a study file becomes a list of run specs; an executor runs the missing ones into the store.
+
+A study file is TOML::
+
+    seeds = 3                    # or a list: seeds = [0, 1, 2]; top-level keys come before any [table]
+    name = "bn-vs-lr"            # optional
+    description = "..."          # optional
+
+    [fixed]                      # spec fields shared by every run
+    dataset = "mnist1d"
+    steps = 2000
+
+    [grid]                       # one axis per field; runs are the cartesian product of the axes
+    lr = [0.001, 0.01, 0.1]
+    norm = ["none", "batch"]
+
+gives 3 x 2 x 3 = 18 specs. Two executors move the runs around and do nothing else: ``"local"`` (a pool of
+spawned processes, one per core, one torch thread each) and ``"ray"`` (tasks on a Ray cluster). Either way
+the sweeping process writes each result to the store as it arrives, one transaction per run, so killing a
+sweep loses at most the runs in flight, and a re-run does only the runs the store does not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pickle
+import signal
+import threading
+import time
+import tomllib
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from normdrop.spec import RunResult, RunSpec
+from normdrop.store import RunProvenance, Store
+
+ExecutorName = Literal["local", "ray"]
+RunFunction = Callable[[RunSpec], RunResult]
+
+_STUDY_KEYS = ("name", "description", "seeds", "fixed", "grid")
+_PARENT_POLL_S = 1.0
+
+
+class StudyError(ValueError):
+    """A study file that cannot be turned into specs; the message names the file, key and value."""
+
+
+class SweepError(RuntimeError):
+    """A sweep that could not go on (e.g. a worker process died); finished runs are already saved."""
+
+
+@dataclass
+class SweepReport:
+    """What a sweep did: how many runs it found already stored and how the runs it executed ended."""
+
+    total: int
+    reused: int
+    finished: int = 0
+    diverged: int = 0
+    failed: int = 0
+    failed_ids: list[str] = field(default_factory=list)
+
+    @property
+    def executed(self) -> int:
+        """Runs this sweep trained and saved."""
+        return self.finished + self.diverged + self.failed
+
+
+# ---- study files ---------------------------------------------------------------------------------------
+
+
+def load_study(path: str | Path) -> list[RunSpec]:
+    """Read a study file and expand it into run specs: grid product (in file order) times seeds.
+
+    Raises:
+        StudyError: unreadable or invalid TOML, an unknown key, a malformed grid or seeds, or a spec value
+            the spec rejects; the message names the file, the key and the value.
+    """
+    path = Path(path)
+    try:
+        study = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise StudyError(f"{path}: cannot read the study file ({error.strerror})") from error
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise StudyError(f"{path}: not valid TOML ({error})") from error
+    return expand_study(study, source=str(path))
+
+
+def expand_study(study: Mapping[str, Any], source: str = "<study>") -> list[RunSpec]:
+    """Expand a parsed study (the TOML document as a mapping) into run specs; see :func:`load_study`.
+
+    Args:
+        study: mapping with optional keys ``name``, ``description``, ``seeds``, ``fixed``, ``grid``.
+        source: how error messages name the study, usually its file.
+    """
+    unknown = [key for key in study if key not in _STUDY_KEYS]
+    if unknown:
+        raise StudyError(
+            f"{source}: {unknown[0]} = {study[unknown[0]]!r}: unknown top-level key; expected some of {_STUDY_KEYS}"
+        )
+    fixed = _table(study, "fixed", source)
+    grid = _table(study, "grid", source)
+    if "seeds" in grid or "seeds" in fixed:
+        section = "grid" if "seeds" in grid else "fixed"
+        raise StudyError(
+            f"{source}: [{section}] seeds: `seeds` is a top-level key; write it before any [table] in the file"
+        )
+    for section, table in (("fixed", fixed), ("grid", grid)):
+        for key in table:
+            if key not in RunSpec.model_fields:
+                raise StudyError(
+                    f"{source}: [{section}] {key} = {table[key]!r}: unknown spec field; "
+                    f"spec fields are {', '.join(sorted(RunSpec.model_fields))}"
+                )
+    both = sorted(fixed.keys() & grid.keys())
+    if both:
+        raise StudyError(f"{source}: {both[0]!r} is both in [fixed] and in [grid]; keep one")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"{source}: [grid] {key} = {values!r}: a grid axis must be a non-empty list of values")
+        for value in values:
+            if values.count(value) > 1:
+                raise StudyError(f"{source}: [grid] {key} = {values!r}: the value {value!r} is listed twice")
+    seeds = _seeds(study, fixed, grid, source)
+
+    specs = []
+    for combination in itertools.product(*grid.values()):
+        point = dict(zip(grid, combination, strict=True))
+        for seed in seeds:
+            fields = {**fixed, **point} if seed is None else {**fixed, **point, "seed": seed}
+            try:
+                specs.append(RunSpec(**fields))
+            except ValidationError as error:
+                raise StudyError(_describe_validation_error(error, source, fixed, point)) from error
+    return specs
+
+
+def _table(study: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    table = study.get(key, {})
+    if not isinstance(table, dict):
+        raise StudyError(f"{source}: {key} = {table!r}: expected a table [{key}]")
+    return table
+
+
+def _seeds(study: Mapping[str, Any], fixed: dict[str, Any], grid: dict[str, Any], source: str) -> list[int | None]:
+    """The seeds each grid point runs with; ``[None]`` when the study leaves the seed to [fixed], [grid] or
+    the spec's default."""
+    if "seeds" not in study:
+        return [None]
+    seeds = study["seeds"]
+    if "seed" in fixed or "seed" in grid:
+        raise StudyError(f"{source}: seeds = {seeds!r} and a `seed` spec field both set the seed; keep one")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise StudyError(f"{source}: seeds = {seeds!r}: a number of seeds must be at least 1")
+        return list(range(seeds))
+    if isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        if len(set(seeds)) < len(seeds):
+            raise StudyError(f"{source}: seeds = {seeds!r}: a seed is listed twice")
+        return list(seeds)
+    raise StudyError(f"{source}: seeds = {seeds!r}: expected a number of seeds or a non-empty list of integers")
+
+
+def _describe_validation_error(
+    error: ValidationError, source: str, fixed: Mapping[str, Any], point: Mapping[str, Any]
+) -> str:
+    """One line per problem: where the value came from ([fixed], [grid] or seeds), the key, the value."""
+    lines = []
+    for problem in error.errors():
+        location = problem["loc"]
+        message = problem["msg"]
+        if not location:  # a check across fields: name the whole grid point
+            where = f"[grid] point {dict(point)!r}" if point else "[fixed]"
+            lines.append(f"{source}: {where}: {message}")
+            continue
+        key = str(location[0])
+        where = "[grid]" if key in point else "[fixed]" if key in fixed else "seeds:"
+        value = point.get(key, fixed.get(key, problem.get("input")))
+        lines.append(f"{source}: {where} {key} = {value!r}: {message}")
+    return "\n".join(lines)
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_run_function() -> RunFunction:
+    """The trainer, :func:`normdrop.train.run`."""
+    from normdrop.train import run
+
+    return run
+
+
+def execute_run(spec: RunSpec, run_fn: RunFunction) -> tuple[RunResult, RunProvenance]:
+    """Train one run in this process with one torch thread; an exception becomes a failed result.
+
+    This is what every executor runs on its workers.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.time()
+    try:
+        result = run_fn(spec)
+        if result.run_id != spec.run_id:
+            raise ValueError(f"the run function returned run {result.run_id!r} for spec {spec.run_id!r}")
+    except Exception:
+        result = failed_result(spec, traceback.format_exc(), time.time() - started)
+    return result, RunProvenance.collect(started, time.time())
+
+
+def failed_result(spec: RunSpec, error: str, wall_time: float = 0.0) -> RunResult:
+    """The result recorded for a run that raised (or whose worker died): status failed, with the error text."""
+    return RunResult(run_id=spec.run_id, spec=spec, status="failed", error=error, wall_time=wall_time)
+
+
+def _lost_run(spec: RunSpec, error: str) -> tuple[RunResult, RunProvenance]:
+    """A failed result, noted by the sweeping process, for a run whose result never came back."""
+    now = time.time()
+    return failed_result(spec, error), RunProvenance.collect(now, now)
+
+
+def run_sweep(
+    specs: Sequence[RunSpec],
+    store: Store | str | Path,
+    executor: ExecutorName = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+    run_fn: RunFunction | None = None,
+) -> SweepReport:
+    """Run every spec the store does not already hold as finished or diverged, saving each as it completes.
+
+    Duplicate specs run once. Failed runs are saved as failed and retried by the next sweep; a run that
+    raises never stops the sweep.
+
+    Args:
+        specs: the runs of the study (see :func:`load_study`).
+        store: a :class:`~normdrop.store.Store` or the path of its file.
+        executor: ``"local"``: a process pool on this machine; ``"ray"``: tasks on a Ray cluster.
+        workers: parallel runs (local: processes, default one per core; ray: ignored, the cluster's CPUs
+            decide, one per run).
+        ray_address: Ray cluster to join (default ``$RAY_ADDRESS``; neither: start a local Ray instance
+            with one CPU per core and shut it down afterwards).
+        progress: show a progress bar with ETA on stderr.
+        run_fn: trains one spec (default :func:`normdrop.train.run`); must be picklable by reference
+            (a module-level function) for the process pool.
+
+    Raises:
+        SweepError: a local worker process died abruptly (runs saved so far stay; re-run to resume).
+        ImportError: ``executor="ray"`` without Ray installed.
+    """
+    if executor not in get_args(ExecutorName):
+        raise ValueError(f"executor must be one of {get_args(ExecutorName)}, got {executor!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    run_fn = run_fn or default_run_function()
+    owns_store = not isinstance(store, Store)
+    store = Store(store) if owns_store else store
+    try:
+        unique = list({spec.run_id: spec for spec in specs}.values())
+        completed = store.completed_ids()
+        pending = [spec for spec in unique if spec.run_id not in completed]
+        report = SweepReport(total=len(unique), reused=len(unique) - len(pending))
+        if not pending:
+            return report
+        if executor == "local":
+            results = _local_results(pending, run_fn, workers or available_cores())
+        else:
+            results = _ray_results(pending, run_fn, ray_address)
+        with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
+            for result, provenance in results:
+                if store.save(result, provenance):
+                    setattr(report, result.status, getattr(report, result.status) + 1)
+                    if result.status == "failed":
+                        report.failed_ids.append(result.run_id)
+                else:  # another sweep on the same store completed it first
+                    report.reused += 1
+                bar.advance(result.status)
+        return report
+    finally:
+        if owns_store:
+            store.close()
+
+
+class _SweepProgress:
+    """A rich progress bar on stderr: runs done of total, how they ended, elapsed time and ETA."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._outcomes: Counter[str] = Counter()
+        self._progress = Progress(
+            TextColumn("[bold]sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[outcomes]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task("sweep", total=total, outcomes="")
+
+    def __enter__(self) -> _SweepProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._progress.stop()
+
+    def advance(self, status: str) -> None:
+        """Count one more run that ended with ``status``."""
+        self._outcomes[status] += 1
+        outcomes = " ".join(f"{status} {count}" for status, count in sorted(self._outcomes.items()))
+        self._progress.update(self._task, advance=1, outcomes=outcomes)
+
+
+# ---- executors ------------------------------------------------------------------------------------------
+
+
+def _local_results(
+    specs: Sequence[RunSpec], run_fn: RunFunction, workers: int
+) -> Iterator[tuple[RunResult, RunProvenance]]:
+    """Run specs on a pool of spawned processes; yield each result as it completes."""
+    try:
+        pickle.dumps(run_fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise TypeError(
+            f"run_fn {run_fn!r} cannot be sent to worker processes; pass a module-level function"
+        ) from error
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(specs)),
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(os.getpid(),),
+    )
+    try:
+        running = {pool.submit(execute_run, spec, run_fn): spec for spec in specs}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = None
+            for future in done:
+                spec = running.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool as error:
+                    broken = error
+                    continue
+                except Exception:  # the result could not travel back, e.g. it does not pickle
+                    outcome = _lost_run(spec, traceback.format_exc())
+                yield outcome
+            if broken is not None:
+                raise SweepError(
+                    "a worker process died abruptly (killed, out of memory, or crashed in native code); "
+                    "the runs saved so far stay in the store, re-run the sweep to resume"
+                ) from broken
+    finally:
+        if running:  # interrupted (Ctrl-C, an error in this process): stop the runs in flight too, now
+            # ProcessPoolExecutor has no public way to do this before Python 3.14's terminate_workers().
+            for process in list(pool._processes.values()):
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_worker(parent_pid: int) -> None:
+    """Pool worker set-up. Ctrl-C is for the sweeping process, which stops the workers itself; and a
+    worker exits when the sweeping process is gone (e.g. killed by SIGKILL), rather than finish a run
+    nobody will save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="normdrop-parent-watch", daemon=True).start()
+
+
+def _ray_results(
+    specs: Sequence[RunSpec], run_fn: RunFunction, address: str | None
+) -> Iterator[tuple[RunResult, RunProvenance]]:
+    """Run specs as Ray tasks (one CPU each); yield each result as it completes."""
+    try:
+        import ray
+    except ImportError as error:
+        raise ImportError("the Ray executor needs Ray: pip install 'normdrop[ray]'") from error
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
+    running: dict[Any, RunSpec] = {}  # object ref -> spec
+    try:
+        remote_run = ray.remote(num_cpus=1)(execute_run)
+        for spec in specs:
+            running[remote_run.remote(spec, run_fn)] = spec
+        while running:
+            (ready,), _ = ray.wait(list(running), num_returns=1)
+            spec = running.pop(ready)
+            try:
+                outcome = ray.get(ready)
+            except ray.exceptions.RayError as error:  # the task's worker died, or the result was lost
+                outcome = _lost_run(spec, f"{type(error).__name__}: {error}")
+            yield outcome
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()

@@ -52,13 +52,40 @@ def _batch_norm_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
+@torch.library.custom_op("normdrop::batch_norm_backward", mutates_args=())
+def batch_norm_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    grad_mean: Tensor | None,
+    grad_var: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """First-order batch norm backward as an opaque op, so a compiled graph can call the fast kernels."""
+    return backend_for(x).batch_norm_backward(grad_y, x, weight, mean, var, training, eps, grad_mean, grad_var)
+
+
+@batch_norm_backward_op.register_fake
+def _batch_norm_backward_fake(grad_y, x, weight, mean, var, training, eps, grad_mean, grad_var):
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    channels = x.shape[1]
+    return torch.empty_like(x), x.new_empty(channels, dtype=param_dtype), x.new_empty(channels, dtype=param_dtype)
+
+
 def _batch_norm_backward(ctx, grad_y, grad_mean, grad_var):
     x, weight, mean, var = ctx.saved_tensors
-    # When a double backward is being recorded, use the differentiable composite formula; otherwise the backend.
-    backend = composite if torch.is_grad_enabled() else backend_for(x)
-    grad_x, grad_weight, grad_bias = backend.batch_norm_backward(
-        grad_y, x, weight, mean, var, ctx.training, ctx.eps, grad_mean, grad_var
-    )
+    args = (grad_y, x, weight, mean, var, ctx.training, ctx.eps, grad_mean, grad_var)
+    if torch.is_grad_enabled():
+        # A double backward is being recorded: the composite formula is differentiable.
+        grads = composite.batch_norm_backward(*args)
+    elif torch.compiler.is_compiling():
+        grads = batch_norm_backward_op(*args)
+    else:
+        grads = backend_for(x).batch_norm_backward(*args)
+    grad_x, grad_weight, grad_bias = grads
     return (
         grad_x,
         grad_weight if weight is not None else None,

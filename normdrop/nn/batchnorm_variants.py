@@ -1,0 +1,370 @@
+"""Batch norm variants that torch.nn lacks, built on normdrop's batch norm op.
+
+- GhostBatchNorm1d/2d: Hoffer, Hubara & Soudry 2017, "Train longer, generalize better: closing the generalization
+  gap in large batch training of neural networks" (ghost batch normalization).
+- BatchRenorm1d/2d: Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized
+  Models".
+- FrozenBatchNorm1d/2d/3d: batch norm with fixed statistics and affine parameters (buffers, not parameters), the
+  layer detection and segmentation backbones fine-tune with (He et al. 2016, "Deep Residual Learning for Image
+  Recognition", appendix A: BN statistics computed on ImageNet, then fixed when fine-tuning for detection).
+
+Ghost BN and batch renorm subclass normdrop's BatchNorm classes: same parameters, buffers and state_dict keys, and
+in eval mode they *are* batch norm (normalize with running_mean / running_var), so ``fold_batch_norm``,
+``recalibrate_bn`` and torch's own BN utilities apply to them unchanged. Only their training forward differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from normdrop.nn import functional as F
+from normdrop.nn import ops
+from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normdrop.nn.kernels.composite import channel_view
+
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "convert_frozen_batchnorm",
+]
+
+
+def _check_values_per_channel(input: Tensor, layer: str) -> None:
+    values_per_channel = input.numel() // max(input.shape[1], 1)
+    if values_per_channel <= 1:
+        raise ValueError(
+            f"{layer} expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ ghost BN
+
+
+class _GhostBatchNorm:
+    """Training forward of ghost batch norm; mixed in before normdrop's BatchNorm class."""
+
+    ghost_batch_size: int
+
+    def __init__(self, num_features: int, ghost_batch_size: int, *args, **kwargs) -> None:
+        if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+            raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size!r}")
+        super().__init__(num_features, *args, **kwargs)
+        self.ghost_batch_size = ghost_batch_size
+
+    def forward(self, input: Tensor) -> Tensor:
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch_stats:
+            return super().forward(input)
+        self._check_input_dim(input)
+        batch = input.shape[0]
+        if batch % self.ghost_batch_size != 0:
+            raise ValueError(
+                f"{type(self).__name__} needs a batch size divisible by ghost_batch_size={self.ghost_batch_size}, "
+                f"got a batch of {batch}"
+            )
+        # Each virtual batch is one BatchNorm step: its own statistics, and one update of the running statistics
+        # (and of num_batches_tracked), in order -- Algorithm 1 of Hoffer et al.
+        ghosts = input.split(self.ghost_batch_size)
+        return torch.cat([super(_GhostBatchNorm, self).forward(ghost) for ghost in ghosts])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
+
+
+_GHOST_DOC = r"""
+
+    Training: the batch of N = k * G samples is split along dim 0 into k virtual ("ghost") batches of
+    G = ``ghost_batch_size`` samples, and each is batch-normalized with its own statistics:
+
+        y[j] = (x[j] - mu_j) / sqrt(var_j + eps) * gamma + beta,   mu_j, var_j over ghost batch j (and spatial dims)
+
+    The running statistics take one momentum step per ghost batch, in order, with the unbiased ghost-batch
+    variance (so ``num_batches_tracked`` counts ghost batches). Inference: plain batch norm with the running
+    statistics. N must be a multiple of G in training (a ValueError otherwise); G = N is plain batch norm.
+
+    Hoffer, Hubara & Soudry 2017, "Train longer, generalize better".
+"""
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
+    __doc__ = "Ghost batch norm over (N, C) or (N, C, L) inputs." + _GHOST_DOC
+
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
+    __doc__ = "Ghost batch norm over (N, C, H, W) inputs." + _GHOST_DOC
+
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+
+# ----------------------------------------------------------------------------------------------- batch renorm
+
+# Ioffe 2017, experiments: r_max = 1 and d_max = 0 (plain batch norm) for the first 5000 steps, then relaxed to reach
+# r_max = 3 at step 40k and d_max = 5 at step 25k.
+RENORM_R_MAX = 3.0
+RENORM_D_MAX = 5.0
+RENORM_WARMUP_STEPS = 5_000
+RENORM_R_MAX_STEPS = 40_000
+RENORM_D_MAX_STEPS = 25_000
+
+
+def _ramp(start: float, final: float, step: int, warmup_steps: int, full_steps: int) -> float:
+    """``start`` until ``warmup_steps``, then linear to ``final`` at ``full_steps``, ``final`` after."""
+    if step < warmup_steps:
+        return start
+    if full_steps <= warmup_steps:
+        return final
+    fraction = min((step - warmup_steps) / (full_steps - warmup_steps), 1.0)
+    return start + (final - start) * fraction
+
+
+class _BatchRenorm:
+    """Training forward of batch renormalization; mixed in before normdrop's BatchNorm class."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        r_max: float = RENORM_R_MAX,
+        d_max: float = RENORM_D_MAX,
+        warmup_steps: int = RENORM_WARMUP_STEPS,
+        r_max_steps: int = RENORM_R_MAX_STEPS,
+        d_max_steps: int = RENORM_D_MAX_STEPS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        if not (math.isfinite(r_max) and r_max >= 1.0):
+            raise ValueError(f"r_max must be a finite number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
+        if not (math.isfinite(d_max) and d_max >= 0.0):
+            raise ValueError(f"d_max must be a finite number >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
+        for name, steps in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {steps!r}")
+        for name, steps in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+            if steps < warmup_steps:
+                raise ValueError(
+                    f"{name} (the step at which the limit is fully relaxed) must be >= warmup_steps={warmup_steps}, "
+                    f"got {steps}"
+                )
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+
+    def current_limits(self) -> tuple[float, float]:
+        """(r_max, d_max) in force for the next training step, from the warm-up schedule and num_batches_tracked."""
+        step = int(self.num_batches_tracked)
+        r_max = _ramp(1.0, self.r_max, step, self.warmup_steps, self.r_max_steps)
+        d_max = _ramp(0.0, self.d_max, step, self.warmup_steps, self.d_max_steps)
+        return r_max, d_max
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        if not input.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {input.dtype}")
+        _check_values_per_channel(input, type(self).__name__)
+        r_max, d_max = self.current_limits()
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        x_hat, mean, var = ops.batch_norm(input, None, None, None, None, True, self.eps)
+        with torch.no_grad():
+            # r and d are treated as constants in backward ("stop_gradient" in the paper).
+            running_std = torch.sqrt(self.running_var.to(mean.dtype) + self.eps)
+            running_mean = self.running_mean.to(mean.dtype)
+            r = (torch.sqrt(var + self.eps) / running_std).clamp(1.0 / r_max, r_max)
+            d = ((mean - running_mean) / running_std).clamp(-d_max, d_max)
+            n = input.numel() // input.shape[1]
+            self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+            unbiased_var = (var * (n / (n - 1))).to(self.running_var.dtype)
+            self.running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
+        r, d = r.to(input.dtype), d.to(input.dtype)
+        scale, shift = (r, d) if self.weight is None else (r * self.weight, d * self.weight)
+        if self.bias is not None:
+            shift = shift + self.bias
+        return x_hat * channel_view(scale, input.ndim) + channel_view(shift, input.ndim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+            f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
+        )
+
+
+_RENORM_DOC = r"""
+
+    Training, per channel, with batch statistics mu_B, sigma_B = sqrt(var_B + eps) and the running ones
+    mu, sigma = sqrt(running_var + eps):
+
+        r = clip(sigma_B / sigma, 1 / r_max, r_max),   d = clip((mu_B - mu) / sigma, -d_max, d_max)   (no gradient)
+        y = ((x - mu_B) / sigma_B * r + d) * gamma + beta
+        running_mean <- running_mean + m (mu_B - running_mean),  running_var likewise with the unbiased var_B
+
+    (The paper averages sigma; this layer averages the variance, as batch norm does, so its buffers mean what a
+    BatchNorm's mean.) With r = 1, d = 0 it is batch norm; with unclipped r, d the output is the inference-mode
+    output, whatever the batch. Inference: plain batch norm with the running statistics.
+
+    Warm-up schedule (the paper's experiments): r_max = 1, d_max = 0 for ``warmup_steps`` training steps, then both
+    limits grow linearly to ``r_max`` (reached at step ``r_max_steps``) and ``d_max`` (at ``d_max_steps``); the
+    step count is ``num_batches_tracked``. Defaults are the paper's (3, 5, 5k, 40k, 25k); pass
+    ``warmup_steps=r_max_steps=d_max_steps=0`` for no schedule. Running statistics are always tracked.
+
+    Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models".
+"""
+
+
+class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
+    __doc__ = "Batch renormalization over (N, C) or (N, C, L) inputs." + _RENORM_DOC
+
+
+class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
+    __doc__ = "Batch renormalization over (N, C, H, W) inputs." + _RENORM_DOC
+
+
+# ------------------------------------------------------------------------------------------------ frozen BN
+
+
+class _FrozenBatchNorm(torch.nn.Module):
+    """Batch norm with fixed statistics and affine map, all buffers (an optimizer never sees them)."""
+
+    input_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if eps < 0.0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        self.num_features = num_features
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    @classmethod
+    def from_batch_norm(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> _FrozenBatchNorm:
+        """A frozen copy of ``bn``'s running statistics and affine parameters (1 and 0 when it has none)."""
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"cannot freeze {type(bn).__name__} without running statistics (track_running_stats)")
+        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        with torch.no_grad():
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+            if bn.weight is not None:
+                frozen.weight.copy_(bn.weight)
+            if bn.bias is not None:
+                frozen.bias.copy_(bn.bias)
+        return frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # A BatchNorm's state_dict loads into a frozen one: its step counter means nothing here, and a BatchNorm
+        # without affine parameters is one with weight 1 and bias 0.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        if prefix + "running_mean" in state_dict:
+            state_dict.setdefault(prefix + "weight", torch.ones_like(self.weight))
+            state_dict.setdefault(prefix + "bias", torch.zeros_like(self.bias))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.ndim not in self.input_dims:
+            expected = " or ".join(f"{d}D" for d in self.input_dims)
+            raise ValueError(f"{type(self).__name__} expected a {expected} input, got a {input.ndim}D input")
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+_FROZEN_DOC = r"""
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, in training and inference alike; all four
+    are buffers, so nothing is learned or updated (gradients flow to the input only). ``from_batch_norm(bn)``
+    freezes a trained BatchNorm; a BatchNorm state_dict loads directly.
+"""
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    __doc__ = "Frozen batch norm over (N, C) or (N, C, L) inputs." + _FROZEN_DOC
+    input_dims = (2, 3)
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    __doc__ = "Frozen batch norm over (N, C, H, W) inputs." + _FROZEN_DOC
+    input_dims = (4,)
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    __doc__ = "Frozen batch norm over (N, C, D, H, W) inputs." + _FROZEN_DOC
+    input_dims = (5,)
+
+
+_FROZEN_FOR = {
+    torch.nn.BatchNorm1d: FrozenBatchNorm1d,
+    torch.nn.BatchNorm2d: FrozenBatchNorm2d,
+    torch.nn.BatchNorm3d: FrozenBatchNorm3d,
+}
+
+
+def convert_frozen_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm{1,2,3}d (torch's, normdrop's or a variant) in ``module`` by a frozen copy.
+
+    Returns the converted module (a new object if ``module`` itself is a BatchNorm, ``module`` otherwise).
+    A BatchNorm without running statistics raises a ValueError.
+    """
+    for cls, frozen_cls in _FROZEN_FOR.items():
+        if isinstance(module, cls):
+            return frozen_cls.from_batch_norm(module)
+    for name, child in module.named_children():
+        converted = convert_frozen_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

@@ -31,30 +31,16 @@ private RNG seeded from ``spec.seed``, so both builds start from identical param
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
+from normdrop.nn.factory import make_dropout, make_norm
 from normdrop.spec import RunSpec, derive_seed
-
-NormFactory = Callable[[ModuleType, int, int, RunSpec], nn.Module]
-"""Builds a norm layer from (layer namespace, number of features/channels, spatial dims 0/1/2, spec)."""
-
-_LAYER_NAMES = (
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "Dropout",
-    "Dropout1d",
-    "Dropout2d",
-    "AlphaDropout",
-    "FeatureAlphaDropout",
-)
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -66,47 +52,20 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _batch_norm(layers: ModuleType, num_features: int, spatial_dims: int, spec: RunSpec) -> nn.Module:
-    """Batch normalization (Ioffe & Szegedy 2015) over the batch (and spatial) axes of each unit or channel."""
-    norm_class = layers.BatchNorm2d if spatial_dims == 2 else layers.BatchNorm1d
-    return norm_class(num_features, eps=spec.norm_eps, momentum=spec.norm_momentum)
+def _norm(spec: RunSpec, num_features: int, spatial_dims: int) -> list[tuple[str, nn.Module]]:
+    """The spec's norm layer from ``normdrop.nn.factory`` (the one registry of norm kinds), or none."""
+    if spec.norm == "none":
+        return []
+    options = dict(spec.norm_options)
+    if spec.norm != "frozen":  # frozen BN has fixed statistics: no momentum
+        options.setdefault("momentum", spec.norm_momentum)
+    options.setdefault("eps", spec.norm_eps)
+    return [("norm", make_norm(spec.norm, num_features, spatial_dims, layers=spec.layers, **options))]
 
 
-NORM_LAYERS: dict[str, NormFactory | None] = {"none": None, "batch": _batch_norm}
-"""The registry of norm kinds a spec may name; ``None`` means no norm layer."""
-
-
-def register_norm(name: str, factory: NormFactory) -> None:
-    """Make ``RunSpec(norm=name)`` valid and build ``factory(layers, num_features, spatial_dims, spec)`` for it."""
-    if name in NORM_LAYERS:
-        raise ValueError(f"norm {name!r} is already registered")
-    NORM_LAYERS[name] = factory
-
-
-def layer_namespace(layers: str) -> ModuleType:
-    """The module that provides BatchNorm/Dropout classes: ``normdrop.nn`` or ``torch.nn``."""
-    if layers == "torch":
-        return nn
-    if layers != "normdrop":
-        raise ValueError(f"layers must be 'normdrop' or 'torch', got {layers!r}")
-    namespace = importlib.import_module("normdrop.nn")
-    missing = [name for name in _LAYER_NAMES if not hasattr(namespace, name)]
-    if missing:
-        raise ImportError(f"normdrop.nn does not provide {', '.join(missing)} yet; use layers='torch'")
-    return namespace
-
-
-def _dropout(layers: ModuleType, kind: str, p: float, spatial_dims: int) -> nn.Module:
-    """A dropout layer; channel-wise kinds fall back to their per-unit form on flat (N, C) features."""
-    if kind == "standard" or (kind == "channel" and spatial_dims == 0):
-        return layers.Dropout(p)
-    if kind == "alpha" or (kind == "feature_alpha" and spatial_dims == 0):
-        return layers.AlphaDropout(p)
-    if kind == "channel":
-        return layers.Dropout2d(p) if spatial_dims == 2 else layers.Dropout1d(p)
-    if kind == "feature_alpha":
-        return layers.FeatureAlphaDropout(p)
-    raise ValueError(f"unknown dropout kind {kind!r}")
+def _dropout(spec: RunSpec, spatial_dims: int) -> nn.Module:
+    """The spec's dropout layer from ``normdrop.nn.factory``; channel kinds are per-unit on flat (N, C) features."""
+    return make_dropout(spec.dropout_kind, spec.dropout, spatial_dims, layers=spec.layers, **dict(spec.dropout_options))
 
 
 def _affine_has_bias(spec: RunSpec) -> bool:
@@ -114,37 +73,36 @@ def _affine_has_bias(spec: RunSpec) -> bool:
     return spec.norm == "none" or spec.norm_position == "after_act"
 
 
-def _unit(spec: RunSpec, layers: ModuleType, num_features: int, spatial_dims: int) -> list[tuple[str, nn.Module]]:
+def _unit(spec: RunSpec, num_features: int, spatial_dims: int) -> list[tuple[str, nn.Module]]:
     """The norm / activation / dropout ops that follow one affine layer, in the order the spec asks for."""
-    norm_factory = NORM_LAYERS[spec.norm]
-    norm = [("norm", norm_factory(layers, num_features, spatial_dims, spec))] if norm_factory else []
+    norm = _norm(spec, num_features, spatial_dims)
     act = [("act", ACTIVATIONS[spec.activation]())]
     dropout_here = spec.dropout > 0 and spec.dropout_position != "before_head"
-    dropout = [("dropout", _dropout(layers, spec.dropout_kind, spec.dropout, spatial_dims))] if dropout_here else []
+    dropout = [("dropout", _dropout(spec, spatial_dims))] if dropout_here else []
     before, after = (dropout, []) if spec.dropout_position == "before_norm" else ([], dropout)
     if spec.norm_position == "before_act":
         return before + norm + act + after
     return act + before + norm + after
 
 
-def _head(spec: RunSpec, layers: ModuleType, in_features: int, num_classes: int) -> list[tuple[str, nn.Module]]:
+def _head(spec: RunSpec, in_features: int, num_classes: int) -> list[tuple[str, nn.Module]]:
     """The classifier, preceded by the single dropout layer of ``dropout_position="before_head"``."""
     head: list[tuple[str, nn.Module]] = []
     if spec.dropout > 0 and spec.dropout_position == "before_head":
-        head.append(("dropout", _dropout(layers, spec.dropout_kind, spec.dropout, spatial_dims=0)))
+        head.append(("dropout", _dropout(spec, spatial_dims=0)))
     head.append(("classifier", nn.Linear(in_features, num_classes)))
     return head
 
 
-def _mlp(spec: RunSpec, layers: ModuleType, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def _mlp(spec: RunSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     blocks: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     in_features = math.prod(input_shape)
     for index in range(1, spec.depth + 1):
         linear = nn.Linear(in_features, spec.width, bias=_affine_has_bias(spec))
-        hidden = [("linear", linear), *_unit(spec, layers, spec.width, spatial_dims=0)]
+        hidden = [("linear", linear), *_unit(spec, spec.width, spatial_dims=0)]
         blocks.append((f"hidden{index}", nn.Sequential(OrderedDict(hidden))))
         in_features = spec.width
-    blocks += _head(spec, layers, in_features, num_classes)
+    blocks += _head(spec, in_features, num_classes)
     return nn.Sequential(OrderedDict(blocks))
 
 
@@ -171,9 +129,7 @@ def _conv_output_size(size: int, kernel_size: int, stride: int, padding: int) ->
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-def _cnn(
-    spec: RunSpec, layers: ModuleType, input_shape: Sequence[int], num_classes: int, spatial_dims: int
-) -> nn.Module:
+def _cnn(spec: RunSpec, input_shape: Sequence[int], num_classes: int, spatial_dims: int) -> nn.Module:
     conv_class = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
     in_channels, size = _channels_first(input_shape, spatial_dims, spec.model)
     blocks: list[tuple[str, nn.Module]] = []
@@ -185,11 +141,11 @@ def _cnn(
         size = tuple(_conv_output_size(s, kernel_size, stride=2, padding=1) for s in size)
         if min(size) < 1:
             raise ValueError(f"input of shape {tuple(input_shape)} is too small for {spec.depth} conv layers")
-        block = [("conv", conv), *_unit(spec, layers, spec.width, spatial_dims)]
+        block = [("conv", conv), *_unit(spec, spec.width, spatial_dims)]
         blocks.append((f"conv{index}", nn.Sequential(OrderedDict(block))))
         in_channels = spec.width
     blocks.append(("flatten", nn.Flatten()))
-    blocks += _head(spec, layers, in_channels * math.prod(size), num_classes)
+    blocks += _head(spec, in_channels * math.prod(size), num_classes)
     return nn.Sequential(OrderedDict(blocks))
 
 
@@ -199,12 +155,12 @@ class PreActBlock(nn.Module):
     When the block changes resolution or width, the shortcut is a strided 1x1 convolution of ``x``.
     """
 
-    def __init__(self, spec: RunSpec, layers: ModuleType, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, spec: RunSpec, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         bias = _affine_has_bias(spec)
-        self.unit1 = nn.Sequential(OrderedDict(_unit(spec, layers, in_channels, spatial_dims=2)))
+        self.unit1 = nn.Sequential(OrderedDict(_unit(spec, in_channels, spatial_dims=2)))
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
-        self.unit2 = nn.Sequential(OrderedDict(_unit(spec, layers, out_channels, spatial_dims=2)))
+        self.unit2 = nn.Sequential(OrderedDict(_unit(spec, out_channels, spatial_dims=2)))
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=bias)
         needs_projection = stride != 1 or in_channels != out_channels
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias) if needs_projection else None
@@ -214,7 +170,7 @@ class PreActBlock(nn.Module):
         return residual + (x if self.shortcut is None else self.shortcut(x))
 
 
-def _resnet(spec: RunSpec, layers: ModuleType, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def _resnet(spec: RunSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     in_channels, size = _channels_first(input_shape, 2, spec.model)
     blocks: list[tuple[str, nn.Module]] = []
     if len(input_shape) == 2:
@@ -226,13 +182,11 @@ def _resnet(spec: RunSpec, layers: ModuleType, input_shape: Sequence[int], num_c
         out_channels = spec.width * 2**stage
         for index in range(spec.depth):
             stride = 2 if stage > 0 and index == 0 else 1
-            blocks.append(
-                (f"stage{stage + 1}_block{index + 1}", PreActBlock(spec, layers, channels, out_channels, stride))
-            )
+            blocks.append((f"stage{stage + 1}_block{index + 1}", PreActBlock(spec, channels, out_channels, stride)))
             channels = out_channels
-    blocks.append(("final", nn.Sequential(OrderedDict(_unit(spec, layers, channels, spatial_dims=2)))))
+    blocks.append(("final", nn.Sequential(OrderedDict(_unit(spec, channels, spatial_dims=2)))))
     blocks += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
-    blocks += _head(spec, layers, channels, num_classes)
+    blocks += _head(spec, channels, num_classes)
     return nn.Sequential(OrderedDict(blocks))
 
 
@@ -272,16 +226,15 @@ def build_model(spec: RunSpec | Mapping[str, Any], input_shape: Sequence[int], n
     spec = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(dict(spec))
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    layers = layer_namespace(spec.layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(spec.seed, "init"))
         if spec.model == "mlp":
-            model = _mlp(spec, layers, input_shape, num_classes)
+            model = _mlp(spec, input_shape, num_classes)
         elif spec.model == "cnn1d":
-            model = _cnn(spec, layers, input_shape, num_classes, spatial_dims=1)
+            model = _cnn(spec, input_shape, num_classes, spatial_dims=1)
         elif spec.model == "cnn2d":
-            model = _cnn(spec, layers, input_shape, num_classes, spatial_dims=2)
+            model = _cnn(spec, input_shape, num_classes, spatial_dims=2)
         else:
-            model = _resnet(spec, layers, input_shape, num_classes)
+            model = _resnet(spec, input_shape, num_classes)
         _initialize(model, spec.init)
     return model

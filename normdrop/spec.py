@@ -23,7 +23,6 @@ TRAINING_SEMANTICS_VERSION: int = 1
 """Bump whenever the trainer or the builders change what a given spec computes; it is part of every run id."""
 
 ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet"]
-DropoutKind = Literal["standard", "alpha", "channel", "feature_alpha"]
 DropoutPosition = Literal["after_norm", "before_norm", "before_head"]
 NormPosition = Literal["before_act", "after_act"]
 Activation = Literal["relu", "gelu", "tanh", "selu", "elu", "identity"]
@@ -74,15 +73,25 @@ class RunSpec(BaseModel):
     width: int = Field(100, ge=1, le=4096, description="hidden units (mlp) or channels of the first stage (cnn)")
     activation: Activation = Field("relu", description="nonlinearity of every hidden layer")
     init: Init = Field("default", description="weight init: default (torch's), kaiming, xavier, lecun, orthogonal")
-    norm: str = Field("none", description="normalization layer: none, batch (see normdrop.models.NORM_LAYERS)")
+    norm: str = Field(
+        "none", description="normalization layer: none, batch, ghost, renorm, frozen, ... (normdrop.nn.factory)"
+    )
+    norm_options: tuple[tuple[str, int | float], ...] = Field(
+        (), description="extra norm arguments as (name, value) pairs, e.g. ghost_batch_size for ghost BN"
+    )
     norm_position: NormPosition = Field("before_act", description="norm before or after the activation")
     norm_momentum: float | None = Field(
         0.1, gt=0.0, le=1.0, description="running-statistics momentum of the norm (None: cumulative average)"
     )
     norm_eps: float = Field(1e-5, gt=0.0, description="epsilon added to the variance by the norm")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability p (0 disables dropout)")
-    dropout_kind: DropoutKind = Field(
-        "standard", description="standard (per unit), alpha (SELU), channel or feature_alpha (conv models)"
+    dropout_kind: str = Field(
+        "standard",
+        description="standard, channel, alpha, feature_alpha, gaussian, droppath, dropblock, uout, ... "
+        "(normdrop.nn.factory)",
+    )
+    dropout_options: tuple[tuple[str, int | float], ...] = Field(
+        (), description="extra dropout arguments as (name, value) pairs, e.g. block_size for dropblock"
     )
     dropout_position: DropoutPosition = Field(
         "after_norm",
@@ -128,13 +137,22 @@ class RunSpec(BaseModel):
     @field_validator("norm")
     @classmethod
     def _known_norm(cls, value: str) -> str:
-        from normdrop.models import NORM_LAYERS  # lazy: the registry lives with the builders
+        from normdrop.nn.factory import norm_names  # lazy: importing the layers imports torch
 
-        if value not in NORM_LAYERS:
-            raise ValueError(f"unknown norm {value!r}; expected one of {sorted(NORM_LAYERS)}")
+        if value not in norm_names():
+            raise ValueError(f"unknown norm {value!r}; expected one of {sorted(norm_names())}")
         return value
 
-    @field_validator("dataset_options", mode="before")
+    @field_validator("dropout_kind")
+    @classmethod
+    def _known_dropout(cls, value: str) -> str:
+        from normdrop.nn.factory import dropout_names
+
+        if value not in dropout_names():
+            raise ValueError(f"unknown dropout kind {value!r}; expected one of {sorted(dropout_names())}")
+        return value
+
+    @field_validator("dataset_options", "norm_options", "dropout_options", mode="before")
     @classmethod
     def _options_as_pairs(cls, value: Any) -> Any:
         # A mapping is accepted for convenience and stored as sorted pairs, so the spec stays hashable and the
@@ -153,9 +171,10 @@ class RunSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
-        option_names = [name for name, _ in self.dataset_options]
-        if len(set(option_names)) != len(option_names):
-            raise ValueError(f"dataset_options names must be unique, got {option_names}")
+        for field_name in ("dataset_options", "norm_options", "dropout_options"):
+            option_names = [name for name, _ in getattr(self, field_name)]
+            if len(set(option_names)) != len(option_names):
+                raise ValueError(f"{field_name} names must be unique, got {option_names}")
         if self.dropout_kind in ("channel", "feature_alpha") and self.model not in _CONV_MODELS:
             raise ValueError(
                 f"dropout_kind={self.dropout_kind!r} drops whole channels and needs a conv model "

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from torch import nn
 
 import normdrop.nn as ndnn
-from normdrop.models import NORM_LAYERS, build_model, layer_namespace, register_norm
+from normdrop.models import build_model
+from normdrop.nn import factory
 from normdrop.spec import RunSpec
 
 # (model, per-example input shape, extra spec fields): small versions of every architecture.
@@ -201,21 +202,34 @@ def test_orthogonal_init_has_orthonormal_rows() -> None:
 def test_register_norm_makes_a_new_kind_valid() -> None:
     with pytest.raises(ValidationError, match="unknown norm 'group1'"):
         _spec(norm="group1")
-    register_norm("group1", lambda layers, features, dims, spec: nn.GroupNorm(1, features))
+    factory.register_norm("group1", {1: lambda features, **_: nn.GroupNorm(1, features)})
     try:
         net = build_model(_spec(model="cnn1d", depth=2, width=4, norm="group1"), (1, 40), num_classes=2)
         assert isinstance(net.conv1.norm, nn.GroupNorm)
         with pytest.raises(ValueError, match="already registered"):
-            register_norm("group1", lambda *args: nn.Identity())
+            factory.register_norm("group1", {1: lambda *args, **kwargs: nn.Identity()})
     finally:
-        del NORM_LAYERS["group1"]
+        del factory._NORMS["group1"]
 
 
-def test_layer_namespace() -> None:
-    assert layer_namespace("torch") is nn
-    assert layer_namespace("normdrop") is ndnn
-    with pytest.raises(ValueError, match="layers"):
-        layer_namespace("jax")
+def test_norm_and_dropout_variants_with_their_options() -> None:
+    net = build_model(
+        _spec(norm="ghost", norm_options={"ghost_batch_size": 10}, dropout=0.2, dropout_kind="gaussian"),
+        (40,),
+        num_classes=3,
+    )
+    assert isinstance(net.hidden1.norm, ndnn.GhostBatchNorm1d) and net.hidden1.norm.ghost_batch_size == 10
+    assert isinstance(net.hidden1.dropout, ndnn.GaussianDropout)
+    conv = build_model(
+        _spec(
+            model="cnn2d", depth=2, width=4, dropout=0.1, dropout_kind="dropblock", dropout_options={"block_size": 3}
+        ),
+        (1, 8, 8),
+        num_classes=3,
+    )
+    assert isinstance(conv.conv1.dropout, ndnn.DropBlock2d)
+    with pytest.raises(ValidationError, match="unknown dropout kind 'nope'"):
+        _spec(dropout_kind="nope")
 
 
 @pytest.mark.parametrize(("model", "input_shape", "extra"), ARCHITECTURES)

@@ -69,7 +69,7 @@ def test_spec_defaults_are_valid_and_frozen() -> None:
         ({"label_noise": -0.1}, "label_noise"),
         ({"model": "transformer"}, "'mlp', 'cnn1d', 'cnn2d' or 'resnet'"),
         ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; expected one of mnist1d, digits"),
-        ({"norm": "layer"}, "unknown norm 'layer'; expected one of \\['batch', 'none'\\]"),
+        ({"norm": "layer"}, "unknown norm 'layer'; expected one of \\['batch', 'frozen', 'ghost'"),
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"schedule": "exponential"}, "schedule"),
         ({"depth": 0}, "depth"),

@@ -163,11 +163,13 @@ class RunSpec(BaseModel):
     @field_validator("probes")
     @classmethod
     def _canonical_probes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from normdrop.probes import expand_probes  # lazy: the registry imports the trainer's dependencies
+
         for name in value:
             if not _PROBE_NAME.match(name):
                 raise ValueError(f"probe name {name!r} must be lower_snake_case")
-        # Sorted and unique, so that the order in which probes are listed does not change the run id.
-        return tuple(sorted(set(value)))
+        # Presets expand to their probes; sorted and unique, so listing order does not change the run id.
+        return expand_probes(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:

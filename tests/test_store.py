@@ -38,7 +38,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_round_trip_keeps_every_field(store: Store, tmp_path: Path) -> None:
-    spec = RunSpec(dataset="blobs", lr=0.05, norm="batch", probes=("weight_norm",), seed=3)
+    spec = RunSpec(dataset="blobs", lr=0.05, norm="batch", probes=("layer_inputs",), seed=3)
     result = make_result(spec)
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"\x00\x01")
@@ -252,7 +252,7 @@ def _nulls_as_none(frame: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.mark.parametrize("file_format", ["csv", "parquet"])
 def test_export_round_trips(store: Store, tmp_path: Path, file_format: str) -> None:
-    store.save(make_result(RunSpec(lr=0.1, probes=("weight_norm",))))
+    store.save(make_result(RunSpec(lr=0.1, probes=("layer_inputs",))))
     store.save(make_result(RunSpec(lr=0.2), "failed"))
     store.save(make_result(RunSpec(lr=0.3), "diverged"))
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from normdrop.probes import expand_probes
 from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, derive_seed
 from normdrop.train import HookContext, learning_rate, run
 
@@ -91,8 +92,11 @@ def test_bad_spec_values_raise_errors_that_name_the_field(fields: dict[str, Any]
 
 
 def test_spec_canonicalizes_probes_and_dataset_options() -> None:
-    assert RunSpec(probes=("b", "a", "b")).probes == ("a", "b")
-    assert RunSpec(probes=("b", "a")).run_id == RunSpec(probes=("a", "b")).run_id
+    assert RunSpec(probes=("landscape", "ics", "landscape")).probes == ("ics", "landscape")
+    assert RunSpec(probes=("landscape", "ics")).run_id == RunSpec(probes=("ics", "landscape")).run_id
+    assert RunSpec(probes=("smoothness",)).probes == RunSpec(probes=expand_probes(["smoothness"])).probes
+    with pytest.raises(ValidationError, match="unknown probe or preset 'nope'"):
+        RunSpec(probes=("nope",))
     spec = RunSpec(dataset="blobs", dataset_options={"noise": 0.5, "n_train": 200})
     assert spec.dataset_options == (("n_train", 200), ("noise", 0.5))
     assert spec == RunSpec(dataset="blobs", dataset_options=(("noise", 0.5), ("n_train", 200)))
@@ -378,7 +382,8 @@ def test_spec_probes_become_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
         made.append((name, every))
         return RecordingHook(every=every, name=name)
 
-    monkeypatch.setitem(sys.modules, "normdrop.probes", types.SimpleNamespace(make_probe=make_probe))
+    fake_registry = types.SimpleNamespace(make_probe=make_probe, expand_probes=lambda names: tuple(sorted(set(names))))
+    monkeypatch.setitem(sys.modules, "normdrop.probes", fake_registry)
     result = run(fast_spec(steps=10, probes=("beta", "alpha"), probe_every=5))
     assert made == [("alpha", 5), ("beta", 5)]
     assert [(record["probe"], record["step"]) for record in result.probe_records] == [

@@ -86,9 +86,9 @@ def batch_norm(
     y, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         n = input.numel() // channels
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype) * (momentum * n / (n - 1)))
+        # running + momentum * (batch - running): two in-place ops, the running stats never join the graph.
+        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+        running_var.lerp_((var.detach() * (n / (n - 1))).to(running_var.dtype), momentum)
     return y
 
 

@@ -20,3 +20,8 @@ app.command()(lab.export)
 from normdrop.cli import train  # noqa: E402
 
 app.command()(train.train)
+
+from normdrop.cli import study  # noqa: E402
+
+app.command()(study.study)
+app.command()(study.report)

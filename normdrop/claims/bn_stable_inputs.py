@@ -1,0 +1,226 @@
+"""bn-stable-inputs: BN keeps the distribution of each layer's inputs stable during training.
+
+Two measurements on the probed deep runs (BN vs none at the same learning rate, same seeds):
+
+1. Distribution drift (the claim's own words; Ioffe & Szegedy 2015, figure 1): the ``layer_inputs`` probe gives,
+   at each probe step, every layer's pre-activation input on a fixed probe batch. The drift of a layer between two
+   probe steps is the Wasserstein-1 distance between its units' input distributions, divided by the units' standard
+   deviation (so a network whose signals are small does not look stable just for being small). Per run: the mean
+   over layers and probe intervals. Effect per seed: ln(drift without BN / drift with BN); positive = BN is more
+   stable. This is the verdict.
+2. Internal covariate shift in the gradient sense (Santurkar et al. 2018, definition 2.1), from the ``ics`` probe:
+   ||G_i - G'_i|| / ||G_i||, the change of layer i's gradient caused by the update of the layers below it, mean
+   over layers 2..L and probe steps. Same effect convention; reported beside the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from normdrop.claims.base import (
+    NORMS,
+    Analysis,
+    Claim,
+    ClaimData,
+    Experiment,
+    StudySetting,
+    mean_of,
+    measure,
+    probed_deep_arms,
+    probed_label,
+    records,
+)
+from normdrop.report.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
+from normdrop.spec import RunResult
+from normdrop.stats import paired_log_ratio
+
+
+def relative_drift(result: RunResult | None) -> float | None:
+    """Mean over layers and probe intervals of W1(previous probe step, this one) / std of the layer's input."""
+    values = [
+        r["w1_prev"] / math.sqrt(r["var"])
+        for r in records(result, "layer_inputs", unit=None)
+        if r.get("w1_prev") is not None and r.get("var") and r["var"] > 0
+    ]
+    return mean_of(values)
+
+
+def drift_by_layer(result: RunResult | None) -> dict[str, float]:
+    """Layer -> mean relative drift over probe intervals."""
+    by_layer: dict[str, list[float]] = defaultdict(list)
+    for r in records(result, "layer_inputs", unit=None):
+        if r.get("w1_prev") is not None and r.get("var") and r["var"] > 0:
+            by_layer[r["layer"]].append(r["w1_prev"] / math.sqrt(r["var"]))
+    return {layer: sum(v) / len(v) for layer, v in by_layer.items()}
+
+
+def ics_relative(result: RunResult | None, field: str = "ics_relative") -> float | None:
+    """Mean over layers 2..L and probe steps of an ``ics`` probe field."""
+    return mean_of(r.get(field) for r in records(result, "ics") if r.get("index", 1) >= 2)
+
+
+def ics_by_layer(result: RunResult | None, field: str) -> dict[int, float]:
+    """Layer index -> mean over probe steps of an ``ics`` field."""
+    by_layer: dict[int, list[float]] = defaultdict(list)
+    for r in records(result, "ics"):
+        if r.get(field) is not None and math.isfinite(r[field]):
+            by_layer[int(r["index"])].append(float(r[field]))
+    return {index: sum(v) / len(v) for index, v in sorted(by_layer.items())}
+
+
+class BNStableInputs(Claim):
+    id = "bn-stable-inputs"
+    title = "BN stabilizes layer inputs"
+    statement = (
+        "BN keeps the distribution of each layer's inputs stable during training (it reduces 'internal covariate "
+        "shift')."
+    )
+    mechanism = (
+        "Every update changes the weights of all layers at once, so each layer sees its inputs - the outputs of the "
+        "layers below - drift while it is trying to learn from them. Ioffe & Szegedy (2015) called this internal "
+        "covariate shift and designed BN to remove it: whatever the layers below do, BN re-centres and re-scales "
+        "each unit, so the next layer sees inputs with a fixed mean and spread (up to the slowly learned gamma and "
+        "beta)."
+    )
+    rationale = (
+        "The probed deep MLP runs (BN vs none, same learning rate 0.1, same seeds) record each layer's "
+        "pre-activation input on a fixed batch of 256 training examples several times during training (the "
+        "layer_inputs probe), and Santurkar et al.'s gradient-based shift (the ics probe). Drift is measured "
+        "relative to each layer's spread, so BN cannot look stable merely because its outputs are small. Limits: "
+        "few probe points in a short run; one learning rate; the verdict rests on the distributional definition, "
+        "the claim's own; the gradient definition is shown next to it."
+    )
+    caveats = (
+        "Disputed mechanism. Santurkar, Tsipras, Ilyas & Madry (2018) found that BN networks train faster even when "
+        "noise is injected after BN to make their input distributions unstable, and that by their gradient-based "
+        "definition BN does not reduce internal covariate shift (it can increase it). They attribute BN's benefit "
+        "to a smoother loss landscape instead (see bn-smooth). Stable distributions, if measured here, are "
+        "therefore not evidence that stability is why BN helps."
+    )
+    probes = ("layer_inputs", "ics")
+    references = ("Ioffe & Szegedy 2015, figure 1", "Santurkar et al. 2018, section 2 and definition 2.1")
+
+    def experiment(self, setting: StudySetting) -> Experiment:
+        spec = next(iter(probed_deep_arms(setting).values()))[0]
+        return Experiment(
+            arms=probed_deep_arms(setting),
+            description=(
+                f"Deep MLP ({spec.depth} x {spec.width} ReLU) on {setting.dataset}, SGD momentum {spec.momentum}, "
+                f"learning rate {spec.lr:g}, {spec.steps} steps, BN vs none, seeds {setting.seed_list}; probes "
+                f"{', '.join(spec.probes)} every {spec.probe_every} steps on the first {spec.probe_batch_size} "
+                "training examples."
+            ),
+        )
+
+    def analyze(self, data: ClaimData) -> Analysis:
+        runs = {norm: data.finished(probed_label(norm)) for norm in NORMS}
+        drift = {norm: {seed: relative_drift(r) for seed, r in runs[norm].items()} for norm in NORMS}
+        primary = measure(
+            "layer-input drift, without BN / with BN",
+            "ln(relative drift without BN / with BN); drift = W1 between successive probe steps / input std",
+            paired_log_ratio(drift["none"], drift["batch"]),
+            "increase",
+            unit="ln ratio",
+        )
+        ics = {norm: {seed: ics_relative(r) for seed, r in runs[norm].items()} for norm in NORMS}
+        cosine = {norm: {seed: ics_relative(r, "ics_cosine") for seed, r in runs[norm].items()} for norm in NORMS}
+        secondary = [
+            measure(
+                "gradient-based ICS (Santurkar et al.), without BN / with BN",
+                "ln(||G - G'|| / ||G|| without BN / with BN), layers 2..L",
+                paired_log_ratio(ics["none"], ics["batch"]),
+                "increase",
+                unit="ln ratio",
+                note="Santurkar et al. (2018) report that BN does not reduce this quantity.",
+            ),
+            measure(
+                "cosine(G, G') with BN minus without",
+                "mean cos(G, G'), BN minus none (1 = the update below leaves the gradient's direction unchanged)",
+                {
+                    s: cosine["batch"][s] - cosine["none"][s]
+                    for s in cosine["batch"].keys() & cosine["none"].keys()
+                    if cosine["batch"][s] is not None and cosine["none"][s] is not None
+                },
+                "increase",
+                unit="cosine",
+            ),
+        ]
+        findings = []
+        for norm in NORMS:
+            d, i = mean_of(drift[norm].values()), mean_of(ics[norm].values())
+            if d is not None and i is not None:
+                findings.append(
+                    f"{LABELS[norm]}: mean relative drift {d:.3g} per probe interval; mean ||G - G'|| / ||G|| {i:.3g}."
+                )
+        figures = [_percentiles(data), _by_layer(data, runs)]
+        return Analysis(primary, secondary, figures, [], findings)
+
+
+def _percentiles(data: ClaimData) -> Any:
+    """The BN paper's figure 1(b, c): the 15/50/85th percentiles of one unit's input over training."""
+    chosen = {}
+    for norm in NORMS:
+        finished = data.finished(probed_label(norm))
+        if finished:
+            chosen[norm] = finished[min(finished)]
+    if not chosen:
+        return message_figure("Input percentiles of one unit over training", "no probed run finished")
+    figure, axes = new_figure(ncols=len(chosen), height=3.0)
+    axes = np.atleast_1d(axes)
+    for ax, (norm, result) in zip(axes, chosen.items(), strict=True):
+        unit_records = [r for r in records(result, "layer_inputs") if r.get("unit") == 0]
+        if not unit_records:
+            ax.text(0.5, 0.5, "no layer_inputs records", ha="center", transform=ax.transAxes)
+            continue
+        last_layer = sorted({r["layer"] for r in unit_records})[-1]
+        rows = sorted((r["step"], r["p15"], r["p50"], r["p85"]) for r in unit_records if r["layer"] == last_layer)
+        steps, p15, p50, p85 = (np.array(column) for column in zip(*rows, strict=True))
+        ax.fill_between(steps, p15, p85, color=color(norm), alpha=0.25, label="15th-85th percentile")
+        ax.plot(steps, p50, color=color(norm), marker="o", label="median")
+        ax.set_title(f"{LABELS[norm]}: unit 0 of {last_layer}", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("pre-activation input (units of x)")
+        legend(ax, fontsize=7)
+    return finish(
+        figure,
+        "Input distribution of one unit over training",
+        "As in figure 1 of the BN paper: the median and the 15th-85th percentile range of one unit's input to its "
+        "nonlinearity (the last hidden layer), on a fixed batch of training examples, at each probe step (first "
+        "seed). With BN this input is BN's output, gamma x_hat + beta.",
+    )
+
+
+def _by_layer(data: ClaimData, runs: dict[str, dict[int, RunResult]]) -> Any:
+    figure, axes = new_figure(ncols=2)
+    for norm in NORMS:
+        per_layer = [drift_by_layer(r) for r in runs[norm].values()]
+        layers = sorted({layer for d in per_layer for layer in d})
+        if layers:
+            table = np.array([[d.get(layer, np.nan) for layer in layers] for d in per_layer])
+            plot_band(axes[0], range(1, len(layers) + 1), table, LABELS[norm], key=norm, marker="o")
+        per_index = [ics_by_layer(r, "ics_relative") for r in runs[norm].values()]
+        indices = sorted({i for d in per_index for i in d if i >= 2})
+        if indices:
+            table = np.array([[d.get(i, np.nan) for i in indices] for d in per_index])
+            plot_band(axes[1], indices, table, LABELS[norm], key=norm, marker="o")
+    axes[0].set_xlabel("hidden layer")
+    axes[0].set_ylabel("drift per probe interval (W1 / input std)")
+    axes[0].set_title("distributional drift (Ioffe & Szegedy)", fontsize=9)
+    axes[1].set_xlabel("layer index (parameters of block i)")
+    axes[1].set_ylabel("||G - G'|| / ||G|| (ratio)")
+    axes[1].set_title("gradient-based ICS (Santurkar et al.)", fontsize=9)
+    for ax in axes:
+        legend(ax, fontsize=8)
+    return finish(
+        figure,
+        "Two measures of internal covariate shift, per layer",
+        "Left: how far each layer's input distribution moves between probe steps, relative to its spread. Right: "
+        "how much the update of the layers below changes a layer's gradient. Mean over seeds with 95% bands.",
+    )
+
+
+CLAIM = BNStableInputs()

@@ -1,0 +1,251 @@
+"""The study engine: claims -> specs -> sweep -> analyses -> report; robust to failed and diverged runs, missing
+probes and broken analyses; re-runs reuse the store; ``normdrop study --quick`` end to end."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from normdrop.claims import CLAIM_IDS, Analysis, Claim, ClaimData, Experiment, StudySetting, all_claims, get, measure
+from normdrop.claims.base import probed_deep_arms
+from normdrop.report import summary_dict, write_report
+from normdrop.spec import RunResult, RunSpec
+from normdrop.stats import VERDICTS
+from normdrop.study import plan_study, run_study
+
+ISSUE_KEYS = {"id", "verdict", "effect", "ci_low", "ci_high", "metric", "n_seeds"}
+
+
+def fake_run(spec: RunSpec) -> RunResult:
+    """Stands in for the trainer: accuracy curves where BN learns faster and dropout generalizes better, plain
+    networks diverge at lr >= 1 and BN ones at lr >= 10, and every run with dropout before the head fails."""
+    if spec.dropout_position == "before_head":
+        raise RuntimeError("fake failure")
+    rng = random.Random(spec.run_id)
+    diverge_at = 10.0 if spec.norm == "batch" else 1.0
+    if spec.lr >= diverge_at:
+        return RunResult(
+            spec.run_id, spec, "diverged", diverged_step=3, metrics=[(0, "batch_loss", 2.3)], summary={}, wall_time=0.01
+        )
+    lr_factor = min(spec.lr, 0.3) / 0.1 if spec.optimizer == "sgd" else 1.0
+    speed = (4.0 if spec.norm == "batch" else 1.0) * lr_factor * (1 + 0.1 * rng.random())
+    final_train = 0.95 - 0.3 * spec.dropout
+    final_test = 0.6 + 0.1 * spec.dropout + 0.01 * rng.random()
+    metrics: list[tuple[int, str, float]] = [(t, "batch_loss", 2.3 * math.exp(-t / 200)) for t in range(spec.steps)]
+    for step in range(0, spec.steps + 1, spec.eval_every):
+        progress = 1 - math.exp(-speed * step / spec.steps * 5)
+        train_acc, test_acc = 0.1 + (final_train - 0.1) * progress, 0.1 + (final_test - 0.1) * progress
+        metrics += [
+            (step, "train_accuracy", train_acc),
+            (step, "test_accuracy", test_acc),
+            (step, "train_loss", 2.3 * (1 - 0.8 * progress)),
+            (step, "test_loss", 2.3 * (1 - 0.6 * progress)),
+            (step, "train_time", step * 0.001),
+        ]
+    return RunResult(spec.run_id, spec, "finished", metrics=metrics, summary={"diverged": False}, wall_time=0.01)
+
+
+@pytest.fixture(scope="module")
+def fake_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("fake-study")
+    setting = StudySetting.create(quick=True, seeds=3)
+    outcome = run_study(setting, root / "runs.sqlite", workers=2, progress=False, run_fn=fake_run)
+    return root, outcome
+
+
+def test_a_study_with_failed_and_diverged_runs_completes_and_renders(fake_study: tuple[Path, object]) -> None:
+    root, outcome = fake_study
+    assert outcome.sweep["failed"] > 0 and outcome.sweep["diverged"] > 0
+    paths = write_report(outcome, root / "report")
+    summary = json.loads(paths["json"].read_text())
+    assert [entry["id"] for entry in summary["claims"]] == list(CLAIM_IDS)
+    for entry in summary["claims"]:
+        assert set(entry) == ISSUE_KEYS
+        assert entry["verdict"] in VERDICTS
+        if entry["effect"] is not None:
+            assert entry["ci_low"] <= entry["effect"] <= entry["ci_high"]
+    verdicts = {entry["id"]: entry["verdict"] for entry in summary["claims"]}
+    details = summary["details"]
+    # the fake trainer makes BN faster, more stable at high lr, and dropout better on the test set
+    assert verdicts["bn-faster"] == "supported"
+    assert verdicts["bn-higher-lr"] == "supported"
+    assert verdicts["dropout-generalizes"] == "supported"
+    # fake runs carry no probe records and no weights: those claims say so instead of inventing numbers
+    for claim_id in ("bn-stable-inputs", "bn-smooth", "dropout-coadapt", "dropout-ensemble", "dropout-bn-shift"):
+        assert verdicts[claim_id] == "not measurable", claim_id
+        assert details[claim_id]["primary"]["reason"], claim_id
+    assert details["dropout-bn-shift"]["runs"]["failed"] > 0
+    html = paths["html"].read_text()
+    assert all(f'data-claim-id="{claim_id}"' in html for claim_id in CLAIM_IDS)
+    assert "http://" not in html and "https://" not in html
+    assert paths["markdown"].read_text().count("\n## ") == len(CLAIM_IDS)
+
+
+def test_a_rerun_reuses_the_store_and_report_only_reads(tmp_path: Path) -> None:
+    setting = StudySetting.create(quick=True, seeds=2)
+    claims = [get("bn-faster"), get("dropout-bn-shift")]  # the second has runs that fail (dropout before the head)
+    first = run_study(setting, tmp_path / "runs.sqlite", claims=claims, workers=2, progress=False, run_fn=fake_run)
+    assert first.sweep["failed"] > 0 and first.sweep["reused"] == 0
+    again = run_study(setting, tmp_path / "runs.sqlite", claims=claims, workers=2, progress=False, run_fn=fake_run)
+    # failed runs are retried (and fail again); everything else comes from the store
+    assert again.sweep["finished"] == 0 and again.sweep["diverged"] == 0
+    assert again.sweep["reused"] == again.sweep["total"] - again.sweep["failed"]
+    rendered = run_study(setting, tmp_path / "runs.sqlite", claims=claims, train=False, progress=False)
+    assert not rendered.sweep and not rendered.notes
+    assert [r.verdict for r in rendered.results] == [r.verdict for r in first.results]
+    elsewhere = run_study(setting, tmp_path / "empty.sqlite", claims=claims, train=False, progress=False)
+    assert [r.verdict for r in elsewhere.results] == ["not measurable"] * 2
+    assert "not in the store" in elsewhere.notes[0]
+
+
+class NeedsAMissingProbe(Claim):
+    id = "needs-missing-probe"
+    title = "A claim whose instrument does not exist"
+    statement = "Something only a missing probe could measure."
+    probes = ("no_such_probe",)
+
+    def experiment(self, setting: StudySetting) -> Experiment:
+        return Experiment(arms={"a": setting.arm("small", probes=())})
+
+    def analyze(self, data: ClaimData) -> Analysis:  # pragma: no cover - never reached
+        raise AssertionError("a claim with a missing probe must not be analysed")
+
+
+class BrokenAnalysis(Claim):
+    id = "broken-analysis"
+    title = "A claim whose analysis raises"
+    statement = "Anything."
+
+    def experiment(self, setting: StudySetting) -> Experiment:
+        return Experiment()
+
+    def analyze(self, data: ClaimData) -> Analysis:
+        raise ZeroDivisionError("oops")
+
+
+class CountsRuns(Claim):
+    id = "counts-runs"
+    title = "A user's claim on the shared probed runs"
+    statement = "BN runs exist."
+
+    def experiment(self, setting: StudySetting) -> Experiment:
+        return Experiment(arms=probed_deep_arms(setting))
+
+    def analyze(self, data: ClaimData) -> Analysis:
+        values = {seed: 1.0 for seed in data.finished("batch probed")}
+        return Analysis(measure("finished BN runs", "one per finished run", values, "increase"))
+
+
+def test_missing_probes_and_broken_analyses_make_a_claim_not_measurable(tmp_path: Path) -> None:
+    setting = StudySetting.create(quick=True, seeds=2)
+    claims = [NeedsAMissingProbe(), BrokenAnalysis(), CountsRuns()]
+    plans = plan_study(setting, claims)
+    assert plans[0].specs == [] and "no_such_probe" in plans[0].missing_probes
+    outcome = run_study(setting, tmp_path / "runs.sqlite", claims=claims, workers=1, progress=False, run_fn=fake_run)
+    missing, broken, counted = outcome.results
+    assert missing.verdict == "not measurable" and "no_such_probe" in missing.analysis.primary.decision.reason
+    assert broken.verdict == "not measurable" and "ZeroDivisionError: oops" in broken.analysis.primary.decision.reason
+    assert counted.verdict == "supported" and counted.runs.planned == 4 and counted.runs.finished == 4
+    summary = summary_dict(outcome)
+    assert [entry["id"] for entry in summary["claims"]] == [c.id for c in claims]
+    json.dumps(summary, allow_nan=False)
+
+
+def test_every_claim_of_claims_md_is_registered_with_its_module() -> None:
+    assert [claim.id for claim in all_claims()] == list(CLAIM_IDS)
+    for claim_id in CLAIM_IDS:
+        claim = get(claim_id)
+        assert type(claim).__module__ == f"normdrop.claims.{claim_id.replace('-', '_')}"
+        assert claim.statement and claim.mechanism and claim.rationale and claim.title
+
+
+def test_default_study_size() -> None:
+    """The default and quick studies ask for the runs their budgets were measured with (see README)."""
+    sizes = {}
+    for quick in (False, True):
+        specs = {spec.run_id for plan in plan_study(StudySetting.create(quick=quick)) for spec in plan.specs}
+        sizes[quick] = len(specs)
+    assert sizes == {False: 195, True: 66}
+
+
+# ---- normdrop study --quick, end to end ---------------------------------------------------------------------
+
+
+def _normdrop_command() -> list[str]:
+    script = shutil.which("normdrop", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-c", "from normdrop.cli import app; app()"]
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Path]:
+    """One real ``normdrop study --quick`` per test session, shared by the tests (and pytest-xdist workers) that
+    need its output: the first to get the lock runs it, the others wait and reuse it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "quick-study"
+    root.mkdir(exist_ok=True)
+    with (root / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "report" / "summary.json").exists():
+            started = time.perf_counter()
+            completed = subprocess.run(
+                [*_normdrop_command(), "study", "--quick", "--store", "runs.sqlite", "--out", "report"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            (root / "study.log").write_text(completed.stdout + completed.stderr)
+            (root / "elapsed.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+            assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    yield root
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path) -> None:
+    summary = json.loads((quick_study / "report" / "summary.json").read_text())
+    assert [entry["id"] for entry in summary["claims"]] == list(CLAIM_IDS)
+    for entry in summary["claims"]:
+        assert set(entry) == ISSUE_KEYS and entry["verdict"] in VERDICTS
+        if entry["verdict"] == "not measurable":
+            assert summary["details"][entry["id"]]["primary"]["reason"]
+        else:
+            assert entry["ci_low"] <= entry["effect"] <= entry["ci_high"] and entry["n_seeds"] >= 2
+    study = summary["study"]
+    assert study["setting"]["quick"] and study["sweep"]["failed"] == 0
+    assert study["sweep"]["finished"] + study["sweep"]["diverged"] == study["sweep"]["total"]
+    assert (quick_study / "report" / "summary.md").read_text().startswith("# normdrop study")
+
+    # a re-run trains nothing and only renders; `normdrop report` re-renders from the store
+    rerun = subprocess.run(
+        [*_normdrop_command(), "study", "--quick", "--store", "runs.sqlite", "--out", str(tmp_path / "again"), "-q"],
+        cwd=quick_study,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "report:" in rerun.stdout
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["study"]["sweep"]["reused"] == again["study"]["sweep"]["total"]
+    assert [e["verdict"] for e in again["claims"]] == [e["verdict"] for e in summary["claims"]]
+    subprocess.run(
+        [*_normdrop_command(), "report", "--store", "runs.sqlite", "--out", str(tmp_path / "again"), "-q"],
+        cwd=quick_study,
+        check=True,
+        capture_output=True,
+    )
+    rendered = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert rendered["study"]["trained"] is False and rendered["study"]["setting"]["quick"] is True
+    # the same runs give the same effects (the mechanics claims measure float32 rounding, ~1e-7, and can differ)
+    trained_effects = {e["id"]: e["effect"] for e in rendered["claims"] if not e["id"].endswith("mechanics")}
+    assert trained_effects == {e["id"]: e["effect"] for e in summary["claims"] if not e["id"].endswith("mechanics")}

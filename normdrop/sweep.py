@@ -353,8 +353,10 @@ def _local_results(
         initializer=_start_worker,
         initargs=(os.getpid(),),
     )
+    running: dict = {}
     try:
-        running = {pool.submit(execute_run, spec, run_fn): spec for spec in specs}
+        for spec in specs:
+            running[pool.submit(execute_run, spec, run_fn)] = spec
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = None

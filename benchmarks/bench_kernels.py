@@ -16,19 +16,19 @@ Implementations are timed round-robin and the best of ``--repeats`` rounds is ke
 comparable on a noisy machine; compare ratios, not absolute times, across runs. On a machine shared with other
 work, ``--clock cpu`` (process CPU time) gives steadier one-thread numbers than wall time.
 
-    python benchmarks/bench_kernels.py [--sizes tiny medium large] [--threads 1 2] [--levels kernel functional]
+    python -m benchmarks.bench_kernels [--sizes tiny medium large] [--threads 1 2] [--levels kernel functional]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as TF
 
+from benchmarks.timing import CLOCKS, time_round_robin
 from normdrop.nn import functional as NF
 from normdrop.nn import kernels
 from normdrop.nn.kernels import composite, numba_cpu
@@ -38,7 +38,6 @@ OPS = ("bn train fwd", "bn train fwd+bwd", "bn eval fwd", "dropout fwd", "dropou
 IMPLS = ("numba", "composite", "torch")
 EPS = 1e-5
 P = 0.5
-ROUND_SECONDS = 0.05  # each timing round runs an implementation for about this long
 
 
 def kernel_callables(x: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
@@ -135,37 +134,6 @@ def functional_callables(x: torch.Tensor) -> dict[str, dict[str, Callable[[], ob
         }
         for op in OPS
     }
-
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def seconds_per_call(fn: Callable[[], object], calls: int, clock: Callable[[], float]) -> float:
-    start = clock()
-    for _ in range(calls):
-        fn()
-    return (clock() - start) / calls
-
-
-def calibrate(fn: Callable[[], object], clock: Callable[[], float]) -> int:
-    """Calls per timing round: about ROUND_SECONDS of work (after a warm-up call that also compiles)."""
-    fn()
-    calls = 1
-    while (elapsed := seconds_per_call(fn, calls, clock) * calls) < ROUND_SECONDS / 10:
-        calls *= 10
-    return max(1, round(calls * ROUND_SECONDS / elapsed))
-
-
-def time_round_robin(
-    impls: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Best seconds per call of each implementation over ``repeats`` interleaved rounds."""
-    calls = {name: calibrate(fn, clock) for name, fn in impls.items()}
-    best = dict.fromkeys(impls, float("inf"))
-    for _ in range(repeats):
-        for name, fn in impls.items():
-            best[name] = min(best[name], seconds_per_call(fn, calls[name], clock))
-    return best
 
 
 def format_time(seconds: float) -> str:

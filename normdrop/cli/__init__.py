@@ -25,3 +25,7 @@ from normdrop.cli import study  # noqa: E402
 
 app.command()(study.study)
 app.command()(study.report)
+
+from normdrop.cli import bench  # noqa: E402
+
+app.command()(bench.bench)

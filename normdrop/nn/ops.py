@@ -175,7 +175,12 @@ class _DropoutFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         (rng_state,) = ctx.saved_tensors
         p, mask_dims, alpha = ctx.params
-        return _DropoutFunction.apply(grad_y, rng_state, p, mask_dims, alpha, False), None, None, None, None, None
+        if torch.is_grad_enabled():  # recording a double backward: go through the differentiable Function
+            grad_x = _DropoutFunction.apply(grad_y, rng_state, p, mask_dims, alpha, False)
+        else:
+            seed, offset = (int(v) for v in rng_state.tolist())
+            grad_x = backend_for(grad_y).dropout_forward(grad_y, seed, offset, p, mask_dims, alpha, False)
+        return grad_x, None, None, None, None, None
 
 
 def dropout(x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool) -> Tensor:

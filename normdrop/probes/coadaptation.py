@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from normdrop.probes.base import DEFAULT_EVERY, BNMode, Probe, Record, When, bn_mode_label, measurement_mode, units_last
+from normdrop.probes.base import DEFAULT_EVERY, BNMode, Probe, Record, When, bn_mode_label, capture_units
 from normdrop.probes.layer_inputs import ACTIVATION_TYPES
 
 if TYPE_CHECKING:
@@ -93,23 +93,7 @@ class CoadaptationProbe(Probe):
 
     def activations(self, model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
         """The output of every watched module as (samples, units), in forward order."""
-        watched = [(name, m) for name, m in model.named_modules() if isinstance(m, self.module_types)]
-        if not watched:
-            raise ValueError(f"the model has no {', '.join(t.__name__ for t in self.module_types)} layer to watch")
-        captured: dict[str, Tensor] = {}
-        handles = [
-            module.register_forward_hook(
-                lambda _module, _args, output, name=name: captured.__setitem__(name, units_last(output.detach()))
-            )
-            for name, module in watched
-        ]
-        try:
-            with torch.no_grad(), measurement_mode(model, self.bn_mode, dropout=False):
-                model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured
+        return capture_units(model, inputs, self.module_types, self.bn_mode, "output")
 
     def measure(self, ctx: HookContext) -> list[Record]:
         common = {"bn_mode": bn_mode_label(ctx.model, self.bn_mode), "threshold": self.threshold}

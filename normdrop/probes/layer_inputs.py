@@ -26,8 +26,7 @@ from normdrop.probes.base import (
     Record,
     When,
     bn_mode_label,
-    measurement_mode,
-    units_last,
+    capture_units,
 )
 
 if TYPE_CHECKING:
@@ -84,23 +83,7 @@ class LayerInputsProbe(Probe):
 
     def layer_inputs(self, model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
         """The input of every watched module as (samples, units), in forward order."""
-        watched = [(name, m) for name, m in model.named_modules() if isinstance(m, self.module_types)]
-        if not watched:
-            raise ValueError(f"the model has no {', '.join(t.__name__ for t in self.module_types)} layer to watch")
-        captured: dict[str, Tensor] = {}
-        handles = [
-            module.register_forward_pre_hook(
-                lambda _module, args, name=name: captured.__setitem__(name, units_last(args[0].detach()))
-            )
-            for name, module in watched
-        ]
-        try:
-            with torch.no_grad(), measurement_mode(model, self.bn_mode, dropout=False):
-                model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured
+        return capture_units(model, inputs, self.module_types, self.bn_mode, "input")
 
     def measure(self, ctx: HookContext) -> list[Record]:
         if self._previous_step is not None and ctx.step <= self._previous_step:

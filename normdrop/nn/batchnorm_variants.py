@@ -53,10 +53,22 @@ class _GhostBatchNorm:
 
     ghost_batch_size: int
 
-    def __init__(self, num_features: int, ghost_batch_size: int, *args, **kwargs) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
         if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
             raise ValueError(f"ghost_batch_size must be a positive int, got {ghost_batch_size!r}")
-        super().__init__(num_features, *args, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.ghost_batch_size = ghost_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
@@ -97,43 +109,9 @@ _GHOST_DOC = r"""
 class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
     __doc__ = "Ghost batch norm over (N, C) or (N, C, L) inputs." + _GHOST_DOC
 
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
-
 
 class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     __doc__ = "Ghost batch norm over (N, C, H, W) inputs." + _GHOST_DOC
-
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
 
 
 # ----------------------------------------------------------------------------------------------- batch renorm

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import ops
-from normdrop.nn.rng import draw_rng_state
+from normdrop.nn.kernels import fastpath
+from normdrop.nn.rng import draw_seed
 
 __all__ = [
     "InputDimError",
@@ -83,7 +84,12 @@ def batch_norm(
                 f"got {tuple(tensor.shape)}"
             )
 
-    y, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # small CPU inputs: one C++ autograd node that also updates the running statistics
+        y = fastpath.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        if y is not None:
+            return y
+    y, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, training, eps, compiling)
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         n = input.numel() // channels
         # running + momentum * (batch - running): two in-place ops, the running stats never join the graph.
@@ -119,8 +125,14 @@ def _apply_dropout(
     if mask_dims > input.ndim:  # channel dropout on a 0D/1D input; checked only when dropping, as torch does
         raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     _check_floating(input, "dropout")
-    rng_state = draw_rng_state(generator)
-    y = ops.dropout(input, rng_state, float(p), mask_dims, alpha, True)
+    seed = draw_seed(generator)
+    compiling = torch.compiler.is_compiling()
+    y = None
+    if not compiling and not alpha and mask_dims >= input.ndim:  # small CPU inputs: one C++ autograd node
+        y = fastpath.dropout(input, seed, float(p))
+    if y is None:
+        rng_state = torch.tensor([seed, 0], dtype=torch.int64)
+        y = ops.dropout(input, rng_state, float(p), mask_dims, alpha, True, compiling)
     return input.copy_(y) if inplace else y
 
 

@@ -125,9 +125,11 @@ def batch_norm(
     running_var: Tensor | None,
     training: bool,
     eps: float,
+    compiling: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch norm forward through the custom op when compiling, through the autograd.Function in eager mode."""
-    if torch.compiler.is_compiling():
+    """Batch norm forward through the custom op when compiling, through the autograd.Function in eager mode
+    (``compiling``: the caller's ``torch.compiler.is_compiling()``, if it has it)."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
     return _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, eps)
 
@@ -183,8 +185,10 @@ class _DropoutFunction(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def dropout(x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool) -> Tensor:
+def dropout(
+    x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool, compiling: bool | None = None
+) -> Tensor:
     """Dropout through the custom op when compiling, through the autograd.Function in eager mode."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return dropout_op(x, rng_state, p, mask_dims, alpha, shift)
     return _DropoutFunction.apply(x, rng_state, p, mask_dims, alpha, shift)

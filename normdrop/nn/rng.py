@@ -68,13 +68,14 @@ def drop_threshold(p: float) -> int:
     return min(round(p * 2**32), 2**32)
 
 
-def draw_rng_state(generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw a fresh ``(seed, offset)`` pair as an int64 tensor of shape (2,).
-
-    The seed comes from ``generator`` (or torch's default CPU generator, so ``torch.manual_seed`` makes masks
-    reproducible, and the same seed gives the same mask on every device). The offset starts at 0; it exists so a
-    caller can carve several masks out of one seed.
-    """
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """Draw a fresh mask seed in [0, SEED_BOUND) from ``generator`` (or torch's default CPU generator, so
+    ``torch.manual_seed`` makes masks reproducible, and the same seed gives the same mask on every device)."""
     device = generator.device if generator is not None else torch.device("cpu")
-    seed = torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device, dtype=torch.int64)
-    return torch.cat([seed.cpu(), torch.zeros(1, dtype=torch.int64)])
+    return int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device, dtype=torch.int64).item())
+
+
+def draw_rng_state(generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw a fresh ``(seed, offset)`` pair as an int64 tensor of shape (2,): the seed from :func:`draw_seed`; the
+    offset starts at 0, and exists so a caller can carve several masks out of one seed."""
+    return torch.tensor([draw_seed(generator), 0], dtype=torch.int64)

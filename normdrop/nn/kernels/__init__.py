@@ -4,7 +4,8 @@
 - ``numba``: fused CPU kernels (see ``kernels/numba_cpu.py``), used for CPU tensors when numba imports.
 
 ``auto`` (the default) picks ``numba`` for CPU tensors where it is available and ``composite`` otherwise.
-Force one with ``normdrop.nn.kernels.set_backend(name)`` or the environment variable ``NORMDROP_BACKEND``.
+Force one with ``normdrop.nn.kernels.set_backend(name)`` or the environment variable ``NORMDROP_BACKEND`` (read once,
+at the first call: this is asked several times per layer call, and reading ``os.environ`` costs about 1.5 us).
 Every backend implements the same functions with the same signatures as ``composite``.
 """
 
@@ -36,11 +37,16 @@ def set_backend(name: str | None) -> None:
     _forced = None if name is None else _check_name(name, "set_backend()")
 
 
+@functools.cache
+def _environment_backend() -> str:
+    return _check_name(os.environ.get(BACKEND_ENV, "auto") or "auto", f"${BACKEND_ENV}")
+
+
 def requested_backend() -> str:
     """The backend asked for: ``set_backend``'s choice, else ``$NORMDROP_BACKEND``, else ``auto``."""
     if _forced is not None:
         return _forced
-    return _check_name(os.environ.get(BACKEND_ENV, "auto") or "auto", f"${BACKEND_ENV}")
+    return _environment_backend()
 
 
 @functools.cache

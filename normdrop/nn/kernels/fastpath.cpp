@@ -1,0 +1,222 @@
+// normdrop's fast path: batch norm and element-wise dropout as C++ autograd nodes around the numba kernels.
+//
+// A Python autograd.Function costs ~20 us per call and again in backward, as much as torch's whole batch norm on
+// a 64x128 input. These nodes do the same work as normdrop.nn.ops' Functions with no Python in between: the
+// kernels are numba's serial loops (normdrop/nn/kernels/numba_cpu.py, entry_points()), reached through C
+// function pointers registered once by normdrop/nn/kernels/fastpath.py. The Python caller has already checked
+// every argument (CPU, float32/float64, contiguous, per-channel tensors of C values in the input's dtype).
+//
+// Batch norm, training: y = (x - mu) / sqrt(var + eps) * w + b with batch statistics, running statistics
+// updated in place by the kernel; backward dx = w / sqrt(var + eps) * (g - mean(g) - xhat * mean(g * xhat)).
+// Inference: y = (x - running_mean) / sqrt(running_var + eps) * w + b; dx = g * w / sqrt(running_var + eps).
+// When a double backward is being recorded (grad mode on inside backward), the backward is written with ATen
+// ops instead, recomputing the batch statistics from x so that every path from x is differentiated.
+//
+// Dropout: y = x * keep / (1 - p) with keep = bits(seed, offset + i) >= threshold; backward is the same node
+// applied to the gradient, so it is differentiable any number of times and keeps only the counter key.
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using BatchNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                  int64_t, int64_t, int64_t, double, double);
+using BatchNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                   int64_t, int64_t, int64_t, double);
+using Dropout = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
+
+// Index 0: float32, 1: float64.
+BatchNormForward batch_norm_forward_kernel[2] = {nullptr, nullptr};
+BatchNormBackward batch_norm_backward_kernel[2] = {nullptr, nullptr};
+Dropout dropout_kernel[2] = {nullptr, nullptr};
+
+int dtype_index(const Tensor& x) { return x.scalar_type() == at::kDouble ? 1 : 0; }
+
+int64_t address(const Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }
+
+// The values per channel in a contiguous (N, C, *) input: 1 for (N, C) (rows of C values), else the plane size.
+int64_t plane_size(const Tensor& x) { return x.dim() == 2 ? 1 : x.numel() / (x.size(0) * x.size(1)); }
+
+// A gradient in the input's dtype and contiguous layout (it may arrive expanded, e.g. from sum()).
+Tensor dense_like(const Tensor& g, const Tensor& x) {
+  if (g.scalar_type() == x.scalar_type() && g.is_contiguous() && !g.is_neg()) return g;
+  return g.to(x.scalar_type()).resolve_neg().contiguous();
+}
+
+std::vector<int64_t> reduce_dims(const Tensor& x) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+Tensor optional_tensor(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+// A per-channel vector reshaped to broadcast over x: (1, C, 1, ...).
+Tensor per_channel(const Tensor& v, const Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  return v.view(shape);
+}
+
+struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
+  // Absent tensors come as empty optionals: autograd's apply() reads the device of every Tensor argument.
+  static Tensor forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> weight_, std::optional<Tensor> bias_,
+                        std::optional<Tensor> running_mean_, std::optional<Tensor> running_var_, bool training,
+                        double momentum, double eps) {
+    const Tensor weight = optional_tensor(weight_), bias = optional_tensor(bias_);
+    const Tensor running_mean = optional_tensor(running_mean_), running_var = optional_tensor(running_var_);
+    const int64_t channels = x.size(1);
+    Tensor y = at::empty_like(x);
+    Tensor mean, var;
+    if (training) {
+      mean = at::empty({channels}, x.options());
+      var = at::empty({channels}, x.options());
+    } else {
+      mean = running_mean;
+      var = running_var;
+    }
+    const bool update = training && running_mean.defined();
+    batch_norm_forward_kernel[dtype_index(x)](
+        address(y), address(x), address(weight), address(bias), address(mean), address(var),
+        update ? address(running_mean) : 0, update ? address(running_var) : 0, x.numel(), channels, plane_size(x),
+        training ? 1 : 0, eps, momentum);
+    if (update) {
+      // The kernel wrote the running statistics: bump their version counters as an in-place op would.
+      torch::autograd::impl::bump_version(running_mean);
+      torch::autograd::impl::bump_version(running_var);
+    }
+    ctx->save_for_backward({x, weight, mean, var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.defined();
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& grad_y = grads[0];
+    variable_list out(8);
+    if (!grad_y.defined()) return out;
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    const bool training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    Tensor grad_x, grad_weight, grad_bias;
+    if (at::GradMode::is_enabled()) {
+      // Recording a double backward: differentiable ATen ops, batch statistics recomputed from x.
+      const auto dims = reduce_dims(x);
+      Tensor center, inv_std;
+      if (training) {
+        center = x.mean(dims, true);
+        inv_std = ((x - center).pow(2).mean(dims, true) + eps).rsqrt();
+      } else {
+        center = per_channel(mean, x);
+        inv_std = (per_channel(var, x) + eps).rsqrt();
+      }
+      Tensor normalized = (x - center) * inv_std;
+      grad_bias = grad_y.sum(dims);
+      grad_weight = (grad_y * normalized).sum(dims);
+      Tensor gain = weight.defined() ? inv_std * per_channel(weight, x) : inv_std;
+      if (training) {
+        const double count = static_cast<double>(x.numel() / x.size(1));
+        grad_x = gain * (grad_y - per_channel(grad_bias, x) / count - normalized * per_channel(grad_weight, x) / count);
+      } else {
+        grad_x = gain * grad_y;
+      }
+    } else {
+      Tensor grad = dense_like(grad_y, x);
+      grad_x = at::empty_like(x);
+      grad_weight = at::empty({x.size(1)}, x.options());
+      grad_bias = at::empty({x.size(1)}, x.options());
+      batch_norm_backward_kernel[dtype_index(x)](
+          address(grad_x), address(grad_weight), address(grad_bias), address(grad), address(x), address(weight),
+          address(mean), address(var), x.numel(), x.size(1), plane_size(x), training ? 1 : 0, eps);
+    }
+    out[0] = grad_x;
+    if (weight.defined()) out[1] = grad_weight;
+    if (has_bias) out[2] = grad_bias;
+    return out;
+  }
+};
+
+struct DropoutNode : public torch::autograd::Function<DropoutNode> {
+  static Tensor forward(AutogradContext* ctx, Tensor x, int64_t counter0, int64_t k0, int64_t k1, int64_t k2,
+                        int64_t threshold, double keep_scale) {
+    Tensor y = at::empty_like(x);
+    dropout_kernel[dtype_index(x)](address(y), address(x), x.numel(), counter0, k0, k1, k2, threshold, keep_scale);
+    ctx->saved_data["key"] = std::vector<int64_t>{counter0, k0, k1, k2, threshold};
+    ctx->saved_data["keep_scale"] = keep_scale;
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);
+    if (!grads[0].defined()) return out;
+    const auto key = ctx->saved_data["key"].toIntVector();
+    const double keep_scale = ctx->saved_data["keep_scale"].toDouble();
+    // dy/dx is the same mask times the same scale; through apply() so a double backward is recorded if asked.
+    Tensor grad = grads[0].is_contiguous() && !grads[0].is_neg() ? grads[0] : grads[0].resolve_neg().contiguous();
+    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], keep_scale);
+    return out;
+  }
+};
+
+// What the kernels take: a dense CPU float32/float64 tensor (not a lazily negated view) in row-major order.
+bool kernel_ready(const Tensor& x) {
+  const auto dtype = x.scalar_type();
+  return (dtype == at::kFloat || dtype == at::kDouble) && x.is_cpu() && x.layout() == at::kStrided &&
+         x.is_contiguous() && !x.is_neg() && x.numel() > 0;
+}
+
+// A per-channel tensor the kernels can read as ``channels`` values of x's dtype (or absent).
+bool channel_ready(const std::optional<Tensor>& t, const Tensor& x) {
+  if (!t.has_value()) return true;
+  return t->scalar_type() == x.scalar_type() && t->is_cpu() && t->layout() == at::kStrided && t->is_contiguous() &&
+         !t->is_neg() && t->numel() == x.size(1);
+}
+
+// Batch norm through the node, or None where the inputs are not what the kernels take (the caller then takes the
+// general path). The caller has checked the arguments' meaning (ranks, shapes, eps, running statistics present).
+std::optional<Tensor> batch_norm(Tensor x, std::optional<Tensor> weight, std::optional<Tensor> bias,
+                                 std::optional<Tensor> running_mean, std::optional<Tensor> running_var,
+                                 bool training, double momentum, double eps) {
+  if (batch_norm_forward_kernel[0] == nullptr || !kernel_ready(x) || x.dim() < 2) return std::nullopt;
+  if (!channel_ready(weight, x) || !channel_ready(bias, x) || !channel_ready(running_mean, x) ||
+      !channel_ready(running_var, x))
+    return std::nullopt;
+  return BatchNormNode::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+// Element-wise dropout through the node, or None where x is not what the kernels take.
+std::optional<Tensor> dropout(Tensor x, int64_t counter0, int64_t k0, int64_t k1, int64_t k2, int64_t threshold,
+                              double keep_scale) {
+  if (dropout_kernel[0] == nullptr || !kernel_ready(x)) return std::nullopt;
+  return DropoutNode::apply(x, counter0, k0, k1, k2, threshold, keep_scale);
+}
+
+void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, int64_t backward64,
+                      int64_t dropout32, int64_t dropout64) {
+  batch_norm_forward_kernel[0] = reinterpret_cast<BatchNormForward>(forward32);
+  batch_norm_forward_kernel[1] = reinterpret_cast<BatchNormForward>(forward64);
+  batch_norm_backward_kernel[0] = reinterpret_cast<BatchNormBackward>(backward32);
+  batch_norm_backward_kernel[1] = reinterpret_cast<BatchNormBackward>(backward64);
+  dropout_kernel[0] = reinterpret_cast<Dropout>(dropout32);
+  dropout_kernel[1] = reinterpret_cast<Dropout>(dropout64);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("batch_norm", &batch_norm, "Batch norm as a C++ autograd node (checked inputs only).");
+  m.def("dropout", &dropout, "Element-wise dropout as a C++ autograd node (checked inputs only).");
+  m.def("register_kernels", &register_kernels, "Register the numba kernels' C entry points.");
+}

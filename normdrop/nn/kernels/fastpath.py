@@ -1,0 +1,156 @@
+"""The fast path: small batch norm and dropout calls as C++ autograd nodes around the numba kernels.
+
+A Python ``torch.autograd.Function`` costs about 20 us per call plus as much again in backward, which on a 64x128
+input is as long as torch's whole native batch norm. ``fastpath.cpp`` holds two C++ autograd nodes (batch norm,
+element-wise dropout) that call numba's serial kernels through C function pointers
+(``numba_cpu.entry_points()``), so a small layer costs one pybind call, two allocations and the kernel. Results are
+the numba backend's, bit for bit (same loops); double backward works (see the C++ file's header).
+
+The extension is compiled with ``torch.utils.cpp_extension`` on first use (about 30 s, needs a C++ compiler) into
+``$NORMDROP_EXT_DIR`` (default: the user cache dir's ``ext/``), keyed by the source's hash and the torch and Python
+versions, and loaded from there afterwards (``make`` builds it ahead of time).
+Where it cannot be built, one warning says why and every call takes the Python path (same results, slower).
+
+It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
+numba backend, CPU float32/float64 contiguous inputs small enough that the kernels would run serially anyway
+(``numba_cpu.PARALLEL_MIN_NUMEL``, or one thread), per-channel tensors in the input's dtype, element-wise
+non-alpha dropout. ``NORMDROP_FASTPATH=0`` or ``set_enabled(False)`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import platformdirs
+import torch
+from torch import Tensor
+
+from normdrop.nn import kernels
+from normdrop.nn.rng import drop_threshold, round_keys
+
+__all__ = ["FASTPATH_ENV", "EXT_DIR_ENV", "batch_norm", "build_dir", "dropout", "extension", "set_enabled"]
+
+FASTPATH_ENV = "NORMDROP_FASTPATH"
+EXT_DIR_ENV = "NORMDROP_EXT_DIR"
+SOURCE = Path(__file__).with_name("fastpath.cpp")
+_DTYPES = (torch.float32, torch.float64)
+
+_forced: bool | None = None
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """Force the fast path on or off for later calls (``None``: back to ``$NORMDROP_FASTPATH``, default on)."""
+    global _forced
+    _forced = enabled
+
+
+@functools.cache
+def _environment_enabled() -> bool:
+    return os.environ.get(FASTPATH_ENV, "1") != "0"
+
+
+def enabled() -> bool:
+    """Whether calls may take the fast path (``set_enabled``'s choice, else ``$NORMDROP_FASTPATH``, read once);
+    it is also skipped where the extension cannot be built."""
+    if _forced is not None:
+        return _forced
+    return _environment_enabled()
+
+
+def build_dir() -> Path:
+    """Where the extension is built: per source hash, torch version and Python version."""
+    root = os.environ.get(EXT_DIR_ENV) or Path(platformdirs.user_cache_dir("normdrop")) / "ext"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
+    return Path(root) / tag.replace("+", "_")
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled extension with the numba kernels registered, or None (with one warning) if it cannot be had."""
+    numba_cpu = kernels._numba_module()
+    if numba_cpu is None:
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(
+            name="normdrop_fastpath",
+            sources=[str(SOURCE)],
+            build_directory=str(directory),
+            extra_cflags=["-O2"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers, a failed build: the Python path still works
+        warnings.warn(
+            f"normdrop: the C++ fast path could not be built ({type(error).__name__}: {error}); small layers run "
+            f"through Python autograd.Functions instead (same results, more overhead per call). "
+            f"Set {FASTPATH_ENV}=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    entries = numba_cpu.entry_points()
+    module.register_kernels(
+        *(entries[f"{name}_{dtype}"] for name in ("batch_norm_forward", "batch_norm_backward", "dropout")
+          for dtype in ("float32", "float64"))
+    )  # fmt: skip
+    return module
+
+
+def _usable(x: Tensor) -> ModuleType | None:
+    """The extension if calls on ``x`` may take the fast path, else None; the extension itself then checks that
+    the tensors are what the kernels take (CPU, float32/float64, contiguous, per-channel sizes)."""
+    if not enabled() or kernels.requested_backend() == "composite" or torch._C._are_functorch_transforms_active():
+        return None
+    numba_cpu = kernels._numba_module()
+    numel = x.numel()
+    if numba_cpu is None or (numel >= numba_cpu.PARALLEL_MIN_NUMEL and numba_cpu._parallel(numel)):
+        return None
+    return extension()
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+) -> Tensor | None:
+    """Batch norm through the C++ node (running statistics updated in training, as ``F.batch_norm`` does), or
+    None where the fast path does not apply. Arguments are ``normdrop.nn.functional.batch_norm``'s, already
+    checked there."""
+    module = _usable(x)
+    if module is None:
+        return None
+    return module.batch_norm(x, weight, bias, running_mean, running_var, training, float(momentum), eps)
+
+
+def dropout(x: Tensor, seed: int, p: float) -> Tensor | None:
+    """Element-wise dropout of ``x`` with the mask of ``(seed, offset 0)`` through the C++ node, or None where the
+    fast path does not apply (``0 < p < 1``)."""
+    module = _usable(x)
+    if module is None or x.dtype not in _DTYPES:
+        return None
+    return module.dropout(x, 0, *round_keys(seed), drop_threshold(p), _keep_scale(p, x.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _keep_scale(p: float, dtype: torch.dtype) -> float:
+    """1 / (1 - p) rounded to ``dtype`` exactly as the numba kernels' constants are."""
+    numba_cpu = kernels._numba_module()
+    assert numba_cpu is not None
+    _threshold, coefficients = numba_cpu._dropout_constants(p, False, False, dtype)
+    return float(coefficients[1])
+

@@ -11,11 +11,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import available_backends
+from conftest import available_backends, use_path
 from torch.nn.parallel import DistributedDataParallel
 
 import normdrop.nn as nd
-from normdrop.nn import kernels
 from normdrop.nn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, run_in_process_group
 
 TIMEOUT_S = 50.0
@@ -60,7 +59,7 @@ def _sync_worker(rank, world_size, backend_names):
     torch.set_num_threads(1)
     results = []
     for backend in backend_names:
-        kernels.set_backend(backend)
+        use_path(backend)
         for index, (sizes, shape, dtype, affine, momentum) in enumerate(CASES):
             layer = _init_affine(SyncBatchNorm(shape[0], momentum=momentum, affine=affine).to(dtype))
             start = sum(sizes[:rank])
@@ -95,7 +94,7 @@ def test_two_processes_match_one_batch_norm_over_the_union_batch():
     ):
         sizes, shape, dtype, affine, momentum = CASES[index]
         tol = TOL[dtype]
-        kernels.set_backend(backend)
+        use_path(backend)
         try:
             reference = _init_affine(nd.BatchNorm1d(shape[0], momentum=momentum, affine=affine).to(dtype))
             if len(shape) == 3:
@@ -117,7 +116,7 @@ def test_two_processes_match_one_batch_norm_over_the_union_batch():
             eval_x = _case_data(sizes, shape, dtype, seed=100 + index)[0][0]
             torch.testing.assert_close(torch.cat([eval0, eval1]), reference(eval_x), **tol)
         finally:
-            kernels.set_backend(None)
+            use_path(None)
 
 
 def _model() -> torch.nn.Module:

@@ -29,3 +29,7 @@ app.command()(study.report)
 from normdrop.cli import bench  # noqa: E402
 
 app.command()(bench.bench)
+
+from normdrop.cli import fastpath  # noqa: E402
+
+app.command()(fastpath.build_fastpath)

@@ -277,10 +277,29 @@ def _process_group_worker(
         payload = pickle.dumps((rank, True, fn(rank, world_size, *args)))
     except BaseException:
         payload = pickle.dumps((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Report before leaving the group: leaving closes this rank's connections, which makes the others fail too,
+    # and the caller should hear the cause first.
     results.put(payload)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+FAILURE_GRACE_S = 2.0
+"""After a rank fails, how long to wait for the others' reports: one rank's error makes the others fail with
+"connection closed", and the message should carry the cause whichever report arrived first."""
+
+
+def _failures(results: Any, failed: dict[int, str], world_size: int) -> str:
+    """The message for failed ranks: every traceback that arrives within ``FAILURE_GRACE_S``, in rank order."""
+    deadline = time.monotonic() + FAILURE_GRACE_S
+    while len(failed) < world_size and (remaining := deadline - time.monotonic()) > 0:
+        try:
+            rank, ok, value = pickle.loads(results.get(timeout=remaining))
+        except queue.Empty:
+            break
+        if not ok:
+            failed[rank] = value
+    return "\n".join(f"rank {rank} of {world_size} failed:\n{failed[rank]}" for rank in sorted(failed))
 
 
 def run_in_process_group(
@@ -298,7 +317,7 @@ def run_in_process_group(
     ``tcp://127.0.0.1`` on a free port found at run time; ``fn`` and ``args`` must be picklable (``fn`` defined at
     module level) and so must the results. ``timeout_s`` bounds the whole run and every collective: past it the
     processes are terminated and a TimeoutError is raised, so a caller can never hang. An exception in any process
-    is raised here as a RuntimeError carrying its traceback.
+    is raised here as a RuntimeError carrying its traceback (and those of ranks that failed with it).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -335,7 +354,7 @@ def run_in_process_group(
                     raise RuntimeError(f"a process of the group exited with code {dead[0]} without a result") from None
                 continue
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
+                raise RuntimeError(_failures(results, {rank: value}, world_size))
             received[rank] = value
         for process in processes:
             process.join(timeout=max(deadline - time.monotonic(), 1.0))

@@ -6,9 +6,10 @@ element-wise dropout) that call numba's serial kernels through C function pointe
 (``numba_cpu.entry_points()``), so a small layer costs one pybind call, two allocations and the kernel. Results are
 the numba backend's, bit for bit (same loops); double backward works (see the C++ file's header).
 
-The extension is compiled with ``torch.utils.cpp_extension`` on first use (about 30 s, needs a C++ compiler) into
-``$NORMDROP_EXT_DIR`` (default: the user cache dir's ``ext/``), keyed by the source's hash and the torch and Python
-versions, and loaded from there afterwards (``make`` builds it ahead of time).
+The extension is compiled with ``torch.utils.cpp_extension`` on first use (about 30 s on 2 cores; needs a C++
+compiler, and ninja, which the ``ninja`` package provides) into ``$NORMDROP_EXT_DIR`` (default: the user cache dir's
+``ext/``), keyed by the source's hash and the torch and Python versions, and loaded from there afterwards (about
+0.5 s per process). ``normdrop build-fastpath`` builds it ahead of time (``make`` does).
 Where it cannot be built, one warning says why and every call takes the Python path (same results, slower).
 
 It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
@@ -34,7 +35,7 @@ from torch import Tensor
 from normdrop.nn import kernels
 from normdrop.nn.rng import drop_threshold, round_keys
 
-__all__ = ["FASTPATH_ENV", "EXT_DIR_ENV", "batch_norm", "build_dir", "dropout", "extension", "set_enabled"]
+__all__ = ["EXT_DIR_ENV", "FASTPATH_ENV", "batch_norm", "build_dir", "dropout", "extension", "set_enabled"]
 
 FASTPATH_ENV = "NORMDROP_FASTPATH"
 EXT_DIR_ENV = "NORMDROP_EXT_DIR"
@@ -80,6 +81,7 @@ def extension() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
+        _put_ninja_on_path()
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
@@ -104,6 +106,18 @@ def extension() -> ModuleType | None:
           for dtype in ("float32", "float64"))
     )  # fmt: skip
     return module
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; a venv's ninja (the ``ninja`` package) is not on it unless the venv
+    is activated, so add its directory."""
+    try:
+        import ninja
+    except ImportError:  # a system ninja may still be on PATH
+        return
+    directory = str(ninja.BIN_DIR)
+    if directory not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([directory, os.environ.get("PATH", "")])
 
 
 def _usable(x: Tensor) -> ModuleType | None:
@@ -153,4 +167,3 @@ def _keep_scale(p: float, dtype: torch.dtype) -> float:
     assert numba_cpu is not None
     _threshold, coefficients = numba_cpu._dropout_constants(p, False, False, dtype)
     return float(coefficients[1])
-

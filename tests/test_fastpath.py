@@ -1,0 +1,277 @@
+"""The C++ fast path (normdrop/nn/kernels/fastpath.py): taken where it should be, skipped where it must be, and
+the same numbers as the Python path of the numba backend (its oracle; torch.nn is the oracle of both, in
+test_batchnorm.py / test_dropout.py, which run every test with the fast path on and off)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import normdrop.nn as nd
+from normdrop.nn import functional as F
+from normdrop.nn import kernels
+from normdrop.nn.kernels import fastpath
+
+BN_SHAPES = [(6, 5), (4, 3, 7), (2, 3, 4, 5), (2, 3, 2, 3, 4)]
+BN_CLASSES = {2: nd.BatchNorm1d, 3: nd.BatchNorm1d, 4: nd.BatchNorm2d, 5: nd.BatchNorm3d}
+
+
+@pytest.fixture
+def numba_backend():
+    kernels.set_backend("numba")
+    yield
+    kernels.set_backend(None)
+    fastpath.set_enabled(None)
+
+
+def node(y: torch.Tensor) -> str:
+    """The autograd node that made ``y``: the fast path's are C++ nodes named after their struct."""
+    return y.grad_fn.name() if y.grad_fn is not None else "none"
+
+
+def is_fast(y: torch.Tensor) -> bool:
+    return "BatchNormNode" in node(y) or "DropoutNode" in node(y)
+
+
+def test_the_extension_builds_here():
+    # make test builds it first; if this fails, every "numba+fastpath" test silently ran the Python path.
+    assert fastpath.extension() is not None
+
+
+def train_bn(fast: bool, shape, dtype, affine, track, momentum, steps=2):
+    """A few training steps then one eval step of a fresh BN layer; everything the layer produced."""
+    fastpath.set_enabled(fast)
+    torch.manual_seed(0)
+    bn = BN_CLASSES[len(shape)](shape[1], affine=affine, track_running_stats=track, momentum=momentum).to(dtype)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    out = {}
+    for step in range(steps + 1):
+        bn.train(step < steps)
+        x = (torch.randn(shape, dtype=dtype) * 2 + 1).requires_grad_()
+        y = bn(x)
+        out[f"fast{step}"] = is_fast(y)
+        (y * torch.randn_like(y)).sum().backward()
+        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
+        for name, tensor in bn.named_parameters():
+            out[f"d{name}{step}"] = tensor.grad.clone()
+            tensor.grad = None
+    for name, tensor in bn.named_buffers():
+        out[name] = tensor.clone()
+    return out
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("affine", "track", "momentum"), [(True, True, 0.1), (False, True, None), (True, False, 0.1)])
+def test_batch_norm_fast_path_matches_the_python_path(numba_backend, shape, dtype, affine, track, momentum):
+    fast = train_bn(True, shape, dtype, affine, track, momentum)
+    slow = train_bn(False, shape, dtype, affine, track, momentum)
+    assert fast.keys() == slow.keys()
+    assert all(fast[f"fast{s}"] for s in range(3)) and not any(slow[f"fast{s}"] for s in range(3))
+    ulps = {"rtol": 4e-7, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-15, "atol": 1e-15}
+    for key, value in fast.items():
+        if key.startswith("fast"):
+            continue
+        if key.startswith("running_") or key.endswith("2"):
+            # The kernel updates running statistics in float64 then rounds; the Python path lerps in the buffer's
+            # dtype: they may differ by an ulp, and so may the eval step (step 2) that normalizes with them.
+            torch.testing.assert_close(value, slow[key], **ulps)
+        else:  # same kernels, same inputs: the same bits
+            assert torch.equal(value, slow[key]), key
+
+
+def test_batch_norm_fast_path_against_torch_nn_with_running_stats(numba_backend):
+    """The oracle directly: a 64x128 BatchNorm1d (the lab's size) trained 3 steps, then eval."""
+    fastpath.set_enabled(True)
+    ours, theirs = nd.BatchNorm1d(128), torch.nn.BatchNorm1d(128)
+    for step in range(4):
+        ours.train(step < 3), theirs.train(step < 3)
+        x = torch.randn(64, 128) * 3 - 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        assert is_fast(y1)
+        g = torch.randn_like(y1)
+        y1.backward(g), y2.backward(g)
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5)])
+def test_batch_norm_fast_path_double_backward(numba_backend, training, shape):
+    fastpath.set_enabled(True)
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.randn(shape[1], dtype=torch.float64), torch.rand(shape[1], dtype=torch.float64)
+
+    def f(x, weight, bias):
+        return F.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training, 0.1, 1e-5)
+
+    assert is_fast(f(x, weight, bias))
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(f, (x, weight, bias))
+
+
+def test_batch_norm_fast_path_updates_running_stats_in_place_visibly(numba_backend):
+    """The kernel writes the buffers: their version counters move as an in-place op's would (so autograd can
+    detect a stale saved buffer), and num_batches_tracked and momentum=None (a cumulative average) still work."""
+    fastpath.set_enabled(True)
+    bn = nd.BatchNorm1d(4, momentum=None)
+    before = bn.running_mean._version
+    xs = [torch.randn(16, 4) * 2 + 3 for _ in range(3)]
+    for x in xs:
+        assert is_fast(bn(x.requires_grad_()))
+    assert bn.running_mean._version > before and int(bn.num_batches_tracked) == 3
+    stacked = torch.stack(xs)
+    torch.testing.assert_close(bn.running_mean, stacked.mean(dim=1).mean(dim=0))
+    torch.testing.assert_close(bn.running_var, stacked.var(dim=1).mean(dim=0))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last), id="channels_last"),
+        pytest.param(lambda: torch.randn(7, 6).t(), id="transposed"),
+        pytest.param(lambda: torch.randn(6, 7, dtype=torch.bfloat16), id="bfloat16"),
+    ],
+)
+def test_fast_path_skips_what_its_kernels_do_not_take(numba_backend, make):
+    fastpath.set_enabled(True)
+    x = make().requires_grad_()
+    bn = BN_CLASSES[x.ndim](x.shape[1]).to(x.dtype)
+    assert not is_fast(bn(x))
+    assert not is_fast(nd.Dropout(0.5)(x))
+    reference = torch.nn.BatchNorm2d(x.shape[1]).to(x.dtype) if x.ndim == 4 else torch.nn.BatchNorm1d(x.shape[1])
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if x.dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(bn(x), reference.to(x.dtype)(x), **tolerance)
+
+
+def test_fast_path_skips_running_stats_in_another_dtype(numba_backend):
+    fastpath.set_enabled(True)
+    bn = nd.BatchNorm1d(5)
+    bn.running_mean = bn.running_mean.double()
+    assert not is_fast(bn(torch.randn(8, 5, requires_grad=True)))
+
+
+def test_fast_path_off_by_switch_backend_and_thread_count(numba_backend, monkeypatch):
+    x = torch.randn(32, 8, requires_grad=True)
+    fastpath.set_enabled(False)
+    assert not is_fast(nd.BatchNorm1d(8)(x))
+    fastpath.set_enabled(None)
+    monkeypatch.setenv(fastpath.FASTPATH_ENV, "0")
+    fastpath._environment_enabled.cache_clear()
+    try:
+        assert not is_fast(nd.BatchNorm1d(8)(x))
+    finally:
+        monkeypatch.delenv(fastpath.FASTPATH_ENV)
+        fastpath._environment_enabled.cache_clear()
+    assert is_fast(nd.BatchNorm1d(8)(x))
+    kernels.set_backend("composite")
+    assert not is_fast(nd.BatchNorm1d(8)(x))
+    kernels.set_backend("numba")
+    # Large enough for the threaded kernels, with two threads: the parallel Python path, not the serial fast path.
+    big = torch.randn(512, 256, requires_grad=True)
+    torch.set_num_threads(2)
+    assert not is_fast(nd.BatchNorm1d(256)(big))
+    torch.set_num_threads(1)
+    assert is_fast(nd.BatchNorm1d(256)(big))
+
+
+def test_fast_path_not_under_functorch_transforms(numba_backend):
+    """Inside torch.func transforms the C++ nodes would see wrapped tensors: the fast path steps aside (normdrop's
+    layers do not support torch.func yet either way: their Python autograd.Functions lack setup_context)."""
+    fastpath.set_enabled(True)
+    x = torch.randn(8, 3)
+    seen = []
+
+    def loss(w):
+        seen.append(fastpath._usable(x))
+        return (w * x).sum()
+
+    assert fastpath._usable(x) is not None
+    torch.func.grad(loss)(torch.ones(3))
+    assert seen == [None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_fast_path_matches_the_python_path(numba_backend, dtype, p):
+    outputs = {}
+    x0 = torch.randn(33, 17, dtype=dtype)  # odd sizes: no vector-width assumptions
+    g = torch.randn_like(x0)
+    for fast in (True, False):
+        fastpath.set_enabled(fast)
+        x = x0.clone().requires_grad_()
+        y = F.dropout(x, p, generator=torch.Generator().manual_seed(5))
+        assert is_fast(y) == fast
+        y.backward(g)
+        outputs[fast] = (y.detach(), x.grad)
+        kept = y != 0
+        torch.testing.assert_close(x.grad, torch.where(kept, g / (1 - p), torch.zeros_like(g)))
+    for a, b in zip(outputs[True], outputs[False], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dropout_fast_path_keeps_no_tensor_for_backward_and_double_backward(numba_backend):
+    fastpath.set_enabled(True)
+    x = torch.randn(64, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = nd.Dropout(0.3)(x)
+    assert is_fast(y) and saved == []
+    x64 = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return F.dropout(x, 0.4, generator=torch.Generator().manual_seed(3))
+
+    assert torch.autograd.gradcheck(f, (x64,))
+    assert torch.autograd.gradgradcheck(f, (x64,))
+
+
+def test_dropout_fast_path_inplace_and_reproducible(numba_backend):
+    fastpath.set_enabled(True)
+    torch.manual_seed(7)
+    a = nd.Dropout(0.5)(torch.ones(40, 10))
+    torch.manual_seed(7)
+    b = torch.ones(40, 10)
+    nd.Dropout(0.5, inplace=True)(b)
+    assert torch.equal(a, b) and 0.3 < (a == 0).float().mean() < 0.7
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path):
+    """No working compiler: one RuntimeWarning naming the cause, then the Python path with the same results."""
+    script = """
+import warnings, torch
+import normdrop.nn as nd
+from normdrop.nn import kernels
+from normdrop.nn.kernels import fastpath
+kernels.set_backend("numba")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    bn = nd.BatchNorm1d(8)
+    x = torch.randn(16, 8, requires_grad=True)
+    y = bn(x); y.sum().backward(); bn(x)
+    nd.Dropout(0.5)(x)
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(messages) == 1 and "could not be built" in messages[0], messages
+assert "BatchNormNode" not in y.grad_fn.name()
+ref = torch.nn.BatchNorm1d(8)
+torch.testing.assert_close(y, ref(x))
+print("fell back")
+"""
+    env = {**os.environ, fastpath.EXT_DIR_ENV: str(tmp_path), "CXX": "/bin/false", fastpath.FASTPATH_ENV: "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fell back" in done.stdout

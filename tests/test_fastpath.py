@@ -187,6 +187,8 @@ def test_fast_path_off_by_switch_backend_and_thread_count(numba_backend, monkeyp
     assert not is_fast(nd.BatchNorm1d(256)(big))
     torch.set_num_threads(1)
     assert is_fast(nd.BatchNorm1d(256)(big))
+    huge = torch.randn(fastpath.MAX_NUMEL // 64, 64, requires_grad=True)
+    assert not is_fast(nd.BatchNorm1d(64)(huge)) and not is_fast(nd.Dropout(0.5)(huge))
 
 
 def test_fast_path_not_under_functorch_transforms(numba_backend):

@@ -249,3 +249,31 @@ def test_errors_match_torch():
         nd.functional.batch_norm(torch.randn(4, 3), None, None, torch.ones(2), None, training=True)
     with pytest.raises(ValueError, match="running_mean and running_var"):
         nd.functional.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_parametrized_weight_and_swapped_buffers_are_used(backend):
+    """The forward reads its tensors from the parameter/buffer dicts for speed; a parametrization (which moves
+    ``weight`` out of that dict) and torch.func.functional_call (which swaps tensors in) still take effect."""
+    from torch.nn.utils import parametrize
+
+    x = torch.randn(16, 4) * 2 + 1
+    ours, theirs = nd.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    for layer in (ours, theirs):
+        parametrize.register_parametrization(layer, "weight", _Doubled())
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours.eval(), theirs.eval()
+    state = {"running_mean": torch.full((4,), 3.0), "running_var": torch.full((4,), 4.0)}
+    torch.testing.assert_close(
+        torch.func.functional_call(ours, state, (x,)), torch.func.functional_call(theirs, state, (x,))
+    )
+    expected = (x - 3.0) / torch.sqrt(torch.tensor(4.0 + ours.eps)) * ours.weight + ours.bias
+    torch.testing.assert_close(torch.func.functional_call(ours, state, (x,)), expected)

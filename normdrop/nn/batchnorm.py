@@ -28,25 +28,39 @@ _FORMULAS = r"""
 """
 
 
+def _member(store: dict[str, Tensor | None], module: torch.nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` read from its parameter or buffer dict: ``nn.Module.__getattr__`` costs ~0.5 us per read,
+    as long as a tiny layer's kernel; a name moved out of the dict (e.g. by a parametrization) is read the slow way."""
+    value = store.get(name, _ABSENT)
+    return getattr(module, name) if value is _ABSENT else value
+
+
+_ABSENT = object()
+
+
 class _NormdropBatchNorm:
     """The forward shared by the three ranks; mixed in before torch's class so it takes precedence."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        buffers, parameters = self._buffers, self._parameters
+        running_mean, running_var = _member(buffers, self, "running_mean"), _member(buffers, self, "running_var")
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / self.num_batches_tracked.double()
+        if self.training and self.track_running_stats:
+            num_batches_tracked = _member(buffers, self, "num_batches_tracked")
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    momentum = 1.0 / num_batches_tracked.double()
         # Batch statistics in training, and in eval when there are no running statistics to use.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep_running = not self.training or self.track_running_stats
         return F.batch_norm(
             input,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            self.weight,
-            self.bias,
+            running_mean if keep_running else None,
+            running_var if keep_running else None,
+            _member(parameters, self, "weight"),
+            _member(parameters, self, "bias"),
             use_batch_stats,
             momentum,
             self.eps,

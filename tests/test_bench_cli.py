@@ -35,7 +35,8 @@ def test_json_has_every_section(report: dict[str, Any]) -> None:
     assert set(report) == {"environment", "machine", "layers", "lab", "goals"}
     env = report["environment"]
     assert env["quick"] is True and env["repeats"] == 1 and env["clock"] == "wall"
-    assert {"torch", "numba", "normdrop", "backend", "cores", "date"} <= set(env)
+    assert {"torch", "numba", "normdrop", "backend", "fastpath", "cores", "date"} <= set(env)
+    assert env["fastpath"] is True  # make test builds it
 
 
 def test_layer_rows_cover_every_shape_and_op_with_positive_finite_numbers(report: dict[str, Any]) -> None:

@@ -182,7 +182,7 @@ def test_fast_path_off_by_switch_backend_and_thread_count(numba_backend, monkeyp
     assert not is_fast(nd.BatchNorm1d(8)(x))
     kernels.set_backend("numba")
     # Large enough for the threaded kernels, with two threads: the parallel Python path, not the serial fast path.
-    big = torch.randn(512, 256, requires_grad=True)
+    big = torch.randn(kernels._numba_module().PARALLEL_MIN_NUMEL // 256, 256, requires_grad=True)
     torch.set_num_threads(2)
     assert not is_fast(nd.BatchNorm1d(256)(big))
     torch.set_num_threads(1)

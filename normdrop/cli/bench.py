@@ -45,6 +45,7 @@ def _environment(clock: str, repeats: int, quick: bool) -> dict[str, Any]:
     import torch
 
     from normdrop.nn import kernels
+    from normdrop.nn.kernels import fastpath
 
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -56,6 +57,8 @@ def _environment(clock: str, repeats: int, quick: bool) -> dict[str, Any]:
         "processor": platform.processor() or None,
         "cores": available_cores(),
         "backend": kernels.requested_backend(),
+        # Whether small layers ran through the C++ fast path (built on first use if it was not yet).
+        "fastpath": fastpath.enabled() and fastpath.extension() is not None,
         "clock": clock,
         "repeats": repeats,
         "quick": quick,

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -72,9 +74,13 @@ def enabled() -> bool:
 def build_dir() -> Path:
     """Where the extension is built: per source hash, torch version and Python version."""
     root = os.environ.get(EXT_DIR_ENV) or Path(platformdirs.user_cache_dir("normdrop")) / "ext"
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
     return Path(root) / tag.replace("+", "_")
+
+
+MODULE_NAME = "normdrop_fastpath"
+CFLAGS = ("-O2",)
 
 
 @functools.cache
@@ -84,18 +90,7 @@ def extension() -> ModuleType | None:
     if numba_cpu is None:
         return None
     try:
-        from torch.utils import cpp_extension
-
-        _put_ninja_on_path()
-        directory = build_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(
-            name="normdrop_fastpath",
-            sources=[str(SOURCE)],
-            build_directory=str(directory),
-            extra_cflags=["-O2"],
-            verbose=False,
-        )
+        module = _load_or_build(build_dir())
     except Exception as error:  # no compiler, no headers, a failed build: the Python path still works
         warnings.warn(
             f"normdrop: the C++ fast path could not be built ({type(error).__name__}: {error}); small layers run "
@@ -110,6 +105,42 @@ def extension() -> ModuleType | None:
         *(entries[f"{name}_{dtype}"] for name in ("batch_norm_forward", "batch_norm_backward", "dropout")
           for dtype in ("float32", "float64"))
     )  # fmt: skip
+    return module
+
+
+def _load_or_build(directory: Path) -> ModuleType:
+    """Import the built library from ``directory``, building it first if it is missing or does not import.
+
+    A build runs in a fresh temporary directory beside it and its library is moved in with one atomic rename, so
+    the final directory only ever holds a complete library, and no lock file: cpp_extension's own lock, left
+    behind by a process killed mid-build, would make every later load wait forever. Two processes building at once
+    each build; the last rename wins, with an identical file."""
+    library = directory / f"{MODULE_NAME}.so"
+    if library.exists():
+        try:
+            return _import_library(library)
+        except ImportError as error:  # truncated or foreign: say so, and rebuild over it
+            warnings.warn(f"normdrop: rebuilding the fast path: {library} does not import ({error})", stacklevel=3)
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix="build-") as scratch:
+        module = cpp_extension.load(
+            name=MODULE_NAME, sources=[str(SOURCE)], build_directory=scratch, extra_cflags=list(CFLAGS), verbose=False
+        )
+        # The loaded library stays mapped after the rename (same file system, same file).
+        os.replace(Path(scratch) / library.name, library)
+    return module
+
+
+def _import_library(path: Path) -> ModuleType:
+    """Import a compiled extension module from a file."""
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 

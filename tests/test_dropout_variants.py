@@ -259,3 +259,37 @@ def test_concrete_dropout_models_copy_and_pickle_after_a_training_step():
     assert clone[0].regularization is None and model[0].regularization is not None
     restored = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(restored[0].p_logit, model[0].p_logit)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(lambda x, g: DV.gaussian_dropout(x, 0.3, generator=g), id="gaussian"),
+        pytest.param(lambda x, g: DV.uout(x, 0.2, generator=g), id="uout"),
+        pytest.param(lambda x, g: DV.drop_block2d(x, 0.2, 3, generator=g), id="dropblock"),
+        pytest.param(lambda x, g: DV.concrete_dropout(x, torch.tensor(0.3), generator=g), id="concrete"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_variants_give_the_same_numbers_on_every_backend(fn, dtype, request):
+    """The random fields come from numba kernels on the CPU and from torch ops on composite, from the same bits.
+    Outputs and gradients are equal, except that the Gaussian's log/sqrt/cos are LLVM's in the numba kernel and
+    torch's in composite: its float64 noise may differ in the last bit or two."""
+    from normdrop.nn import kernels
+
+    x0 = torch.randn(4, 3, 9, 9, dtype=dtype)
+    results = {}
+    for name in ("composite", "numba"):
+        kernels.set_backend(name)
+        try:
+            x = x0.clone().requires_grad_()
+            y = fn(x, seeded(11))
+            y.backward(torch.ones_like(y))
+            results[name] = (y.detach(), x.grad)
+        finally:
+            kernels.set_backend(None)
+    for ours, reference in zip(results["numba"], results["composite"], strict=True):
+        if dtype == torch.float64 and "gaussian" in request.node.name:
+            torch.testing.assert_close(ours, reference, rtol=4e-16, atol=0)
+        else:
+            assert torch.equal(ours, reference)

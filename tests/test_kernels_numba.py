@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("numba")
 
 from normdrop.nn import functional as NF
-from normdrop.nn import kernels
+from normdrop.nn import kernels, rng
 from normdrop.nn.kernels import composite, numba_cpu
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -368,6 +368,17 @@ def test_dropout_large_tensor_parallel_blocks(kernel_threads):
     for alpha in (False, True):
         y = numba_cpu.dropout_forward(x, 42, offset, 0.3, 1, alpha, True)
         assert torch.equal(y, composite.dropout_forward(x, 42, offset, 0.3, 1, alpha, True))
+
+
+@pytest.mark.parametrize(("count", "offset"), [(1, 0), (1000, 7), (3 * 2**14 + 17, 2**32 - 2**14), (5, 2**61)])
+def test_uniform_bit_identical_to_composite(kernel_threads, count, offset):
+    """The variants' random fields: same float64 values as composite, strictly inside (0, 1), also across a
+    multiple of 2**32 and at large offsets."""
+    u = numba_cpu.uniform(12345, offset, count, torch.device("cpu"))
+    assert u.dtype == torch.float64 and u.shape == (count,)
+    assert torch.equal(u, composite.uniform(12345, offset, count, torch.device("cpu")))
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert u[0] == (rng.counter_bits(12345, offset) + 0.5) / 2**32
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="needs a plain fork()")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import functional as F
-from normdrop.nn.kernels.composite import counter_bits
+from normdrop.nn.kernels import backend_for, backend_for_device
 from normdrop.nn.rng import draw_rng_state
 
 __all__ = [
@@ -45,9 +45,6 @@ __all__ = [
     "gaussian_dropout",
     "uout",
 ]
-
-# Uniforms are (bits + 1/2) / 2**32, strictly inside (0, 1), so their logarithms are finite.
-_TWO_POW_32 = 2.0**32
 
 
 def _check_probability(p: float, name: str, *, allow_one: bool) -> None:
@@ -67,30 +64,20 @@ def _uniform(shape: torch.Size, rng_state: Tensor, stream: int, device: torch.de
     counters offset + k * numel + i, so several independent fields can be drawn from one pair."""
     seed, offset = (int(v) for v in rng_state.tolist())
     count = math.prod(shape)
-    bits = counter_bits(seed, offset + stream * count, count, device)
-    return ((bits.to(torch.float64) + 0.5) / _TWO_POW_32).view(shape)
-
-
-def _noise(x: Tensor, rng_state: Tensor, kind: str, scale: float) -> Tensor:
-    """Multiplicative noise of x's shape: 1 + scale * N(0, 1) ('gaussian') or 1 + scale * U(-1, 1) ('uniform')."""
-    if kind == "gaussian":
-        # Box-Muller: two independent uniform fields give one standard normal field.
-        u1, u2 = _uniform(x.shape, rng_state, 0, x.device), _uniform(x.shape, rng_state, 1, x.device)
-        unit = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    else:
-        unit = 2.0 * _uniform(x.shape, rng_state, 0, x.device) - 1.0
-    return (1.0 + scale * unit).to(x.dtype)
+    return backend_for_device(device).uniform(seed, offset + stream * count, count, device).view(shape)
 
 
 class _MultiplicativeNoise(torch.autograd.Function):
-    """y = x * eps with eps regenerated from (seed, offset): backward is the same map on the gradient, so nothing
-    the size of x is saved and the op is differentiable any number of times."""
+    """y = x * eps with eps regenerated from (seed, offset) (``kernels.composite.multiplicative_noise``): backward
+    is the same map on the gradient, so nothing the size of x is saved and the op is differentiable any number of
+    times."""
 
     @staticmethod
     def forward(ctx, x, rng_state, kind, scale):
         ctx.save_for_backward(rng_state)
         ctx.params = (kind, scale)
-        return x * _noise(x, rng_state, kind, scale)
+        seed, offset = (int(v) for v in rng_state.tolist())
+        return backend_for(x).multiplicative_noise(x, seed, offset, kind == "gaussian", scale)
 
     @staticmethod
     def backward(ctx, grad_y):

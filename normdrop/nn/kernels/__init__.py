@@ -70,3 +70,17 @@ def backend_for(x: torch.Tensor) -> ModuleType:
             raise RuntimeError("the numba backend was requested but numba cannot be imported")
         return composite
     return numba_cpu if numba_cpu.supports(x) else composite
+
+
+def backend_for_device(device: torch.device) -> ModuleType:
+    """The backend that makes random fields (``uniform``) on ``device``: numba on the CPU if available (or forced),
+    else composite. Both give the same bits."""
+    name = requested_backend()
+    if name == "composite" or torch.device(device).type != "cpu":
+        return composite
+    numba_cpu = _numba_module()
+    if numba_cpu is None:
+        if name == "numba":
+            raise RuntimeError("the numba backend was requested but numba cannot be imported")
+        return composite
+    return numba_cpu

@@ -7,6 +7,8 @@ dropout or bernoulli ops: those are the oracle for *this* file.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -156,6 +158,33 @@ def counter_bits(seed: int, offset: int, count: int, device: torch.device) -> Te
     h = _mix32_(counter.bitwise_and_(MASK32).bitwise_xor_(k0))
     h = _mix32_(h.bitwise_xor_(high).bitwise_xor_(k1))
     return _mix32_(h.bitwise_xor_(k2))
+
+
+UNIFORM_SCALE = 2.0**-32
+"""Uniforms are (bits + 1/2) * 2**-32: strictly inside (0, 1), so their logarithms are finite."""
+
+
+def uniform(seed: int, offset: int, count: int, device: torch.device) -> Tensor:
+    """Float64 uniforms in (0, 1) for counters offset .. offset + count - 1: u_i = (bits_i + 1/2) / 2**32 (exact
+    in float64: a 32-bit integer plus a half, times a power of two)."""
+    return (counter_bits(seed, offset, count, device).to(torch.float64) + 0.5) * UNIFORM_SCALE
+
+
+def multiplicative_noise(x: Tensor, seed: int, offset: int, gaussian: bool, scale: float) -> Tensor:
+    """y = x * eps, element i of x (row-major) taking eps_i from counters offset + i (and offset + numel + i):
+
+    gaussian: eps = 1 + scale * sqrt(-2 ln u1) cos(2 pi u2)   (Box-Muller on two uniform fields)
+    uniform:  eps = 1 + scale * (2 u1 - 1)
+
+    with the float64 uniforms of ``uniform``; eps is rounded to x's dtype before the product."""
+    count = x.numel()
+    u1 = uniform(seed, offset, count, x.device)
+    if gaussian:
+        u2 = uniform(seed, offset + count, count, x.device)
+        unit = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    else:
+        unit = 2.0 * u1 - 1.0
+    return x * (1.0 + scale * unit).to(x.dtype).view(x.shape)
 
 
 def keep_mask(shape: tuple[int, ...], seed: int, offset: int, p: float, device: torch.device) -> Tensor:

@@ -45,7 +45,15 @@ from torch import Tensor
 from normdrop.nn.kernels import composite
 from normdrop.nn.rng import MIX_MULTIPLIER_1, MIX_MULTIPLIER_2, drop_threshold, round_keys
 
-__all__ = ["PARALLEL_MIN_NUMEL", "batch_norm_backward", "batch_norm_forward", "dropout_forward", "supports"]
+__all__ = [
+    "PARALLEL_MIN_NUMEL",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "dropout_forward",
+    "multiplicative_noise",
+    "supports",
+    "uniform",
+]
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Below this many elements an op runs serially: waking the thread pool costs more than it saves. Measured with 2
@@ -619,6 +627,81 @@ def _dropout_flat_parallel(y, x_at, counter0, k0, k1, k2, threshold, coefficient
         first = b * PARALLEL_BLOCK
         last = min(first + PARALLEL_BLOCK, y.size)
         _drop_elements(x, y, first, last, counter0, k0, k1, k2, threshold, coefficients, shift)
+
+
+@njit(cache=True)
+def _uniform_elements(out, first, last, counter0, k0, k1, k2):
+    """out[i] = (bits(counter0 + i) + 1/2) * 2**-32 for i in first..last-1, in runs sharing the high word."""
+    key0, key1, key2 = _UINT32(k0), _UINT32(k1), _UINT32(k2)
+    start = first
+    while start < last:
+        counter = counter0 + start
+        low = _UINT32(counter)
+        stop = min(last, start + ((1 << 32) - np.int64(low)))
+        high_key1 = _UINT32(_UINT32(counter >> 32) ^ key1)
+        run = out[start:stop]
+        for i in range(stop - start):
+            run[i] = (np.float64(_bits_in_run(_UINT32(low + _UINT32(i)), key0, high_key1, key2)) + 0.5) * 2.0**-32
+        start = stop
+
+
+@njit(cache=True, parallel=True)
+def _uniform_parallel(out, counter0, k0, k1, k2):
+    blocks = (out.size + PARALLEL_BLOCK - 1) // PARALLEL_BLOCK
+    for b in prange(blocks):
+        first = b * PARALLEL_BLOCK
+        _uniform_elements(out, first, min(first + PARALLEL_BLOCK, out.size), counter0, k0, k1, k2)
+
+
+def uniform(seed: int, offset: int, count: int, device: torch.device) -> Tensor:
+    """Float64 uniforms in (0, 1); same contract and bits as ``composite.uniform`` (CPU only)."""
+    if torch.device(device).type != "cpu":
+        return composite.uniform(seed, offset, count, device)
+    out = np.empty(count, np.float64)
+    if _parallel(count):
+        _uniform_parallel(out, offset, *round_keys(seed))
+    else:
+        _uniform_elements(out, 0, count, offset, *round_keys(seed))
+    return torch.from_numpy(out)
+
+
+@njit(cache=True)
+def _noise_elements(x, y, first, last, counter0, count, k0, k1, k2, gaussian, scale):
+    """y[i] = x[i] * eps_i for i in first..last-1, eps_i as ``composite.multiplicative_noise`` computes it (float64,
+    no fused multiply-adds, rounded to y's dtype before the product)."""
+    key0, key1, key2 = _UINT32(k0), _UINT32(k1), _UINT32(k2)
+    for i in range(first, last):
+        u1 = (np.float64(_counter_bits(counter0 + i, key0, key1, key2)) + 0.5) * 2.0**-32
+        if gaussian:
+            u2 = (np.float64(_counter_bits(counter0 + count + i, key0, key1, key2)) + 0.5) * 2.0**-32
+            unit = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+        else:
+            unit = 2.0 * u1 - 1.0
+        y[i] = x[i] * y.dtype.type(1.0 + scale * unit)
+
+
+@njit(cache=True, parallel=True)
+def _noise_parallel(x, y, counter0, k0, k1, k2, gaussian, scale):
+    blocks = (y.size + PARALLEL_BLOCK - 1) // PARALLEL_BLOCK
+    for b in prange(blocks):
+        first = b * PARALLEL_BLOCK
+        _noise_elements(x, y, first, min(first + PARALLEL_BLOCK, y.size), counter0, y.size, k0, k1, k2, gaussian, scale)
+
+
+def multiplicative_noise(x: Tensor, seed: int, offset: int, gaussian: bool, scale: float) -> Tensor:
+    """``composite.multiplicative_noise`` in one pass. The same uniforms; the Gaussian's log, sqrt and cos are
+    LLVM's rather than torch's, so eps may differ in its last float64 bit (rarely visible after rounding to
+    float32). Contiguous CPU float32/float64 inputs; others go to composite."""
+    if _layout(x) != _CONTIGUOUS or x.numel() == 0:
+        return composite.multiplicative_noise(x, seed, offset, gaussian, scale)
+    out, y = _empty_like(x, _CONTIGUOUS)
+    source = x.detach().numpy().reshape(-1)
+    key = (offset, *round_keys(seed))
+    if _parallel(y.size):
+        _noise_parallel(source, y, *key, gaussian, float(scale))
+    else:
+        _noise_elements(source, y, 0, y.size, offset, y.size, *key[1:], gaussian, float(scale))
+    return out
 
 
 @njit(cache=True)

@@ -12,8 +12,9 @@
 // When a double backward is being recorded (grad mode on inside backward), the backward is written with ATen
 // ops instead, recomputing the batch statistics from x so that every path from x is differentiated.
 //
-// Dropout: y = x * keep / (1 - p) with keep = bits(seed, offset + i) >= threshold; backward is the same node
-// applied to the gradient, so it is differentiable any number of times and keeps only the counter key.
+// Dropout: y = x * keep / (1 - p) with keep = bits(seed, offset + u) >= threshold for element (or unit) u;
+// backward is the same node applied to the gradient, so it is differentiable any number of times and keeps only
+// the counter key.
 
 #include <torch/extension.h>
 
@@ -30,7 +31,7 @@ using BatchNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, i
                                   int64_t, int64_t, int64_t, double, double);
 using BatchNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                    int64_t, int64_t, int64_t, double);
-using Dropout = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
+using Dropout = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
 
 // Index 0: float32, 1: float64.
 BatchNormForward batch_norm_forward_kernel[2] = {nullptr, nullptr};
@@ -148,24 +149,27 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
 };
 
 struct DropoutNode : public torch::autograd::Function<DropoutNode> {
-  static Tensor forward(AutogradContext* ctx, Tensor x, int64_t counter0, int64_t k0, int64_t k1, int64_t k2,
-                        int64_t threshold, double keep_scale) {
+  // unit_size 1: element-wise; else one mask value per contiguous run of unit_size elements (channel dropout of a
+  // contiguous (N, C, *) input, drop path), unit u taking counter counter0 + u.
+  static Tensor forward(AutogradContext* ctx, Tensor x, int64_t unit_size, int64_t counter0, int64_t k0, int64_t k1,
+                        int64_t k2, int64_t threshold, double keep_scale) {
     Tensor y = at::empty_like(x);
-    dropout_kernel[dtype_index(x)](address(y), address(x), x.numel(), counter0, k0, k1, k2, threshold, keep_scale);
-    ctx->saved_data["key"] = std::vector<int64_t>{counter0, k0, k1, k2, threshold};
+    dropout_kernel[dtype_index(x)](address(y), address(x), x.numel(), unit_size, counter0, k0, k1, k2, threshold,
+                                   keep_scale);
+    ctx->saved_data["key"] = std::vector<int64_t>{unit_size, counter0, k0, k1, k2, threshold};
     ctx->saved_data["keep_scale"] = keep_scale;
     ctx->set_materialize_grads(false);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(7);
+    variable_list out(8);
     if (!grads[0].defined()) return out;
     const auto key = ctx->saved_data["key"].toIntVector();
     const double keep_scale = ctx->saved_data["keep_scale"].toDouble();
     // dy/dx is the same mask times the same scale; through apply() so a double backward is recorded if asked.
     Tensor grad = grads[0].is_contiguous() && !grads[0].is_neg() ? grads[0] : grads[0].resolve_neg().contiguous();
-    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], keep_scale);
+    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], keep_scale);
     return out;
   }
 };
@@ -196,11 +200,12 @@ std::optional<Tensor> batch_norm(Tensor x, std::optional<Tensor> weight, std::op
   return BatchNormNode::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
 }
 
-// Element-wise dropout through the node, or None where x is not what the kernels take.
-std::optional<Tensor> dropout(Tensor x, int64_t counter0, int64_t k0, int64_t k1, int64_t k2, int64_t threshold,
-                              double keep_scale) {
-  if (dropout_kernel[0] == nullptr || !kernel_ready(x)) return std::nullopt;
-  return DropoutNode::apply(x, counter0, k0, k1, k2, threshold, keep_scale);
+// Dropout through the node (unit_size as in DropoutNode), or None where x is not what the kernels take.
+std::optional<Tensor> dropout(Tensor x, int64_t unit_size, int64_t counter0, int64_t k0, int64_t k1, int64_t k2,
+                              int64_t threshold, double keep_scale) {
+  if (dropout_kernel[0] == nullptr || !kernel_ready(x) || unit_size < 1 || x.numel() % unit_size != 0)
+    return std::nullopt;
+  return DropoutNode::apply(x, unit_size, counter0, k0, k1, k2, threshold, keep_scale);
 }
 
 void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, int64_t backward64,
@@ -217,6 +222,6 @@ void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm", &batch_norm, "Batch norm as a C++ autograd node (checked inputs only).");
-  m.def("dropout", &dropout, "Element-wise dropout as a C++ autograd node (checked inputs only).");
+  m.def("dropout", &dropout, "Element-wise or channel dropout as a C++ autograd node (checked inputs only).");
   m.def("register_kernels", &register_kernels, "Register the numba kernels' C entry points.");
 }

@@ -1,10 +1,12 @@
 """The fast path: small batch norm and dropout calls as C++ autograd nodes around the numba kernels.
 
 A Python ``torch.autograd.Function`` costs about 20 us per call plus as much again in backward, which on a 64x128
-input is as long as torch's whole native batch norm. ``fastpath.cpp`` holds two C++ autograd nodes (batch norm,
-element-wise dropout) that call numba's serial kernels through C function pointers
+input is as long as torch's whole native batch norm. ``fastpath.cpp`` holds two C++ autograd nodes (batch norm;
+dropout, element-wise or per channel/sample) that call numba's serial kernels through C function pointers
 (``numba_cpu.entry_points()``), so a small layer costs one pybind call, two allocations and the kernel. Results are
-the numba backend's, bit for bit (same loops); double backward works (see the C++ file's header).
+the numba backend's: the same bits for dropout; for batch norm equal to rounding (an ulp in the running statistics,
+and LLVM may reassociate the sums of a kernel inlined into a C entry point). Double backward works (see the C++
+file's header).
 
 The extension is compiled with ``torch.utils.cpp_extension`` on first use (about 30 s on 2 cores; needs a C++
 compiler, and ninja, which the ``ninja`` package provides) into ``$NORMDROP_EXT_DIR`` (default: the user cache dir's
@@ -15,7 +17,8 @@ Where it cannot be built, one warning says why and every call takes the Python p
 It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
 numba backend, CPU float32/float64 contiguous inputs small enough that the kernels would run serially anyway
 (``numba_cpu.PARALLEL_MIN_NUMEL``, or one thread) and below ``MAX_NUMEL``, per-channel tensors in the input's
-dtype, element-wise non-alpha dropout. ``NORMDROP_FASTPATH=0`` or ``set_enabled(False)`` turns it off.
+dtype, non-alpha dropout (element-wise, per channel or per sample). ``NORMDROP_FASTPATH=0`` or
+``set_enabled(False)`` turns it off.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -191,13 +195,16 @@ def batch_norm(
     return module.batch_norm(x, weight, bias, running_mean, running_var, training, float(momentum), eps)
 
 
-def dropout(x: Tensor, seed: int, p: float) -> Tensor | None:
-    """Element-wise dropout of ``x`` with the mask of ``(seed, offset 0)`` through the C++ node, or None where the
-    fast path does not apply (``0 < p < 1``)."""
+def dropout(x: Tensor, seed: int, p: float, mask_dims: int) -> Tensor | None:
+    """Dropout of ``x`` with the mask of ``(seed, offset 0)`` over its first ``mask_dims`` dims (all of them:
+    element-wise; 1 or 2: per sample or per channel) through the C++ node, or None where the fast path does not
+    apply (``0 < p < 1``, no alpha dropout)."""
     module = _usable(x)
     if module is None or x.dtype not in _DTYPES:
         return None
-    return module.dropout(x, 0, *round_keys(seed), drop_threshold(p), _keep_scale(p, x.dtype))
+    units = math.prod(x.shape[:mask_dims])
+    unit_size = x.numel() // units if units else 1
+    return module.dropout(x, unit_size, 0, *round_keys(seed), drop_threshold(p), _keep_scale(p, x.dtype))
 
 
 @functools.lru_cache(maxsize=256)

@@ -666,42 +666,67 @@ def uniform(seed: int, offset: int, count: int, device: torch.device) -> Tensor:
 
 
 @njit(cache=True)
-def _noise_elements(x, y, first, last, counter0, count, k0, k1, k2, gaussian, scale):
-    """y[i] = x[i] * eps_i for i in first..last-1, eps_i as ``composite.multiplicative_noise`` computes it (float64,
-    no fused multiply-adds, rounded to y's dtype before the product)."""
+def _uniform_noise_elements(x, y, first, last, counter0, k0, k1, k2, scale):
+    """y[i] = x[i] * eps_i, eps_i = 1 + scale * (2 u_i - 1) in float64 (no fused multiply-adds, as composite),
+    rounded to y's dtype before the product; i in first..last-1."""
     key0, key1, key2 = _UINT32(k0), _UINT32(k1), _UINT32(k2)
     for i in range(first, last):
-        u1 = (np.float64(_counter_bits(counter0 + i, key0, key1, key2)) + 0.5) * 2.0**-32
-        if gaussian:
-            u2 = (np.float64(_counter_bits(counter0 + count + i, key0, key1, key2)) + 0.5) * 2.0**-32
-            unit = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
-        else:
-            unit = 2.0 * u1 - 1.0
-        y[i] = x[i] * y.dtype.type(1.0 + scale * unit)
+        u = (np.float64(_counter_bits(counter0 + i, key0, key1, key2)) + 0.5) * 2.0**-32
+        y[i] = x[i] * y.dtype.type(1.0 + scale * (2.0 * u - 1.0))
 
 
 @njit(cache=True, parallel=True)
-def _noise_parallel(x, y, counter0, k0, k1, k2, gaussian, scale):
+def _uniform_noise_parallel(x, y, counter0, k0, k1, k2, scale):
     blocks = (y.size + PARALLEL_BLOCK - 1) // PARALLEL_BLOCK
     for b in prange(blocks):
         first = b * PARALLEL_BLOCK
-        _noise_elements(x, y, first, min(first + PARALLEL_BLOCK, y.size), counter0, y.size, k0, k1, k2, gaussian, scale)
+        _uniform_noise_elements(x, y, first, min(first + PARALLEL_BLOCK, y.size), counter0, k0, k1, k2, scale)
+
+
+NOISE_CHUNK = 1 << 16
+"""Gaussian noise is made this many elements at a time, in two float64 buffers that stay in the L2 cache."""
+
+
+def _fill_uniform(out: np.ndarray, seed_keys: tuple[int, int, int], offset: int) -> None:
+    if _parallel(out.size):
+        _uniform_parallel(out, offset, *seed_keys)
+    else:
+        _uniform_elements(out, 0, out.size, offset, *seed_keys)
 
 
 def multiplicative_noise(x: Tensor, seed: int, offset: int, gaussian: bool, scale: float) -> Tensor:
-    """``composite.multiplicative_noise`` in one pass. The same uniforms; the Gaussian's log, sqrt and cos are
-    LLVM's rather than torch's, so eps may differ in its last float64 bit (rarely visible after rounding to
-    float32). Contiguous CPU float32/float64 inputs; others go to composite."""
+    """``composite.multiplicative_noise``, bit for bit, for contiguous CPU float32/float64 inputs (others go to
+    composite). Uniform noise is one fused pass. Gaussian noise runs chunk by chunk: the kernel hashes two uniform
+    fields into cache-resident float64 buffers and torch's vectorized log/sqrt/cos (the very ops composite calls,
+    in place) turn them into noise; scalar libm calls in the kernel were 10x slower, and whole-tensor float64
+    temporaries cost page faults."""
     if _layout(x) != _CONTIGUOUS or x.numel() == 0:
         return composite.multiplicative_noise(x, seed, offset, gaussian, scale)
-    out, y = _empty_like(x, _CONTIGUOUS)
-    source = x.detach().numpy().reshape(-1)
-    key = (offset, *round_keys(seed))
-    if _parallel(y.size):
-        _noise_parallel(source, y, *key, gaussian, float(scale))
-    else:
-        _noise_elements(source, y, 0, y.size, offset, y.size, *key[1:], gaussian, float(scale))
-    return out
+    count = x.numel()
+    keys = round_keys(seed)
+    if not gaussian:
+        out, y = _empty_like(x, _CONTIGUOUS)
+        source = x.detach().numpy().reshape(-1)
+        if _parallel(count):
+            _uniform_noise_parallel(source, y, offset, *keys, float(scale))
+        else:
+            _uniform_noise_elements(source, y, 0, count, offset, *keys, float(scale))
+        return out
+    flat_x = x.detach().reshape(-1)
+    out = torch.empty_like(flat_x)
+    first_buffer = np.empty(min(count, NOISE_CHUNK), np.float64)
+    second_buffer = np.empty_like(first_buffer)
+    for start in range(0, count, NOISE_CHUNK):
+        size = min(NOISE_CHUNK, count - start)
+        u1, u2 = first_buffer[:size], second_buffer[:size]
+        _fill_uniform(u1, keys, offset + start)
+        _fill_uniform(u2, keys, offset + count + start)
+        radius, angle = torch.from_numpy(u1), torch.from_numpy(u2)
+        torch.log(radius, out=radius).mul_(-2.0).sqrt_()  # sqrt(-2 ln u1)
+        torch.cos(angle.mul_(2.0 * math.pi), out=angle)  # cos(2 pi u2)
+        noise = radius.mul_(angle).mul_(scale).add_(1.0)  # 1 + scale * z
+        torch.mul(flat_x[start : start + size], noise.to(x.dtype), out=out[start : start + size])
+    return out.view(x.shape)
 
 
 @njit(cache=True)
@@ -929,11 +954,14 @@ def _batch_norm_backward_entry(dtype):
 def _dropout_entry(dtype):
     like = np.empty(0, dtype)
 
-    def entry(y_at, x_at, numel, counter0, k0, k1, k2, threshold, keep_scale):
+    def entry(y_at, x_at, numel, unit_size, counter0, k0, k1, k2, threshold, keep_scale):
         coefficients = np.zeros(4, dtype)
         coefficients[1] = keep_scale
-        y = _array_at(y_at, numel, like)
-        _drop_elements(_array_at(x_at, numel, like), y, 0, numel, counter0, k0, k1, k2, threshold, coefficients, False)
+        x, y = _array_at(x_at, numel, like), _array_at(y_at, numel, like)
+        if unit_size == 1:  # element-wise
+            _drop_elements(x, y, 0, numel, counter0, k0, k1, k2, threshold, coefficients, False)
+        else:  # one mask value per contiguous unit (a channel, a sample)
+            _drop_units(x, y, 0, numel // unit_size, unit_size, counter0, k0, k1, k2, threshold, coefficients, False)
 
     return entry
 
@@ -942,7 +970,7 @@ _I64, _F64 = types.int64, types.float64
 _ENTRY_SIGNATURES = {
     "batch_norm_forward": (_batch_norm_forward_entry, types.void(*[_I64] * 12, _F64, _F64)),
     "batch_norm_backward": (_batch_norm_backward_entry, types.void(*[_I64] * 12, _F64)),
-    "dropout": (_dropout_entry, types.void(*[_I64] * 8, _F64)),
+    "dropout": (_dropout_entry, types.void(*[_I64] * 9, _F64)),
 }
 
 

@@ -57,7 +57,10 @@ def test_backward_keeps_nothing_the_size_of_the_input(backend):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for layer in (nd.Dropout(0.3), nd.Dropout1d(0.3), nd.AlphaDropout(0.3)):
             layer(x.view(128, 16, 16) if isinstance(layer, nd.Dropout1d) else x).sum().backward()
-    assert saved_sizes and max(saved_sizes) <= 2  # only (seed, offset) pairs
+    # Only (seed, offset) pairs; the C++ fast path keeps its key as integers in the node, no tensor at all.
+    assert max(saved_sizes, default=0) <= 2
+    if backend != "numba+fastpath":
+        assert saved_sizes
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import normdrop.nn as nd
 from normdrop.nn import functional as F
 from normdrop.nn import kernels
 from normdrop.nn.kernels import fastpath
+from normdrop.nn.kernels.composite import SELU_SATURATION
 
 BN_SHAPES = [(6, 5), (4, 3, 7), (2, 3, 4, 5), (2, 3, 2, 3, 4)]
 BN_CLASSES = {2: nd.BatchNorm1d, 3: nd.BatchNorm1d, 4: nd.BatchNorm2d, 5: nd.BatchNorm3d}
@@ -234,6 +235,8 @@ def test_dropout_fast_path_matches_the_python_path(numba_backend, dtype, p):
         (lambda: nd.Dropout3d(0.4), (2, 3, 2, 3, 4), 2),
         (lambda: nd.Dropout3d(0.4), (3, 2, 3, 4), 1),  # unbatched: one mask value per index of dim 0
         (lambda: nd.DropPath(0.4), (7, 3, 5), 1),
+        (lambda: nd.FeatureAlphaDropout(0.4), (3, 5, 4, 4), 2),
+        (lambda: nd.AlphaDropout(0.4), (6, 7), 2),
     ],
 )
 def test_channel_and_sample_dropout_fast_path_matches_the_python_path(numba_backend, make_layer, shape, mask_dims):
@@ -251,11 +254,19 @@ def test_channel_and_sample_dropout_fast_path_matches_the_python_path(numba_back
     for a, b in zip(outputs[True], outputs[False], strict=True):
         assert torch.equal(a, b)
     y, dx = outputs[True]
-    # Whole units dropped: within each unit (the dims after the mask's), all zero or all x / (1 - p).
-    kept = y != 0
+    layer = make_layer()
+    if isinstance(layer, torch.nn.AlphaDropout | torch.nn.FeatureAlphaDropout):
+        # A dropped unit takes alpha dropout's constant a s' + b = -a * 1.758 * (1 - p); backward is a * mask.
+        a = 1.0 / ((SELU_SATURATION**2 * 0.4 + 1.0) * 0.6) ** 0.5
+        dropped_value = -a * SELU_SATURATION * 0.6
+        kept = (y - dropped_value).abs() > 1e-12
+        gain = a
+    else:
+        kept, gain = y != 0, 1 / 0.6
+    # Whole units dropped: within each unit (the dims after the mask's), all dropped or all kept.
     units = kept.reshape(math.prod(shape[:mask_dims]), -1)
     assert bool((units.all(dim=1) | ~units.any(dim=1)).all()) and units.any() and not units.all()
-    torch.testing.assert_close(dx, torch.where(kept, g / 0.6, torch.zeros_like(g)))
+    torch.testing.assert_close(dx, torch.where(kept, g * gain, torch.zeros_like(g)))
 
 
 def test_dropout_fast_path_keeps_no_tensor_for_backward_and_double_backward(numba_backend):
@@ -272,6 +283,20 @@ def test_dropout_fast_path_keeps_no_tensor_for_backward_and_double_backward(numb
 
     assert torch.autograd.gradcheck(f, (x64,))
     assert torch.autograd.gradgradcheck(f, (x64,))
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_dropout_fast_path_p_next_to_one_drops_everything(numba_backend, alpha):
+    """p so close to 1 that round(p * 2**32) = 2**32: no uint32 threshold drops every unit, so the constants of a
+    kept unit are those of a dropped one, as on the Python path."""
+    fastpath.set_enabled(True)
+    x = torch.randn(50, 20, requires_grad=True)
+    p = 1.0 - 1e-12
+    y = (F.alpha_dropout if alpha else F.dropout)(x, p, training=True)
+    assert is_fast(y)
+    fastpath.set_enabled(False)
+    assert torch.equal(y, (F.alpha_dropout if alpha else F.dropout)(x, p, training=True))
+    assert len(torch.unique(y)) == 1
 
 
 def test_dropout_fast_path_inplace_and_reproducible(numba_backend):
@@ -292,6 +317,7 @@ import warnings, torch
 import normdrop.nn as nd
 from normdrop.nn import kernels
 from normdrop.nn.kernels import fastpath
+from normdrop.nn.kernels.composite import SELU_SATURATION
 directory = fastpath.build_dir()
 directory.mkdir(parents=True)
 (directory / "normdrop_fastpath.so").write_bytes(b"not a shared library")

@@ -128,8 +128,8 @@ def _apply_dropout(
     seed = draw_seed(generator)
     compiling = torch.compiler.is_compiling()
     y = None
-    if not compiling and not alpha:  # small CPU inputs: one C++ autograd node
-        y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim))
+    if not compiling:  # small CPU inputs: one C++ autograd node
+        y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim), alpha)
     if y is None:
         rng_state = torch.tensor([seed, 0], dtype=torch.int64)
         y = ops.dropout(input, rng_state, float(p), mask_dims, alpha, True, compiling)

@@ -12,9 +12,9 @@
 // When a double backward is being recorded (grad mode on inside backward), the backward is written with ATen
 // ops instead, recomputing the batch statistics from x so that every path from x is differentiated.
 //
-// Dropout: y = x * keep / (1 - p) with keep = bits(seed, offset + u) >= threshold for element (or unit) u;
-// backward is the same node applied to the gradient, so it is differentiable any number of times and keeps only
-// the counter key.
+// Dropout: y = x * keep / (1 - p) with keep = bits(seed, offset + u) >= threshold for element (or unit) u (alpha
+// dropout: y = x * scale[keep] + shift[keep]); backward is the same node, without shifts, applied to the gradient,
+// so it is differentiable any number of times and keeps only the counter key.
 
 #include <torch/extension.h>
 
@@ -31,7 +31,8 @@ using BatchNormForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, i
                                   int64_t, int64_t, int64_t, double, double);
 using BatchNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                    int64_t, int64_t, int64_t, double);
-using Dropout = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
+using Dropout = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double,
+                         double, double, double);
 
 // Index 0: float32, 1: float64.
 BatchNormForward batch_norm_forward_kernel[2] = {nullptr, nullptr};
@@ -150,26 +151,29 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
 
 struct DropoutNode : public torch::autograd::Function<DropoutNode> {
   // unit_size 1: element-wise; else one mask value per contiguous run of unit_size elements (channel dropout of a
-  // contiguous (N, C, *) input, drop path), unit u taking counter counter0 + u.
+  // contiguous (N, C, *) input, drop path), unit u taking counter counter0 + u. y = x * scale + shift with the
+  // (scale, shift) of a dropped or a kept unit; shifts are zero but for alpha dropout's forward.
   static Tensor forward(AutogradContext* ctx, Tensor x, int64_t unit_size, int64_t counter0, int64_t k0, int64_t k1,
-                        int64_t k2, int64_t threshold, double keep_scale) {
+                        int64_t k2, int64_t threshold, double drop_scale, double keep_scale, double drop_shift,
+                        double keep_shift) {
     Tensor y = at::empty_like(x);
     dropout_kernel[dtype_index(x)](address(y), address(x), x.numel(), unit_size, counter0, k0, k1, k2, threshold,
-                                   keep_scale);
+                                   drop_scale, keep_scale, drop_shift, keep_shift);
     ctx->saved_data["key"] = std::vector<int64_t>{unit_size, counter0, k0, k1, k2, threshold};
-    ctx->saved_data["keep_scale"] = keep_scale;
+    ctx->saved_data["scales"] = std::vector<double>{drop_scale, keep_scale};
     ctx->set_materialize_grads(false);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(8);
+    variable_list out(11);
     if (!grads[0].defined()) return out;
     const auto key = ctx->saved_data["key"].toIntVector();
-    const double keep_scale = ctx->saved_data["keep_scale"].toDouble();
-    // dy/dx is the same mask times the same scale; through apply() so a double backward is recorded if asked.
+    const auto scales = ctx->saved_data["scales"].toDoubleVector();
+    // dy/dx is the same mask times the same scales (the map is affine in x); through apply() so a double backward
+    // is recorded if asked.
     Tensor grad = grads[0].is_contiguous() && !grads[0].is_neg() ? grads[0] : grads[0].resolve_neg().contiguous();
-    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], keep_scale);
+    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0, 0.0);
     return out;
   }
 };
@@ -202,10 +206,12 @@ std::optional<Tensor> batch_norm(Tensor x, std::optional<Tensor> weight, std::op
 
 // Dropout through the node (unit_size as in DropoutNode), or None where x is not what the kernels take.
 std::optional<Tensor> dropout(Tensor x, int64_t unit_size, int64_t counter0, int64_t k0, int64_t k1, int64_t k2,
-                              int64_t threshold, double keep_scale) {
+                              int64_t threshold, double drop_scale, double keep_scale, double drop_shift,
+                              double keep_shift) {
   if (dropout_kernel[0] == nullptr || !kernel_ready(x) || unit_size < 1 || x.numel() % unit_size != 0)
     return std::nullopt;
-  return DropoutNode::apply(x, unit_size, counter0, k0, k1, k2, threshold, keep_scale);
+  return DropoutNode::apply(x, unit_size, counter0, k0, k1, k2, threshold, drop_scale, keep_scale, drop_shift,
+                            keep_shift);
 }
 
 void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, int64_t backward64,
@@ -222,6 +228,6 @@ void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm", &batch_norm, "Batch norm as a C++ autograd node (checked inputs only).");
-  m.def("dropout", &dropout, "Element-wise or channel dropout as a C++ autograd node (checked inputs only).");
+  m.def("dropout", &dropout, "Element-wise or channel (alpha) dropout as a C++ autograd node (checked inputs only).");
   m.def("register_kernels", &register_kernels, "Register the numba kernels' C entry points.");
 }

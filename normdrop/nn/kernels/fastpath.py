@@ -17,7 +17,7 @@ Where it cannot be built, one warning says why and every call takes the Python p
 It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
 numba backend, CPU float32/float64 contiguous inputs small enough that the kernels would run serially anyway
 (``numba_cpu.PARALLEL_MIN_NUMEL``, or one thread) and below ``MAX_NUMEL``, per-channel tensors in the input's
-dtype, non-alpha dropout (element-wise, per channel or per sample). ``NORMDROP_FASTPATH=0`` or
+dtype, dropout and alpha dropout (element-wise, per channel or per sample). ``NORMDROP_FASTPATH=0`` or
 ``set_enabled(False)`` turns it off.
 """
 
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import kernels
-from normdrop.nn.rng import drop_threshold, round_keys
+from normdrop.nn.rng import round_keys
 
 __all__ = ["EXT_DIR_ENV", "FASTPATH_ENV", "batch_norm", "build_dir", "dropout", "extension", "set_enabled"]
 
@@ -195,22 +195,25 @@ def batch_norm(
     return module.batch_norm(x, weight, bias, running_mean, running_var, training, float(momentum), eps)
 
 
-def dropout(x: Tensor, seed: int, p: float, mask_dims: int) -> Tensor | None:
-    """Dropout of ``x`` with the mask of ``(seed, offset 0)`` over its first ``mask_dims`` dims (all of them:
-    element-wise; 1 or 2: per sample or per channel) through the C++ node, or None where the fast path does not
-    apply (``0 < p < 1``, no alpha dropout)."""
+def dropout(x: Tensor, seed: int, p: float, mask_dims: int, alpha: bool) -> Tensor | None:
+    """Dropout (``alpha``: alpha dropout) of ``x`` with the mask of ``(seed, offset 0)`` over its first
+    ``mask_dims`` dims (all of them: element-wise; 1 or 2: per sample or per channel) through the C++ node, or None
+    where the fast path does not apply (``0 < p < 1``)."""
     module = _usable(x)
     if module is None or x.dtype not in _DTYPES:
         return None
     units = math.prod(x.shape[:mask_dims])
     unit_size = x.numel() // units if units else 1
-    return module.dropout(x, unit_size, 0, *round_keys(seed), drop_threshold(p), _keep_scale(p, x.dtype))
+    threshold, coefficients = _constants(p, alpha, x.dtype)
+    return module.dropout(x, unit_size, 0, *round_keys(seed), threshold, *coefficients)
 
 
 @functools.lru_cache(maxsize=256)
-def _keep_scale(p: float, dtype: torch.dtype) -> float:
-    """1 / (1 - p) rounded to ``dtype`` exactly as the numba kernels' constants are."""
+def _constants(p: float, alpha: bool, dtype: torch.dtype) -> tuple[int, tuple[float, float, float, float]]:
+    """The drop threshold and (drop_scale, keep_scale, drop_shift, keep_shift), rounded to ``dtype``, exactly as
+    the numba kernels' Python path computes them (p within 2**-33 of 1 drops everything there too)."""
     numba_cpu = kernels._numba_module()
     assert numba_cpu is not None
-    _threshold, coefficients = numba_cpu._dropout_constants(p, False, False, dtype)
-    return float(coefficients[1])
+    threshold, coefficients = numba_cpu._dropout_constants(p, alpha, True, dtype)
+    drop_scale, keep_scale, drop_shift, keep_shift = (float(c) for c in coefficients)
+    return threshold, (drop_scale, keep_scale, drop_shift, keep_shift)

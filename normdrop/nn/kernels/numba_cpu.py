@@ -954,14 +954,18 @@ def _batch_norm_backward_entry(dtype):
 def _dropout_entry(dtype):
     like = np.empty(0, dtype)
 
-    def entry(y_at, x_at, numel, unit_size, counter0, k0, k1, k2, threshold, keep_scale):
-        coefficients = np.zeros(4, dtype)
-        coefficients[1] = keep_scale
+    def entry(y_at, x_at, numel, unit_size, counter0, k0, k1, k2, threshold, drop_scale, keep_scale, drop_shift,
+              keep_shift):  # fmt: skip
+        coefficients = np.empty(4, dtype)
+        coefficients[0], coefficients[1], coefficients[2], coefficients[3] = (
+            drop_scale, keep_scale, drop_shift, keep_shift
+        )  # fmt: skip
+        shift = drop_shift != 0.0 or keep_shift != 0.0
         x, y = _array_at(x_at, numel, like), _array_at(y_at, numel, like)
         if unit_size == 1:  # element-wise
-            _drop_elements(x, y, 0, numel, counter0, k0, k1, k2, threshold, coefficients, False)
+            _drop_elements(x, y, 0, numel, counter0, k0, k1, k2, threshold, coefficients, shift)
         else:  # one mask value per contiguous unit (a channel, a sample)
-            _drop_units(x, y, 0, numel // unit_size, unit_size, counter0, k0, k1, k2, threshold, coefficients, False)
+            _drop_units(x, y, 0, numel // unit_size, unit_size, counter0, k0, k1, k2, threshold, coefficients, shift)
 
     return entry
 
@@ -970,7 +974,7 @@ _I64, _F64 = types.int64, types.float64
 _ENTRY_SIGNATURES = {
     "batch_norm_forward": (_batch_norm_forward_entry, types.void(*[_I64] * 12, _F64, _F64)),
     "batch_norm_backward": (_batch_norm_backward_entry, types.void(*[_I64] * 12, _F64)),
-    "dropout": (_dropout_entry, types.void(*[_I64] * 9, _F64)),
+    "dropout": (_dropout_entry, types.void(*[_I64] * 9, *[_F64] * 4)),
 }
 
 

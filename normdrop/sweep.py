@@ -347,6 +347,9 @@ def _local_results(
         raise TypeError(
             f"run_fn {run_fn!r} cannot be sent to worker processes; pass a module-level function"
         ) from error
+    from normdrop.nn.kernels import fastpath
+
+    fastpath.prepare()  # compile the C++ fast path here once, not in every worker at its first layer call
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(specs)),
         mp_context=get_context("spawn"),

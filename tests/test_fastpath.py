@@ -340,3 +340,19 @@ print("fell back")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fell back" in done.stdout
+
+
+def test_prepare_builds_only_where_calls_may_use_it(monkeypatch):
+    """Sweeps call prepare() before starting workers, so the library is compiled once, by the parent."""
+    calls = []
+    monkeypatch.setattr(fastpath, "extension", lambda: calls.append("built"))
+    for enabled, backend, expected in [(True, "numba", 1), (False, "numba", 0), (True, "composite", 0)]:
+        fastpath.set_enabled(enabled)
+        kernels.set_backend(backend)
+        try:
+            fastpath.prepare()
+        finally:
+            fastpath.set_enabled(None)
+            kernels.set_backend(None)
+        assert len(calls) == expected
+        calls.clear()

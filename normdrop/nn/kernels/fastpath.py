@@ -41,7 +41,16 @@ from torch import Tensor
 from normdrop.nn import kernels
 from normdrop.nn.rng import round_keys
 
-__all__ = ["EXT_DIR_ENV", "FASTPATH_ENV", "batch_norm", "build_dir", "dropout", "extension", "set_enabled"]
+__all__ = [
+    "EXT_DIR_ENV",
+    "FASTPATH_ENV",
+    "batch_norm",
+    "build_dir",
+    "dropout",
+    "extension",
+    "prepare",
+    "set_enabled",
+]
 
 FASTPATH_ENV = "NORMDROP_FASTPATH"
 EXT_DIR_ENV = "NORMDROP_EXT_DIR"
@@ -110,6 +119,13 @@ def extension() -> ModuleType | None:
           for dtype in ("float32", "float64"))
     )  # fmt: skip
     return module
+
+
+def prepare() -> None:
+    """Build the extension now if calls may use it: a process that is about to start workers calls this so the
+    library is compiled once, not once per worker at its first layer call."""
+    if enabled() and kernels.requested_backend() != "composite":
+        extension()
 
 
 def _load_or_build(directory: Path) -> ModuleType:

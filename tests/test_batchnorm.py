@@ -277,3 +277,43 @@ def test_parametrized_weight_and_swapped_buffers_are_used(backend):
     )
     expected = (x - 3.0) / torch.sqrt(torch.tensor(4.0 + ours.eps)) * ours.weight + ours.bias
     torch.testing.assert_close(torch.func.functional_call(ours, state, (x,)), expected)
+
+
+def test_running_mean_without_running_var_is_refused(backend):
+    """Half of the running statistics is an error, as in torch (the fast path once wrote through a null pointer)."""
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be None"):
+        nd.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
+    with pytest.raises(ValueError, match="running_mean and running_var must either both be None"):
+        nd.functional.batch_norm(torch.randn(4, 3), None, torch.ones(3), training=True)
+
+
+def test_checkpointed_layer_updates_running_stats_as_torch_does(backend):
+    """Non-reentrant checkpointing reruns the forward in backward and stops once the saved tensors exist: torch's
+    running statistics are updated in both passes, and so must ours be (the update happens inside the op)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ours, theirs = nd.BatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    x = torch.randn(8, 6) * 2 + 1
+    for layer in (ours, theirs):
+        checkpoint(layer, x.clone().requires_grad_(), use_reentrant=False).sum().backward()
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_jit_trace_records_the_layer(backend):
+    """torch.jit.trace cannot see a kernel called through a pointer: while tracing, the registered custom op runs,
+    so the traced module computes what the eager one does on new inputs."""
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), nd.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation warning
+        traced = torch.jit.trace(model, x)
+    assert "normdrop::batch_norm" in str(traced.inlined_graph)
+    fresh = torch.randn(6, 5) * 3
+    torch.testing.assert_close(traced(fresh), model(fresh))

@@ -68,7 +68,13 @@ def batch_norm(
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if not training and (running_mean is None or running_var is None):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "batch_norm: running_mean and running_var must either both be None or neither be None, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'}, "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    if not training and running_mean is None:
         raise ValueError("batch_norm in inference mode needs running_mean and running_var, got None")
     channels = input.shape[1]
     for name, tensor in (
@@ -84,18 +90,22 @@ def batch_norm(
                 f"got {tuple(tensor.shape)}"
             )
 
-    compiling = torch.compiler.is_compiling()
+    compiling = _graph_capture()
     if not compiling:  # small CPU inputs: one C++ autograd node that also updates the running statistics
         y = fastpath.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
         if y is not None:
             return y
-    y, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, training, eps, compiling)
-    if training and running_mean is not None and running_var is not None and input.numel() > 0:
-        n = input.numel() // channels
-        # running + momentum * (batch - running): two in-place ops, the running stats never join the graph.
-        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-        running_var.lerp_((var.detach() * (n / (n - 1))).to(running_var.dtype), momentum)
+    update = training and running_mean is not None and input.numel() > 0
+    y, _mean, _var = ops.batch_norm(
+        input, weight, bias, running_mean, running_var, training, eps, compiling, momentum if update else None
+    )
     return y
+
+
+def _graph_capture() -> bool:
+    """Whether a graph is being captured (torch.compile, or torch.jit.trace, which would not see a kernel called
+    through a pointer): then the registered custom ops are called, which both record."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _check_floating(input: Tensor, op_name: str) -> None:
@@ -126,7 +136,7 @@ def _apply_dropout(
         raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     _check_floating(input, "dropout")
     seed = draw_seed(generator)
-    compiling = torch.compiler.is_compiling()
+    compiling = _graph_capture()
     y = None
     if not compiling:  # small CPU inputs: one C++ autograd node
         y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim), alpha)

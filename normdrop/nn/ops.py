@@ -100,12 +100,25 @@ def _batch_norm_backward(ctx, grad_y, grad_mean, grad_var):
 batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup_context)
 
 
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float | Tensor
+) -> None:
+    """running <- running + momentum * (batch - running) in place, with the batch mean and the *unbiased* batch
+    variance var * count / (count - 1): two in-place lerps, the running statistics never join the graph."""
+    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+    running_var.lerp_((var.detach() * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
 class _BatchNormFunction(torch.autograd.Function):
-    """The eager twin of ``normdrop::batch_norm``: same kernels, same saved tensors, same backward."""
+    """The eager twin of ``normdrop::batch_norm``: same kernels, same saved tensors, same backward; and, given a
+    ``momentum``, it updates the running statistics inside its forward, as torch's native op does (so a
+    checkpoint's recomputation that stops once the saved tensors exist still updates them, as torch's would)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, momentum):
         output = backend_for(x).batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+        if momentum is not None:
+            update_running_stats(running_mean, running_var, output[1], output[2], x.numel() // x.shape[1], momentum)
         ctx.set_materialize_grads(False)
         _batch_norm_setup_context(ctx, (x, weight, bias, running_mean, running_var, training, eps), output)
         return output
@@ -114,7 +127,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_mean, grad_var):
         if grad_y is None:
             grad_y = torch.zeros_like(ctx.saved_tensors[0])
-        return _batch_norm_backward(ctx, grad_y, grad_mean, grad_var)
+        return *_batch_norm_backward(ctx, grad_y, grad_mean, grad_var), None
 
 
 def batch_norm(
@@ -126,12 +139,18 @@ def batch_norm(
     training: bool,
     eps: float,
     compiling: bool | None = None,
+    momentum: float | Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch norm forward through the custom op when compiling, through the autograd.Function in eager mode
-    (``compiling``: the caller's ``torch.compiler.is_compiling()``, if it has it)."""
-    if torch.compiler.is_compiling() if compiling is None else compiling:
-        return batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
-    return _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, eps)
+    """Batch norm forward through the custom op when compiling or tracing, through the autograd.Function in eager
+    mode (``compiling``: the caller's ``torch.compiler.is_compiling() or torch.jit.is_tracing()``, if it has it).
+    With ``momentum`` (training, running statistics given, a non-empty input) the running statistics are updated
+    in place (``update_running_stats``)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() if compiling is None else compiling:
+        y, mean, var = batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
+        if momentum is not None:
+            update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        return y, mean, var
+    return _BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, eps, momentum)
 
 
 @torch.library.custom_op("normdrop::dropout", mutates_args=())
@@ -188,7 +207,7 @@ class _DropoutFunction(torch.autograd.Function):
 def dropout(
     x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool, compiling: bool | None = None
 ) -> Tensor:
-    """Dropout through the custom op when compiling, through the autograd.Function in eager mode."""
-    if torch.compiler.is_compiling() if compiling is None else compiling:
+    """Dropout through the custom op when compiling or tracing, through the autograd.Function in eager mode."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() if compiling is None else compiling:
         return dropout_op(x, rng_state, p, mask_dims, alpha, shift)
     return _DropoutFunction.apply(x, rng_state, p, mask_dims, alpha, shift)

@@ -84,7 +84,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
       mean = running_mean;
       var = running_var;
     }
-    const bool update = training && running_mean.defined();
+    const bool update = training && running_mean.defined() && running_var.defined();
     batch_norm_forward_kernel[dtype_index(x)](
         address(y), address(x), address(weight), address(bias), address(mean), address(var),
         update ? address(running_mean) : 0, update ? address(running_var) : 0, x.numel(), channels, plane_size(x),
@@ -161,6 +161,9 @@ struct DropoutNode : public torch::autograd::Function<DropoutNode> {
                                    drop_scale, keep_scale, drop_shift, keep_shift);
     ctx->saved_data["key"] = std::vector<int64_t>{unit_size, counter0, k0, k1, k2, threshold};
     ctx->saved_data["scales"] = std::vector<double>{drop_scale, keep_scale};
+    // Nothing of x's size is needed; an empty tensor is saved so that autograd frees it after backward and a
+    // second backward without retain_graph raises, as it does for torch.nn.Dropout.
+    ctx->save_for_backward({at::empty({0}, x.options())});
     ctx->set_materialize_grads(false);
     return y;
   }
@@ -168,6 +171,7 @@ struct DropoutNode : public torch::autograd::Function<DropoutNode> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(11);
     if (!grads[0].defined()) return out;
+    ctx->get_saved_variables();  // raises if the graph was already freed by an earlier backward
     const auto key = ctx->saved_data["key"].toIntVector();
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
     // dy/dx is the same mask times the same scales (the map is affine in x); through apply() so a double backward

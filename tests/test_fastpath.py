@@ -370,3 +370,31 @@ def test_prepare_builds_only_where_calls_may_use_it(monkeypatch):
             kernels.set_backend(None)
         assert len(calls) == expected
         calls.clear()
+
+
+class _TorchFunctionSubclass(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensors_without_plain_memory_never_reach_the_kernels(backend):
+    """Kernels read raw addresses: FakeTensors and wrapper subclasses (no storage: a read would crash the process),
+    and lazily-zero gradients, take the composite path; subclasses come back as subclasses, as with torch.nn."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    with FakeTensorMode():
+        y = F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True)
+    assert type(y).__name__ == "FakeTensor" and y.shape == (4, 3)
+    pair = TwoTensor(torch.randn(4, 3), torch.randn(4, 3))
+    assert isinstance(F.batch_norm(pair, None, None, training=True), TwoTensor)
+    assert isinstance(F.dropout(pair, 0.3), TwoTensor)
+    plain = torch.randn(4, 3)
+    subclass = plain.as_subclass(_TorchFunctionSubclass)
+    assert isinstance(F.batch_norm(subclass, None, None, training=True), _TorchFunctionSubclass)
+    assert isinstance(F.dropout(subclass, 0.3), _TorchFunctionSubclass)
+    for fn in (lambda x: F.dropout(x, 0.5), lambda x: F.batch_norm(x, None, None, training=True)):
+        x = torch.randn(4, 3, requires_grad=True)
+        fn(x).backward(torch._efficientzerotensor((4, 3)))
+        assert torch.equal(x.grad, torch.zeros(4, 3))

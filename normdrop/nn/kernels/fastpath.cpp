@@ -48,6 +48,7 @@ int64_t plane_size(const Tensor& x) { return x.dim() == 2 ? 1 : x.numel() / (x.s
 
 // A gradient in the input's dtype and contiguous layout (it may arrive expanded, e.g. from sum()).
 Tensor dense_like(const Tensor& g, const Tensor& x) {
+  if (g._is_zerotensor()) return at::zeros_like(x, at::MemoryFormat::Contiguous);
   if (g.scalar_type() == x.scalar_type() && g.is_contiguous() && !g.is_neg()) return g;
   return g.to(x.scalar_type()).resolve_neg().contiguous();
 }
@@ -176,24 +177,34 @@ struct DropoutNode : public torch::autograd::Function<DropoutNode> {
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
     // dy/dx is the same mask times the same scales (the map is affine in x); through apply() so a double backward
     // is recorded if asked.
+    if (grads[0]._is_zerotensor()) {  // a lazily-zero gradient has no memory to read: its gradient is zero too
+      out[0] = grads[0];
+      return out;
+    }
     Tensor grad = grads[0].is_contiguous() && !grads[0].is_neg() ? grads[0] : grads[0].resolve_neg().contiguous();
     out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0, 0.0);
     return out;
   }
 };
 
-// What the kernels take: a dense CPU float32/float64 tensor (not a lazily negated view) in row-major order.
+// Real memory holding the values at data_ptr(): not a Python tensor subclass (FakeTensor, wrapper subclasses),
+// not a lazily-zero or lazily-negated tensor.
+bool plain_memory(const Tensor& x) {
+  return x.has_storage() && !x.key_set().has(c10::DispatchKey::Python) && !x._is_zerotensor() && !x.is_neg();
+}
+
+// What the kernels take: a dense CPU float32/float64 tensor in row-major order.
 bool kernel_ready(const Tensor& x) {
   const auto dtype = x.scalar_type();
   return (dtype == at::kFloat || dtype == at::kDouble) && x.is_cpu() && x.layout() == at::kStrided &&
-         x.is_contiguous() && !x.is_neg() && x.numel() > 0;
+         x.is_contiguous() && x.numel() > 0 && plain_memory(x);
 }
 
 // A per-channel tensor the kernels can read as ``channels`` values of x's dtype (or absent).
 bool channel_ready(const std::optional<Tensor>& t, const Tensor& x) {
   if (!t.has_value()) return true;
   return t->scalar_type() == x.scalar_type() && t->is_cpu() && t->layout() == at::kStrided && t->is_contiguous() &&
-         !t->is_neg() && t->numel() == x.size(1);
+         t->numel() == x.size(1) && plain_memory(*t);
 }
 
 // Batch norm through the node, or None where the inputs are not what the kernels take (the caller then takes the

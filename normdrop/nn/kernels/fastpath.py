@@ -181,6 +181,8 @@ def _usable(x: Tensor) -> ModuleType | None:
     the tensors are what the kernels take (CPU, float32/float64, contiguous, per-channel sizes)."""
     if not enabled() or kernels.requested_backend() == "composite" or torch._C._are_functorch_transforms_active():
         return None
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # subclasses keep their own dispatch
+        return None
     numba_cpu = kernels._numba_module()
     numel = x.numel()
     if (

@@ -83,6 +83,8 @@ def _layout(x: Tensor) -> int | None:
     layouts), else None."""
     if not x.is_cpu or x.dtype not in NUMPY_DTYPES or x.layout != torch.strided or x.is_neg():
         return None
+    if not _plain_memory(x):
+        return None
     if x.is_contiguous():
         return _CONTIGUOUS
     if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -90,6 +92,18 @@ def _layout(x: Tensor) -> int | None:
     if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return _CHANNELS_LAST
     return None
+
+
+def _plain_memory(x: Tensor) -> bool:
+    """Whether ``x``'s data address is real memory holding its values: not a tensor subclass (FakeTensor, wrapper
+    subclasses: no storage, or values elsewhere) and not a lazily-zero tensor (``_efficientzerotensor``)."""
+    return (type(x) is torch.Tensor or type(x) is torch.nn.Parameter) and not x._is_zerotensor()
+
+
+def _others_plain(*tensors: Tensor | None) -> bool:
+    """Whether every given tensor besides the input (parameters, statistics, gradients) may be read through its
+    address; a lazily-zero gradient counts as plain (``_with_layout`` materializes it)."""
+    return all(t is None or _plain_memory(t) or (type(t) is torch.Tensor and t._is_zerotensor()) for t in tensors)
 
 
 def supports(x: Tensor) -> bool:
@@ -101,6 +115,8 @@ def _with_layout(t: Tensor, like: Tensor, layout: int) -> Tensor:
     """``t`` (shaped like ``like``) in ``like``'s dtype and memory layout, a copy only where they differ."""
     if t.shape != like.shape:
         raise ValueError(f"expected a gradient of shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t._is_zerotensor():  # a lazily-zero gradient: no memory behind its data address
+        t = torch.zeros_like(like)
     if t.dtype != like.dtype or t.is_neg():
         t = t.to(like.dtype).resolve_neg()
     if layout == _CONTIGUOUS:
@@ -488,7 +504,7 @@ def batch_norm_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch norm forward; same contract as ``composite.batch_norm_forward``."""
     layout = _layout(x)
-    if layout is None or x.numel() == 0:
+    if layout is None or x.numel() == 0 or not _others_plain(weight, bias, running_mean, running_var):
         return composite.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
     channels = x.shape[1]
     out, y = _empty_like(x, layout)
@@ -522,7 +538,7 @@ def batch_norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch norm backward; same contract as ``composite.batch_norm_backward`` (not differentiable itself)."""
     layout = _layout(x)
-    if layout is None or x.numel() == 0:
+    if layout is None or x.numel() == 0 or not _others_plain(grad_out, weight, mean, var, grad_mean, grad_var):
         return composite.batch_norm_backward(grad_out, x, weight, mean, var, training, eps, grad_mean, grad_var)
     channels = x.shape[1]
     grad_out = _with_layout(grad_out, x, layout)

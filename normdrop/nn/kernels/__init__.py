@@ -59,22 +59,9 @@ def _numba_module() -> ModuleType | None:
     return numba_cpu
 
 
-def backend_for(x: torch.Tensor) -> ModuleType:
-    """The backend module that computes on ``x``: numba for CPU tensors if available (or forced), else composite."""
-    name = requested_backend()
-    if name == "composite" or x.device.type != "cpu":
-        return composite
-    numba_cpu = _numba_module()
-    if numba_cpu is None:
-        if name == "numba":
-            raise RuntimeError("the numba backend was requested but numba cannot be imported")
-        return composite
-    return numba_cpu if numba_cpu.supports(x) else composite
-
-
 def backend_for_device(device: torch.device) -> ModuleType:
-    """The backend that makes random fields (``uniform``) on ``device``: numba on the CPU if available (or forced),
-    else composite. Both give the same bits."""
+    """The backend for work on ``device`` (random fields, say): numba on the CPU if available (or forced), else
+    composite. Both give the same bits."""
     name = requested_backend()
     if name == "composite" or torch.device(device).type != "cpu":
         return composite
@@ -84,3 +71,10 @@ def backend_for_device(device: torch.device) -> ModuleType:
             raise RuntimeError("the numba backend was requested but numba cannot be imported")
         return composite
     return numba_cpu
+
+
+def backend_for(x: torch.Tensor) -> ModuleType:
+    """The backend module that computes on ``x``: numba for CPU tensors it supports if available (or forced), else
+    composite."""
+    backend = backend_for_device(x.device)
+    return backend if backend is composite or backend.supports(x) else composite

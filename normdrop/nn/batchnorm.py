@@ -28,14 +28,14 @@ _FORMULAS = r"""
 """
 
 
+_ABSENT = object()
+
+
 def _member(store: dict[str, Tensor | None], module: torch.nn.Module, name: str) -> Tensor | None:
     """``module.<name>`` read from its parameter or buffer dict: ``nn.Module.__getattr__`` costs ~0.5 us per read,
     as long as a tiny layer's kernel; a name moved out of the dict (e.g. by a parametrization) is read the slow way."""
     value = store.get(name, _ABSENT)
     return getattr(module, name) if value is _ABSENT else value
-
-
-_ABSENT = object()
 
 
 class _NormdropBatchNorm:

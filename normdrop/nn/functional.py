@@ -13,7 +13,7 @@ from torch import Tensor
 
 from normdrop.nn import ops
 from normdrop.nn.kernels import fastpath
-from normdrop.nn.rng import draw_seed
+from normdrop.nn.rng import draw_seed, rng_state
 
 __all__ = [
     "InputDimError",
@@ -90,7 +90,7 @@ def batch_norm(
                 f"got {tuple(tensor.shape)}"
             )
 
-    compiling = _graph_capture()
+    compiling = ops.graph_capture()
     if not compiling:  # small CPU inputs: one C++ autograd node that also updates the running statistics
         y = fastpath.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
         if y is not None:
@@ -100,12 +100,6 @@ def batch_norm(
         input, weight, bias, running_mean, running_var, training, eps, compiling, momentum if update else None
     )
     return y
-
-
-def _graph_capture() -> bool:
-    """Whether a graph is being captured (torch.compile, or torch.jit.trace, which would not see a kernel called
-    through a pointer): then the registered custom ops are called, which both record."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _check_floating(input: Tensor, op_name: str) -> None:
@@ -136,13 +130,12 @@ def _apply_dropout(
         raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     _check_floating(input, "dropout")
     seed = draw_seed(generator)
-    compiling = _graph_capture()
+    compiling = ops.graph_capture()
     y = None
     if not compiling:  # small CPU inputs: one C++ autograd node
         y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim), alpha)
     if y is None:
-        rng_state = torch.tensor([seed, 0], dtype=torch.int64)
-        y = ops.dropout(input, rng_state, float(p), mask_dims, alpha, True, compiling)
+        y = ops.dropout(input, rng_state(seed), float(p), mask_dims, alpha, True, compiling)
     return input.copy_(y) if inplace else y
 
 

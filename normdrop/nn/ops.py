@@ -100,6 +100,12 @@ def _batch_norm_backward(ctx, grad_y, grad_mean, grad_var):
 batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup_context)
 
 
+def graph_capture() -> bool:
+    """Whether a graph is being captured: torch.compile, or torch.jit.trace (which would not see a kernel called
+    through a pointer or from numba). Then the registered custom ops are called, which both record."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float | Tensor
 ) -> None:
@@ -142,10 +148,10 @@ def batch_norm(
     momentum: float | Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch norm forward through the custom op when compiling or tracing, through the autograd.Function in eager
-    mode (``compiling``: the caller's ``torch.compiler.is_compiling() or torch.jit.is_tracing()``, if it has it).
+    mode (``compiling``: the caller's ``graph_capture()``, if it has it).
     With ``momentum`` (training, running statistics given, a non-empty input) the running statistics are updated
     in place (``update_running_stats``)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() if compiling is None else compiling:
+    if graph_capture() if compiling is None else compiling:
         y, mean, var = batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
         if momentum is not None:
             update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
@@ -208,6 +214,6 @@ def dropout(
     x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool, compiling: bool | None = None
 ) -> Tensor:
     """Dropout through the custom op when compiling or tracing, through the autograd.Function in eager mode."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() if compiling is None else compiling:
+    if graph_capture() if compiling is None else compiling:
         return dropout_op(x, rng_state, p, mask_dims, alpha, shift)
     return _DropoutFunction.apply(x, rng_state, p, mask_dims, alpha, shift)

@@ -75,7 +75,12 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device, dtype=torch.int64).item())
 
 
+def rng_state(seed: int, offset: int = 0) -> torch.Tensor:
+    """The ``(seed, offset)`` pair as the int64 tensor of shape (2,) the custom ops take; the offset exists so a
+    caller can carve several masks out of one seed."""
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
+
 def draw_rng_state(generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw a fresh ``(seed, offset)`` pair as an int64 tensor of shape (2,): the seed from :func:`draw_seed`; the
-    offset starts at 0, and exists so a caller can carve several masks out of one seed."""
-    return torch.tensor([draw_seed(generator), 0], dtype=torch.int64)
+    """Draw a fresh ``(seed, 0)`` pair (:func:`rng_state`), the seed from :func:`draw_seed`."""
+    return rng_state(draw_seed(generator))

@@ -181,7 +181,7 @@ struct DropoutNode : public torch::autograd::Function<DropoutNode> {
       out[0] = grads[0];
       return out;
     }
-    Tensor grad = grads[0].is_contiguous() && !grads[0].is_neg() ? grads[0] : grads[0].resolve_neg().contiguous();
+    const Tensor grad = dense_like(grads[0], grads[0]);
     out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0, 0.0);
     return out;
   }

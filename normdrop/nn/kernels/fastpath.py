@@ -121,10 +121,15 @@ def extension() -> ModuleType | None:
     return module
 
 
+def _wanted() -> bool:
+    """Whether calls may use the fast path at all: enabled, and a backend that can be numba."""
+    return enabled() and kernels.requested_backend() != "composite"
+
+
 def prepare() -> None:
     """Build the extension now if calls may use it: a process that is about to start workers calls this so the
     library is compiled once, not once per worker at its first layer call."""
-    if enabled() and kernels.requested_backend() != "composite":
+    if _wanted():
         extension()
 
 
@@ -179,7 +184,7 @@ def _put_ninja_on_path() -> None:
 def _usable(x: Tensor) -> ModuleType | None:
     """The extension if calls on ``x`` may take the fast path, else None; the extension itself then checks that
     the tensors are what the kernels take (CPU, float32/float64, contiguous, per-channel sizes)."""
-    if not enabled() or kernels.requested_backend() == "composite" or torch._C._are_functorch_transforms_active():
+    if not _wanted() or torch._C._are_functorch_transforms_active():
         return None
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # subclasses keep their own dispatch
         return None

@@ -94,16 +94,20 @@ def _layout(x: Tensor) -> int | None:
     return None
 
 
+def _plain_type(x: Tensor) -> bool:
+    """Not a tensor subclass (FakeTensor, wrapper subclasses: no storage, or values elsewhere)."""
+    return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
+
+
 def _plain_memory(x: Tensor) -> bool:
-    """Whether ``x``'s data address is real memory holding its values: not a tensor subclass (FakeTensor, wrapper
-    subclasses: no storage, or values elsewhere) and not a lazily-zero tensor (``_efficientzerotensor``)."""
-    return (type(x) is torch.Tensor or type(x) is torch.nn.Parameter) and not x._is_zerotensor()
+    """Whether ``x``'s data address is real memory holding its values: a plain type and not a lazily-zero tensor
+    (``_efficientzerotensor``)."""
+    return _plain_type(x) and not x._is_zerotensor()
 
 
 def _others_plain(*tensors: Tensor | None) -> bool:
-    """Whether every given tensor besides the input (parameters, statistics, gradients) may be read through its
-    address; a lazily-zero gradient counts as plain (``_with_layout`` materializes it)."""
-    return all(t is None or _plain_memory(t) or (type(t) is torch.Tensor and t._is_zerotensor()) for t in tensors)
+    """Whether every given tensor besides the input (parameters, statistics) may be read through its address."""
+    return all(t is None or _plain_memory(t) for t in tensors)
 
 
 def supports(x: Tensor) -> bool:
@@ -538,7 +542,9 @@ def batch_norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch norm backward; same contract as ``composite.batch_norm_backward`` (not differentiable itself)."""
     layout = _layout(x)
-    if layout is None or x.numel() == 0 or not _others_plain(grad_out, weight, mean, var, grad_mean, grad_var):
+    # A lazily-zero output gradient is fine: ``_with_layout`` materializes it.
+    plain = _plain_type(grad_out) and _others_plain(weight, mean, var, grad_mean, grad_var)
+    if layout is None or x.numel() == 0 or not plain:
         return composite.batch_norm_backward(grad_out, x, weight, mean, var, training, eps, grad_mean, grad_var)
     channels = x.shape[1]
     grad_out = _with_layout(grad_out, x, layout)
@@ -674,10 +680,7 @@ def uniform(seed: int, offset: int, count: int, device: torch.device) -> Tensor:
     if torch.device(device).type != "cpu":
         return composite.uniform(seed, offset, count, device)
     out = np.empty(count, np.float64)
-    if _parallel(count):
-        _uniform_parallel(out, offset, *round_keys(seed))
-    else:
-        _uniform_elements(out, 0, count, offset, *round_keys(seed))
+    _fill_uniform(out, round_keys(seed), offset)
     return torch.from_numpy(out)
 
 

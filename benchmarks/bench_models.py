@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
-from normdrop.claims.base import FAMILIES
+from normdrop.claims.setting import FAMILIES
 from normdrop.data import MNIST1D_LENGTH
 from normdrop.models import build_model
 from normdrop.nn import kernels

@@ -10,6 +10,7 @@ torch threads) are deliberately *not* spec fields.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -19,31 +20,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from normdrop.data import DATASET_NAMES
+from normdrop.nn.factory import ACTIVATIONS, LAYER_SOURCES, dropout_names, norm_names
+from normdrop.probe_catalog import DEFAULT_EVERY, KEEPABLE, expand_probes, kept_by_default
+
 TRAINING_SEMANTICS_VERSION: int = 1
 """Bump whenever the trainer or the builders change what a given spec computes; it is part of every run id."""
 
 ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet"]
 DropoutPosition = Literal["after_norm", "before_norm", "before_head"]
 NormPosition = Literal["before_act", "after_act"]
-Activation = Literal["relu", "gelu", "tanh", "selu", "elu", "identity"]
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 Init = Literal["default", "kaiming", "xavier", "lecun", "orthogonal"]
-Layers = Literal["normdrop", "torch"]
+Layers = Literal[LAYER_SOURCES]  # type: ignore[valid-type]
+Keepable = Literal[KEEPABLE]  # type: ignore[valid-type]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
 RunStatus = Literal["finished", "diverged", "failed"]
 
 _CONV_MODELS = ("cnn1d", "cnn2d", "resnet")
 _PROBE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def derive_seed(seed: int, stream: str) -> int:
-    """An independent 63-bit seed for one random stream of a run (``"init"``, ``"batch_order"``, ``"dropout"``).
-
-    One user-facing ``seed`` feeds several generators; hashing it with the stream's name keeps, say, the dropout
-    masks from replaying the random numbers that drew the initial weights.
-    """
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class RunSpec(BaseModel):
@@ -121,15 +117,31 @@ class RunSpec(BaseModel):
     )
 
     # instruments
-    probes: tuple[str, ...] = Field((), description="names of probes to attach (normdrop.probes)")
-    probe_every: int = Field(100, ge=1, description="run the probes every this many steps")
+    probes: tuple[str, ...] = Field((), description="names of probes to attach (normdrop.probe_catalog.PROBES)")
+    probe_every: int = Field(DEFAULT_EVERY, ge=1, description="run the probes every this many steps")
     probe_batch_size: int = Field(256, ge=1, description="size of the fixed probe batch given to probes and hooks")
+    keep: tuple[Keepable, ...] = Field(
+        (),
+        description="what the store keeps of the run besides metrics and probe records: final_weights; "
+        "when not given, what its probes need (normdrop.probe_catalog.KEPT_WITH)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_keep(cls, data: Any) -> Any:
+        # A spec that does not say what it keeps keeps what its probes need, so the same run id always stores the
+        # same things, whoever runs it (unknown probe names are left to the probes validator to report).
+        if isinstance(data, Mapping) and data.get("keep") is None:
+            try:
+                probes = expand_probes(data.get("probes", ()))
+            except (TypeError, ValueError):
+                return data
+            return {**data, "keep": kept_by_default(probes)}
+        return data
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        from normdrop.data import DATASET_NAMES  # lazy: keeps importing the spec light
-
         if value not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {value!r}; expected one of {', '.join(DATASET_NAMES)}")
         return value
@@ -137,8 +149,6 @@ class RunSpec(BaseModel):
     @field_validator("norm")
     @classmethod
     def _known_norm(cls, value: str) -> str:
-        from normdrop.nn.factory import norm_names  # lazy: importing the layers imports torch
-
         if value not in norm_names():
             raise ValueError(f"unknown norm {value!r}; expected one of {sorted(norm_names())}")
         return value
@@ -146,8 +156,6 @@ class RunSpec(BaseModel):
     @field_validator("dropout_kind")
     @classmethod
     def _known_dropout(cls, value: str) -> str:
-        from normdrop.nn.factory import dropout_names
-
         if value not in dropout_names():
             raise ValueError(f"unknown dropout kind {value!r}; expected one of {sorted(dropout_names())}")
         return value
@@ -160,11 +168,14 @@ class RunSpec(BaseModel):
         pairs = value.items() if isinstance(value, Mapping) else value
         return tuple(sorted((str(key), option) for key, option in pairs))
 
+    @field_validator("keep")
+    @classmethod
+    def _canonical_keep(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(set(value)))
+
     @field_validator("probes")
     @classmethod
     def _canonical_probes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from normdrop.probes import expand_probes  # lazy: the registry imports the trainer's dependencies
-
         for name in value:
             if not _PROBE_NAME.match(name):
                 raise ValueError(f"probe name {name!r} must be lower_snake_case")
@@ -195,8 +206,15 @@ class RunSpec(BaseModel):
 
     @property
     def run_id(self) -> str:
-        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields + semantics version)."""
-        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": self.model_dump(mode="json")}
+        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields + semantics version).
+
+        ``keep`` enters the hash only when it differs from what the spec's probes keep by default, so the ids of
+        specs written before the field existed are unchanged (and they stored exactly that default).
+        """
+        fields = self.model_dump(mode="json")
+        if self.keep == kept_by_default(self.probes):
+            del fields["keep"]
+        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": fields}
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -218,12 +236,15 @@ class RunResult:
     probe_records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, float | bool | None] = field(default_factory=dict)
     wall_time: float = 0.0
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain-dict form (the spec as a dict of its fields); non-finite floats are kept as Python floats."""
+        """A plain-dict form (the spec as a dict of its fields, artifacts base64); non-finite floats are kept as
+        Python floats."""
         data = asdict(self)
         data["spec"] = self.spec.model_dump(mode="json")
         data["metrics"] = [list(row) for row in self.metrics]
+        data["artifacts"] = {name: base64.b64encode(blob).decode("ascii") for name, blob in self.artifacts.items()}
         return data
 
     @classmethod
@@ -232,4 +253,5 @@ class RunResult:
         fields = dict(data)
         fields["spec"] = RunSpec.model_validate(fields["spec"])
         fields["metrics"] = [(int(step), str(name), float(value)) for step, name, value in fields["metrics"]]
+        fields["artifacts"] = {name: base64.b64decode(text) for name, text in fields.get("artifacts", {}).items()}
         return cls(**fields)

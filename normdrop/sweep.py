@@ -44,6 +44,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from normdrop.lab import run_spec
+from normdrop.nn.kernels import fastpath
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import RunProvenance, Store
 
@@ -204,10 +206,8 @@ def available_cores() -> int:
 
 
 def default_run_function() -> RunFunction:
-    """The trainer, :func:`normdrop.train.run`."""
-    from normdrop.train import run
-
-    return run
+    """A spec's run with its probes, :func:`normdrop.lab.run_spec`."""
+    return run_spec
 
 
 def execute_run(spec: RunSpec, run_fn: RunFunction) -> tuple[RunResult, RunProvenance]:
@@ -262,7 +262,7 @@ def run_sweep(
         ray_address: Ray cluster to join (default ``$RAY_ADDRESS``; neither: start a local Ray instance
             with one CPU per core and shut it down afterwards).
         progress: show a progress bar with ETA on stderr.
-        run_fn: trains one spec (default :func:`normdrop.train.run`); must be picklable by reference
+        run_fn: trains one spec (default :func:`normdrop.lab.run_spec`); must be picklable by reference
             (a module-level function) for the process pool.
 
     Raises:
@@ -347,8 +347,6 @@ def _local_results(
         raise TypeError(
             f"run_fn {run_fn!r} cannot be sent to worker processes; pass a module-level function"
         ) from error
-    from normdrop.nn.kernels import fastpath
-
     fastpath.prepare()  # compile the C++ fast path here once, not in every worker at its first layer call
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(specs)),

@@ -33,31 +33,38 @@ called at steps ``t = 0, every, 2 every, ...`` up to ``steps`` (``every = 0``: o
 step's evaluation. Its records go to ``RunResult.probe_records`` with ``"probe"`` (the hook's ``name`` attribute,
 else its class name) and ``"step"`` filled in unless the hook set them. Hooks observe and never steer: the
 model's parameters and buffers, the optimizer state, train mode and the global RNG are restored after each call, so
-a run with hooks trains exactly like one without. ``spec.probes`` are turned into hooks by
-``normdrop.probes.make_probe(name, every=spec.probe_every)``.
+a run with hooks trains exactly like one without.
+
+The trainer knows no probe registry: the hooks of ``spec.probes`` come in as ``probe_hooks`` (built by
+:func:`normdrop.lab.run_spec`, which is how a spec with probes is run); a spec that lists probes and gets no probe
+hooks is refused before training, rather than run without its instruments.
+
+What a run keeps: with ``"final_weights"`` in ``spec.keep``, a finished run's ``RunResult.artifacts`` holds
+``torch.save`` of the trained network's state dict under that name (the store saves it among the run's artifacts).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import io
 import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normdrop.data import Dataset, load_dataset
 from normdrop.models import build_model
-from normdrop.spec import RunResult, RunSpec, derive_seed
-
-if TYPE_CHECKING:
-    from normdrop.data import Dataset
+from normdrop.seeds import derive_seed
+from normdrop.spec import RunResult, RunSpec
+from normdrop.tensors import global_norm
 
 EVAL_CHUNK = 4096  # examples per forward pass during evaluation, to bound memory on large test sets
 DATASET_CACHE_SIZE = 4  # datasets kept in memory per process; runs of a sweep mostly share a few
@@ -138,8 +145,6 @@ def _cached_dataset(
     options: tuple[tuple[str, int | float], ...],
     root: str | None,
 ) -> Dataset:
-    from normdrop.data import load_dataset  # lazy: only runs need the data module and its dependencies
-
     return load_dataset(
         name,
         root=root,
@@ -187,11 +192,6 @@ def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[float, f
     return total_loss / len(labels), correct / len(labels)
 
 
-def _global_norm(tensors: Sequence[Tensor]) -> float:
-    """sqrt(sum_i ||x_i||^2) over a list of tensors."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors)))).item()
-
-
 @contextmanager
 def _reproducible(seed: int, num_threads: int | None) -> Iterator[None]:
     """Deterministic algorithms on, the thread count fixed, the default RNG forked and seeded; all restored."""
@@ -208,16 +208,6 @@ def _reproducible(seed: int, num_threads: int | None) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
         torch.set_num_threads(previous_threads)
-
-
-def _probe_hooks(spec: RunSpec) -> list[Hook]:
-    if not spec.probes:
-        return []
-    try:
-        from normdrop.probes import make_probe
-    except ImportError as error:
-        raise RuntimeError(f"spec.probes={spec.probes} but normdrop.probes is not available: {error}") from error
-    return [make_probe(name, every=spec.probe_every) for name in spec.probes]
 
 
 def _due(hook: Hook, step: int, final_step: int) -> bool:
@@ -278,24 +268,37 @@ def run(
     progress: bool = False,
     data_root: str | None = None,
     num_threads: int | None = 1,
+    probe_hooks: Sequence[Hook] | None = None,
 ) -> RunResult:
     """Train the model a spec describes and return everything recorded (see the module docstring).
 
     Args:
         spec: the run.
-        hooks: instruments called during training, in addition to those named by ``spec.probes``.
+        hooks: instruments called during training, besides those of ``spec.probes``.
         progress: show a progress bar with ETA on stderr.
         data_root: directory of real dataset files (MNIST, CIFAR-10); not part of the run's identity.
         num_threads: torch threads during the run (restored after). One thread is fastest for the lab's small
             models and makes results identical across machines with different core counts; None keeps the
             current setting.
+        probe_hooks: the hooks of ``spec.probes`` (:func:`normdrop.lab.run_spec` builds them); required when the
+            spec lists probes, called after ``hooks``.
+
+    Raises:
+        ValueError: the spec lists probes and no ``probe_hooks`` came with it.
     """
+    if spec.probes and probe_hooks is None:
+        raise ValueError(
+            f"spec.probes={list(spec.probes)} needs the probes' hooks: run it with normdrop.lab.run_spec "
+            "(or pass probe_hooks=normdrop.probes.make_probes(spec))"
+        )
     start = time.perf_counter()
     metrics: list[tuple[int, str, float]] = []
     probe_records: list[dict[str, Any]] = []
+    artifacts: dict[str, bytes] = {}
     try:
         with _reproducible(spec.seed, num_threads), _ProgressBar(spec, progress) as bar:
-            diverged_step, summary = _train(spec, list(hooks or []), data_root, metrics, probe_records, bar)
+            all_hooks = [*(hooks or []), *(probe_hooks or [])]
+            diverged_step, summary = _train(spec, all_hooks, data_root, metrics, probe_records, artifacts, bar)
     except Exception as error:
         return RunResult(
             run_id=spec.run_id,
@@ -316,6 +319,7 @@ def run(
         probe_records=probe_records,
         summary=summary,
         wall_time=time.perf_counter() - start,
+        artifacts=artifacts,
     )
 
 
@@ -325,9 +329,11 @@ def _train(
     data_root: str | None,
     metrics: list[tuple[int, str, float]],
     probe_records: list[dict[str, Any]],
+    artifacts: dict[str, bytes],
     bar: _ProgressBar,
 ) -> tuple[int | None, dict[str, float | bool | None]]:
-    """The training loop; appends to ``metrics`` and ``probe_records``, returns (diverged_step, summary)."""
+    """The training loop; appends to ``metrics`` and ``probe_records``, fills ``artifacts`` with what
+    ``spec.keep`` names, returns (diverged_step, summary)."""
     data = load_run_dataset(spec, data_root)
     x_train, y_train = data.x_train, data.y_train
     if spec.batch_size > len(y_train):
@@ -338,7 +344,6 @@ def _train(
     batches = _batch_indices(
         len(y_train), spec.batch_size, torch.Generator().manual_seed(derive_seed(spec.seed, "batch_order"))
     )
-    hooks = hooks + _probe_hooks(spec)
     for hook in hooks:
         if not isinstance(hook.every, int) or hook.every < 0:
             raise ValueError(f"hook {hook!r}: every must be an integer >= 0, got {hook.every!r}")
@@ -397,6 +402,10 @@ def _train(
             bar.update(done)
         call_hooks_at(done)
     summary.update(diverged=False, steps_completed=spec.steps, train_time=train_time)
+    if "final_weights" in spec.keep:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        artifacts["final_weights"] = buffer.getvalue()
     return None, summary
 
 
@@ -406,10 +415,10 @@ def _step_with_diagnostics(
     """One optimizer step that also records ||g_t||, ||w_t|| and ||w_{t+1} - w_t|| / ||w_t||."""
     before = [parameter.detach().clone() for parameter in parameters]
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    grad_norm = _global_norm(grads) if grads else 0.0
+    grad_norm = float(global_norm(grads))
     optimizer.step()
-    weight_norm = _global_norm(before)
-    update_norm = _global_norm(torch._foreach_sub([p.detach() for p in parameters], before))
+    weight_norm = float(global_norm(before))
+    update_norm = float(global_norm(torch._foreach_sub([p.detach() for p in parameters], before)))
     metrics.extend(
         [
             (step, "grad_norm", grad_norm),

@@ -13,16 +13,13 @@ import torch
 
 import normdrop.nn as nd
 from normdrop.claims import CLAIM_IDS, ClaimData, StudySetting, get, register, unregister
-from normdrop.claims.base import (
-    Claim,
-    Experiment,
-    final,
-    probe_problem,
-    small_label,
-    steps_to_reach,
-)
+from normdrop.claims.base import Claim
 from normdrop.claims.bn_stable_inputs import relative_drift
 from normdrop.claims.dropout_bn_shift import position_label
+from normdrop.claims.experiment import Experiment, small_label
+from normdrop.claims.readers import final, steps_to_reach
+from normdrop.probe_catalog import PROBES
+from normdrop.probes import make_probe
 from normdrop.spec import RunResult, RunSpec
 from normdrop.stats import VERDICTS
 
@@ -258,10 +255,13 @@ def test_diverged_runs_are_results_not_gaps() -> None:
 
 
 def test_probes_named_by_claims_exist_in_the_registry() -> None:
-    for claim_id in CLAIM_IDS:
-        for probe in get(claim_id).probes:
-            assert probe_problem(probe) is None, (claim_id, probe)
-    assert "no_such_probe" in (probe_problem("no_such_probe") or "")
+    named = {probe for claim_id in CLAIM_IDS for probe in get(claim_id).probes}
+    asked = {
+        probe for claim_id in CLAIM_IDS for spec in get(claim_id).experiment(SETTING).specs() for probe in spec.probes
+    }
+    assert named and named <= asked <= set(PROBES)
+    for probe in asked:
+        assert make_probe(probe, every=1).every == (0 if PROBES[probe] == "end" else 1), probe
 
 
 def test_the_mechanics_claims_pass_on_normdrop_layers() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import normdrop.nn as nd
-from normdrop import mc
+from normdrop.nn import mc
 
 P = 0.4
 N_INPUTS = 200

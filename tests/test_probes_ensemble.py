@@ -12,11 +12,12 @@ from torch import nn
 
 import normdrop.nn as nd
 from normdrop.data import Dataset
-from normdrop.mc import mc_samples
+from normdrop.lab import run_spec
+from normdrop.nn.mc import mc_samples
 from normdrop.probes import EnsembleProbe, ensemble_comparison, explicit_ensemble_records, mc_dropout_records
 from normdrop.probes.ensemble import MC_SEED
 from normdrop.spec import RunSpec
-from normdrop.train import HookContext, run
+from normdrop.train import HookContext
 
 
 def linear_in_dropped_units(seed: int = 0) -> nn.Sequential:
@@ -128,7 +129,7 @@ def test_probe_runs_at_the_end_of_a_run_on_the_test_set() -> None:
     probe = EnsembleProbe(ks=(1, 2))
     assert probe.every == 0 and probe.when == "end"
     spec = RunSpec(dataset="blobs", width=16, dropout=0.3, steps=20, eval_every=20, probes=("ensemble",))
-    result = run(spec)
+    result = run_spec(spec)
     assert result.status == "finished"
     assert {r["step"] for r in result.probe_records} == {20}
     assert [r["k"] for r in result.probe_records] == [None, 1, 2, 5, 10, 20, 50, 100]

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from normdrop.data import Dataset
+from normdrop.lab import run_spec
 from normdrop.probes import GeneralizationProbe, common_train_accuracy, gap_at_train_accuracy, gap_records
 from normdrop.spec import RunSpec
-from normdrop.train import HookContext, run
+from normdrop.train import HookContext
 
 
 def metrics_from(curve: dict[int, tuple[float, float, float, float]]) -> list[tuple[int, str, float]]:
@@ -84,7 +85,7 @@ def test_probe_on_a_classifier_with_known_accuracies() -> None:
 
 def test_probe_agrees_with_the_trainers_evaluation() -> None:
     spec = RunSpec(dataset="blobs", width=16, steps=20, eval_every=10, probes=("generalization",), probe_every=10)
-    result = run(spec)
+    result = run_spec(spec)
     from_metrics = {r["step"]: r for r in gap_records(result.metrics)}
     for record in result.probe_records:
         expected = from_metrics[record["step"]]

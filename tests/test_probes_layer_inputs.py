@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import normdrop.nn as nd
+from normdrop.lab import run_spec
 from normdrop.probes import LayerInputsProbe
 from normdrop.spec import RunSpec
-from normdrop.train import HookContext, run
+from normdrop.train import HookContext
 
 STANDARD_NORMAL = torch.distributions.Normal(0.0, 1.0)
 
@@ -115,7 +116,7 @@ def test_in_a_run_drift_grows_from_zero_and_records_are_json() -> None:
     spec = RunSpec(
         dataset="blobs", width=16, norm="batch", steps=30, eval_every=30, probes=("layer_inputs",), probe_every=10
     )
-    result = run(spec)
+    result = run_spec(spec)
     assert result.status == "finished"
     rows = [r for r in result.probe_records if r["unit"] is None and r["layer"] == "hidden1.act"]
     assert [r["step"] for r in rows] == [0, 10, 20, 30]

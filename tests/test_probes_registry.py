@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 import normdrop.nn as nd
+from normdrop.lab import run_spec
+from normdrop.probe_catalog import DEFAULT_EVERY, PROBES
 from normdrop.probes import PRESETS, REGISTRY, Probe, expand_probes, make_probe, measurement_mode
-from normdrop.probes.base import DEFAULT_EVERY, ONCE_EVERY, tidy_record
+from normdrop.probes.base import ONCE_EVERY, tidy_record
 from normdrop.spec import RunSpec
-from normdrop.train import HookContext, run
+from normdrop.train import HookContext
 
 SMALL = {
     "dataset": "blobs",
@@ -41,6 +43,14 @@ def test_every_registered_name_builds_a_probe_with_its_schedule() -> None:
     assert make_probe("curvature", when="once").every == ONCE_EVERY
     assert make_probe("curvature_running").bn_modes == ("running",)
     assert make_probe("landscape", every=3, etas=[0.5]).etas == (0.5,)
+
+
+def test_the_registry_builds_exactly_the_catalogue_with_its_cadences() -> None:
+    """The spec validates names against plain data (normdrop.probe_catalog); the registry must build every one of
+    them, each running when the catalogue says."""
+    assert set(REGISTRY) == set(PROBES)
+    for name, when in PROBES.items():
+        assert make_probe(name, every=7).when == when, name
 
 
 def test_presets_expand_to_registered_probes_and_are_not_probes() -> None:
@@ -100,8 +110,8 @@ def _deterministic(result) -> tuple:
 
 def test_probed_run_trains_like_an_unprobed_one_and_records_are_tidy_json() -> None:
     spec = RunSpec(**SMALL, probes=expand_probes(["all"]))
-    plain = run(RunSpec(**SMALL))
-    probed = run(spec)
+    plain = run_spec(RunSpec(**SMALL))
+    probed = run_spec(spec)
     assert probed.status == "finished", probed.error
     assert _deterministic(probed) == _deterministic(plain)
     json.dumps(probed.probe_records, allow_nan=False)
@@ -118,5 +128,5 @@ def test_probed_run_trains_like_an_unprobed_one_and_records_are_tidy_json() -> N
 
 def test_a_once_probe_runs_at_step_zero_only() -> None:
     probe = make_probe("coadaptation", when="once")
-    result = run(RunSpec(**SMALL), hooks=[probe])
+    result = run_spec(RunSpec(**SMALL), hooks=[probe])
     assert {record["step"] for record in result.probe_records} == {0}

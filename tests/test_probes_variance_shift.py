@@ -9,9 +9,10 @@ from torch import nn
 
 import normdrop.nn as nd
 from normdrop.data import Dataset
+from normdrop.lab import run_spec
 from normdrop.probes import VarianceShiftProbe, predicted_train_variance
 from normdrop.spec import RunSpec
-from normdrop.train import HookContext, run
+from normdrop.train import HookContext
 
 N = 40000
 
@@ -124,7 +125,7 @@ def test_in_a_run_with_dropout_before_bn() -> None:
         probes=("variance_shift",),
         probe_every=40,
     )
-    result = run(spec)
+    result = run_spec(spec)
     assert result.status == "finished"
     final = [r for r in result.probe_records if r["step"] == 40]
     layers = [r for r in final if r["layer"] is not None]

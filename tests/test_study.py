@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from normdrop.claims import CLAIM_IDS, Analysis, Claim, ClaimData, Experiment, StudySetting, all_claims, get, measure
-from normdrop.claims.base import probed_deep_arms
+from normdrop.claims.experiment import probed_deep_arms
 from normdrop.report import summary_dict, write_report
 from normdrop.spec import RunResult, RunSpec
 from normdrop.stats import VERDICTS

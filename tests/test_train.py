@@ -7,7 +7,7 @@ import math
 import subprocess
 import sys
 import time
-import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +15,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from normdrop import probes
+from normdrop.lab import run_spec
 from normdrop.probes import expand_probes
-from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, derive_seed
+from normdrop.seeds import derive_seed
+from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec
 from normdrop.train import HookContext, learning_rate, run
 
 # A small, fast run: an MLP with batch norm and dropout on Gaussian blobs (1000 train / 1000 test, 4 classes).
@@ -376,24 +379,35 @@ def test_hooks_cannot_change_the_run() -> None:
 
 
 def test_spec_probes_become_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lab.run_spec builds the spec's probes from the registry, in the spec's (sorted) order, at its cadence."""
     made: list[tuple[str, int]] = []
 
-    def make_probe(name: str, every: int) -> RecordingHook:
-        made.append((name, every))
-        return RecordingHook(every=every, name=name)
+    def factory(name: str) -> Callable[..., RecordingHook]:
+        def make(every: int, when: str | None = None) -> RecordingHook:
+            made.append((name, every))
+            return RecordingHook(every=every, name=name)
 
-    fake_registry = types.SimpleNamespace(make_probe=make_probe, expand_probes=lambda names: tuple(sorted(set(names))))
-    monkeypatch.setitem(sys.modules, "normdrop.probes", fake_registry)
-    result = run(fast_spec(steps=10, probes=("beta", "alpha"), probe_every=5))
-    assert made == [("alpha", 5), ("beta", 5)]
+        return make
+
+    for name in ("ics", "landscape"):
+        monkeypatch.setitem(probes.REGISTRY, name, factory(name))
+    result = run_spec(fast_spec(steps=10, probes=("landscape", "ics"), probe_every=5))
+    assert result.status == "finished", result.error
+    assert made == [("ics", 5), ("landscape", 5)]
     assert [(record["probe"], record["step"]) for record in result.probe_records] == [
-        ("alpha", 0),
-        ("beta", 0),
-        ("alpha", 5),
-        ("beta", 5),
-        ("alpha", 10),
-        ("beta", 10),
+        ("ics", 0),
+        ("landscape", 0),
+        ("ics", 5),
+        ("landscape", 5),
+        ("ics", 10),
+        ("landscape", 10),
     ]
+
+
+def test_the_trainer_refuses_a_probed_spec_without_its_probes() -> None:
+    """The trainer knows no probe registry: a spec with probes and no probe hooks is refused, not run bare."""
+    with pytest.raises(ValueError, match=r"needs the probes' hooks: run it with normdrop.lab.run_spec"):
+        run(fast_spec(steps=2, probes=("ics",)))
 
 
 def test_a_hook_with_a_bad_schedule_fails_the_run() -> None:

@@ -22,20 +22,10 @@ from __future__ import annotations
 
 import importlib
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    ClaimResult,
-    Experiment,
-    Figure,
-    Measurement,
-    RunCounts,
-    StudySetting,
-    Table,
-    measure,
-    not_measurable,
-)
+from normdrop.claims.base import Claim, ClaimData, ClaimResult
+from normdrop.claims.experiment import Experiment
+from normdrop.claims.results import Analysis, Figure, Measurement, RunCounts, Table, measure, not_measurable
+from normdrop.claims.setting import StudySetting
 
 CLAIM_IDS: tuple[str, ...] = (
     "bn-mechanics",

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final,
-    measure,
-    small_arm,
-    small_label,
-)
-from normdrop.report.figures import LABELS, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, small_arm, small_label
+from normdrop.claims.figures import LABELS, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import final
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 
 
 def dropout_gain(data: ClaimData, norm: str, p: float) -> dict[int, float]:

@@ -13,20 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    curve,
-    measure,
-    not_measurable,
-    small_arm,
-    small_label,
-)
-from normdrop.report.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, small_arm, small_label
+from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import curve
+from normdrop.claims.results import Analysis, measure, not_measurable
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 
 MATCH_CAP = 0.95

@@ -21,20 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    mean_of,
-    measure,
-    probed_deep_arms,
-    probed_label,
-    records,
-)
-from normdrop.report.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, probed_deep_arms, probed_label
+from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.readers import mean_of, records
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 from normdrop.stats import paired_log_ratio
 

@@ -1,8 +1,8 @@
 """dropout-ensemble: a dropout network behaves like an average over many thinned networks.
 
 Per replicate seed: one plain small network trained with dropout 0.5, and an explicit ensemble of independently
-trained networks without dropout (other seeds). These runs keep their final weights (they list the ``ensemble``
-probe, see ``normdrop.claims.base.WEIGHT_PROBES``), so the analysis rebuilds the networks and calls
+trained networks without dropout (other seeds). These runs keep their final weights (``keep=("final_weights",)``,
+also what a spec listing the ``ensemble`` probe keeps by default), so the analysis rebuilds the networks and calls
 ``normdrop.probes.ensemble_comparison`` on the test set: weight-scaled inference (the normal eval-mode network),
 Monte-Carlo averages of k thinned networks (k = 1..100 random masks), and the average of the first n independent
 networks. The claim holds if the cheap weight-scaled network predicts like the average of many thinned ones:
@@ -16,23 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final_model,
-    measure,
-    not_measurable,
-    small_arm,
-)
-from normdrop.report.figures import finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import SMALL_PROBES, Experiment, small_arm
+from normdrop.claims.figures import finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.readers import final_model
+from normdrop.claims.results import Analysis, measure, not_measurable
+from normdrop.claims.setting import StudySetting
 
 MEMBER_SEED_BASE = 1000
 MARGIN_PP = 1.0
 MARGIN_NLL = 0.05
 DROPOUT_ARM = "dropout net"
+KEEP = ("final_weights",)
+"""What every run of this claim keeps: the analysis evaluates the trained networks again."""
 
 
 def member_label(index: int) -> str:
@@ -69,10 +65,8 @@ class DropoutEnsemble(Claim):
     references = ("Srivastava et al. 2014, section 7.5 and figure 11", "Gal & Ghahramani 2016")
 
     def experiment(self, setting: StudySetting) -> Experiment:
-        from normdrop.claims.base import SMALL_PROBES, available
-
-        probes = (*available(SMALL_PROBES), "ensemble")
-        _, dropout_specs = small_arm(setting, "none", setting.primary_dropout, probes=probes)
+        probes = (*SMALL_PROBES, "ensemble")
+        _, dropout_specs = small_arm(setting, "none", setting.primary_dropout, probes=probes, keep=KEEP)
         arms = {DROPOUT_ARM: dropout_specs}
         members = setting.ensemble_members
         for index in range(members):
@@ -82,6 +76,7 @@ class DropoutEnsemble(Claim):
                     norm="none",
                     dropout=0.0,
                     probes=probes,
+                    keep=KEEP,
                     seed=MEMBER_SEED_BASE + replicate * members + index,
                 )
                 for replicate in setting.seed_list

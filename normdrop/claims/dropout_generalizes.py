@@ -10,19 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    dropout_grid_arms,
-    dropout_label,
-    final,
-    measure,
-    size_name,
-)
-from normdrop.report.figures import finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment, dropout_grid_arms, dropout_label, size_name
+from normdrop.claims.figures import finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import final
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 
 
 def finals(data: ClaimData, p: float, train_size: int | None, metric: str) -> dict[int, float | None]:

@@ -10,20 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    curve,
-    dropout_grid_arms,
-    dropout_label,
-    final,
-    measure,
-    size_name,
-)
-from normdrop.report.figures import align, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment, dropout_grid_arms, dropout_label, size_name
+from normdrop.claims.figures import align, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import curve, final
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from normdrop.claims.base import StudySetting
+from normdrop.claims.setting import StudySetting
 from normdrop.store import DEFAULT_STORE_FILENAME, STORE_ENV_VAR, StoreError
 from normdrop.study import DEFAULT_OUT_DIR, StudyOutcome, run_study
 from normdrop.sweep import ExecutorName

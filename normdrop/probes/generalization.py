@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 
-from normdrop.probes.base import DEFAULT_EVERY, Probe, Record, When, tidy_record
-from normdrop.train import evaluate
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import Probe, Record, tidy_record
+from normdrop.train import HookContext, evaluate
 
 NAME = "generalization"
 EVALUATION_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")

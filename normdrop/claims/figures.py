@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
-from normdrop.claims.base import Figure, Measurement
+from normdrop.claims.results import Figure, Measurement
 from normdrop.stats import t_interval
 
 DPI = 96

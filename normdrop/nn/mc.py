@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from normdrop.nn.dropout_variants import DROPOUT_LAYER_TYPES, DropConnect
+from normdrop.nn.dropout_variants import DropConnect
+from normdrop.nn.modes import dropouts, layer_modes
 
 __all__ = ["MCPrediction", "mc_dropout_mode", "mc_predict", "mc_samples", "summarize_samples"]
 
@@ -53,19 +54,12 @@ class MCPrediction:
 @contextmanager
 def mc_dropout_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block, ``model`` is in eval mode except its dropout layers (``DROPOUT_LAYER_TYPES``), which
-    sample; every module's mode is restored on exit. ValueError if the model has no dropout layer."""
-    dropout_layers = [m for m in model.modules() if isinstance(m, DROPOUT_LAYER_TYPES)]
-    if not dropout_layers:
+    sample (:func:`normdrop.nn.modes.layer_modes`); every module's mode is restored on exit. ValueError if the
+    model has no dropout layer."""
+    if not dropouts(model):
         raise ValueError("MC dropout needs a model with dropout layers; this one has none, so all samples would agree")
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        for layer in dropout_layers:
-            layer.training = True
+    with layer_modes(model, batch_norm=False, dropout=True):
         yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def _check_positive(value: int | None, name: str) -> None:

@@ -22,6 +22,7 @@ from normdrop.claims.figures import finish, legend, message_figure, new_figure, 
 from normdrop.claims.readers import final_model
 from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
+from normdrop.stats import paired_difference
 
 MEMBER_SEED_BASE = 1000
 MARGIN_PP = 1.0
@@ -126,13 +127,10 @@ class DropoutEnsemble(Claim):
         def per(method: str, k: int | None, field: str) -> dict[int, float | None]:
             return {seed: pick(rows, method, k, field) for seed, rows in per_seed.items()}
 
-        def diff(a: dict[int, float | None], b: dict[int, float | None], scale: float = 1.0) -> dict[int, float]:
-            return {s: scale * (a[s] - b[s]) for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None}
-
         primary = measure(
             f"MC average over {k_max} masks vs weight scaling (accuracy)",
             metric,
-            diff(per("mc", k_max, "accuracy"), per("weight_scaled", None, "accuracy"), 100),
+            paired_difference(per("mc", k_max, "accuracy"), per("weight_scaled", None, "accuracy"), scale=100),
             "equal",
             margin=MARGIN_PP,
             unit="pp",
@@ -142,7 +140,7 @@ class DropoutEnsemble(Claim):
             measure(
                 f"MC average over {k_max} masks vs weight scaling (NLL)",
                 "test negative log-likelihood, MC average minus weight-scaled, nats",
-                diff(per("mc", k_max, "nll"), per("weight_scaled", None, "nll")),
+                paired_difference(per("mc", k_max, "nll"), per("weight_scaled", None, "nll")),
                 "equal",
                 margin=MARGIN_NLL,
                 unit="nats",
@@ -153,7 +151,7 @@ class DropoutEnsemble(Claim):
                 measure(
                     f"explicit ensemble of {n_max} independent nets minus the MC average (accuracy)",
                     "test accuracy, explicit ensemble minus MC average over 100 masks, percentage points",
-                    diff(per("ensemble", n_max, "accuracy"), per("mc", k_max, "accuracy"), 100),
+                    paired_difference(per("ensemble", n_max, "accuracy"), per("mc", k_max, "accuracy"), scale=100),
                     "increase",
                     unit="pp",
                 )

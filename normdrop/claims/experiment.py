@@ -86,6 +86,17 @@ def small_arm(
     return small_label(norm, dropout, train_size, **fields), specs
 
 
+def factorial_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
+    """The 2 x 2 factorial of the small family: BN or none x dropout :attr:`StudySetting.primary_dropout` or none,
+    the same seeds in every cell (bn-less-dropout and summary share these runs)."""
+    arms = {}
+    for norm in NORMS:
+        for p in (0.0, setting.primary_dropout):
+            label, specs = small_arm(setting, norm, p)
+            arms[label] = specs
+    return arms
+
+
 def dropout_label(setting: StudySetting, p: float, train_size: int | None) -> str:
     """Arm label of the plain small network with dropout ``p`` trained on ``train_size`` examples."""
     return small_label("none", p) if train_size == setting.small_train_size else small_label("none", p, train_size)

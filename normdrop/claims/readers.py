@@ -3,6 +3,7 @@ weights (the network rebuilt)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from collections.abc import Iterable, Mapping
@@ -79,13 +80,27 @@ def mean_of(values: Iterable[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+LEGACY_WEIGHTS_RECORD = "final_state"
+"""Probe name under which stores written before ``RunSpec.keep`` existed hold a run's final weights (``torch.save``
+of the state dict, base64, field ``state``); same run ids, so such stores stay readable."""
+
+
+def kept_weights(result: RunResult) -> bytes | None:
+    """The ``torch.save`` bytes of a run's final state dict, if the run kept them."""
+    if "final_weights" in result.artifacts:
+        return result.artifacts["final_weights"]
+    legacy = records(result, LEGACY_WEIGHTS_RECORD)
+    return base64.b64decode(legacy[-1]["state"]) if legacy else None
+
+
 def final_model(result: RunResult | None) -> Any:
     """The trained network of a finished run that kept its weights (``"final_weights"`` in ``spec.keep``), in eval
     mode; None otherwise."""
-    if result is None or result.status != "finished" or "final_weights" not in result.artifacts:
+    weights = None if result is None or result.status != "finished" else kept_weights(result)
+    if weights is None:
         return None
     data = load_run_dataset(result.spec)
     model = build_model(result.spec, data.input_shape, data.num_classes)
-    state = torch.load(io.BytesIO(result.artifacts["final_weights"]), weights_only=True)
+    state = torch.load(io.BytesIO(weights), weights_only=True)
     model.load_state_dict(state)
     return model.eval()

@@ -1,6 +1,6 @@
-"""Sweeps: a study file becomes a list of run specs; an executor runs the missing ones into the store.
+"""Sweeps: a sweep file becomes a list of run specs; an executor runs the missing ones into the store.
 
-A study file is TOML::
+A sweep file is TOML::
 
     seeds = 3                    # or a list: seeds = [0, 1, 2]; top-level keys come before any [table]
     name = "bn-vs-lr"            # optional
@@ -52,12 +52,12 @@ from normdrop.store import RunProvenance, Store
 ExecutorName = Literal["local", "ray"]
 RunFunction = Callable[[RunSpec], RunResult]
 
-_STUDY_KEYS = ("name", "description", "seeds", "fixed", "grid")
+_SWEEP_FILE_KEYS = ("name", "description", "seeds", "fixed", "grid")
 _PARENT_POLL_S = 1.0
 
 
-class StudyError(ValueError):
-    """A study file that cannot be turned into specs; the message names the file, key and value."""
+class SweepFileError(ValueError):
+    """A sweep file that cannot be turned into specs; the message names the file, key and value."""
 
 
 class SweepError(RuntimeError):
@@ -81,62 +81,63 @@ class SweepReport:
         return self.finished + self.diverged + self.failed
 
 
-# ---- study files ---------------------------------------------------------------------------------------
+# ---- sweep files ---------------------------------------------------------------------------------------
 
 
-def load_study(path: str | Path) -> list[RunSpec]:
-    """Read a study file and expand it into run specs: grid product (in file order) times seeds.
+def load_sweep_file(path: str | Path) -> list[RunSpec]:
+    """Read a sweep file and expand it into run specs: grid product (in file order) times seeds.
 
     Raises:
-        StudyError: unreadable or invalid TOML, an unknown key, a malformed grid or seeds, or a spec value
+        SweepFileError: unreadable or invalid TOML, an unknown key, a malformed grid or seeds, or a spec value
             the spec rejects; the message names the file, the key and the value.
     """
     path = Path(path)
     try:
-        study = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_text())
     except OSError as error:
-        raise StudyError(f"{path}: cannot read the study file ({error.strerror})") from error
+        raise SweepFileError(f"{path}: cannot read the sweep file ({error.strerror})") from error
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise StudyError(f"{path}: not valid TOML ({error})") from error
-    return expand_study(study, source=str(path))
+        raise SweepFileError(f"{path}: not valid TOML ({error})") from error
+    return expand_sweep_file(document, source=str(path))
 
 
-def expand_study(study: Mapping[str, Any], source: str = "<study>") -> list[RunSpec]:
-    """Expand a parsed study (the TOML document as a mapping) into run specs; see :func:`load_study`.
+def expand_sweep_file(document: Mapping[str, Any], source: str = "<sweep file>") -> list[RunSpec]:
+    """Expand a parsed sweep file (the TOML document as a mapping) into run specs; see :func:`load_sweep_file`.
 
     Args:
-        study: mapping with optional keys ``name``, ``description``, ``seeds``, ``fixed``, ``grid``.
-        source: how error messages name the study, usually its file.
+        document: mapping with optional keys ``name``, ``description``, ``seeds``, ``fixed``, ``grid``.
+        source: how error messages name the sweep file, usually its path.
     """
-    unknown = [key for key in study if key not in _STUDY_KEYS]
+    unknown = [key for key in document if key not in _SWEEP_FILE_KEYS]
     if unknown:
-        raise StudyError(
-            f"{source}: {unknown[0]} = {study[unknown[0]]!r}: unknown top-level key; expected some of {_STUDY_KEYS}"
+        raise SweepFileError(
+            f"{source}: {unknown[0]} = {document[unknown[0]]!r}: unknown top-level key; "
+            f"expected some of {_SWEEP_FILE_KEYS}"
         )
-    fixed = _table(study, "fixed", source)
-    grid = _table(study, "grid", source)
+    fixed = _table(document, "fixed", source)
+    grid = _table(document, "grid", source)
     if "seeds" in grid or "seeds" in fixed:
         section = "grid" if "seeds" in grid else "fixed"
-        raise StudyError(
+        raise SweepFileError(
             f"{source}: [{section}] seeds: `seeds` is a top-level key; write it before any [table] in the file"
         )
     for section, table in (("fixed", fixed), ("grid", grid)):
         for key in table:
             if key not in RunSpec.model_fields:
-                raise StudyError(
+                raise SweepFileError(
                     f"{source}: [{section}] {key} = {table[key]!r}: unknown spec field; "
                     f"spec fields are {', '.join(sorted(RunSpec.model_fields))}"
                 )
     both = sorted(fixed.keys() & grid.keys())
     if both:
-        raise StudyError(f"{source}: {both[0]!r} is both in [fixed] and in [grid]; keep one")
+        raise SweepFileError(f"{source}: {both[0]!r} is both in [fixed] and in [grid]; keep one")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise StudyError(f"{source}: [grid] {key} = {values!r}: a grid axis must be a non-empty list of values")
+            raise SweepFileError(f"{source}: [grid] {key} = {values!r}: a grid axis must be a non-empty list of values")
         for value in values:
             if values.count(value) > 1:
-                raise StudyError(f"{source}: [grid] {key} = {values!r}: the value {value!r} is listed twice")
-    seeds = _seeds(study, fixed, grid, source)
+                raise SweepFileError(f"{source}: [grid] {key} = {values!r}: the value {value!r} is listed twice")
+    seeds = _seeds(document, fixed, grid, source)
 
     specs = []
     for combination in itertools.product(*grid.values()):
@@ -146,34 +147,34 @@ def expand_study(study: Mapping[str, Any], source: str = "<study>") -> list[RunS
             try:
                 specs.append(RunSpec(**fields))
             except ValidationError as error:
-                raise StudyError(_describe_validation_error(error, source, fixed, point)) from error
+                raise SweepFileError(_describe_validation_error(error, source, fixed, point)) from error
     return specs
 
 
-def _table(study: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
-    table = study.get(key, {})
+def _table(document: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    table = document.get(key, {})
     if not isinstance(table, dict):
-        raise StudyError(f"{source}: {key} = {table!r}: expected a table [{key}]")
+        raise SweepFileError(f"{source}: {key} = {table!r}: expected a table [{key}]")
     return table
 
 
-def _seeds(study: Mapping[str, Any], fixed: dict[str, Any], grid: dict[str, Any], source: str) -> list[int | None]:
-    """The seeds each grid point runs with; ``[None]`` when the study leaves the seed to [fixed], [grid] or
+def _seeds(document: Mapping[str, Any], fixed: dict[str, Any], grid: dict[str, Any], source: str) -> list[int | None]:
+    """The seeds each grid point runs with; ``[None]`` when the sweep file leaves the seed to [fixed], [grid] or
     the spec's default."""
-    if "seeds" not in study:
+    if "seeds" not in document:
         return [None]
-    seeds = study["seeds"]
+    seeds = document["seeds"]
     if "seed" in fixed or "seed" in grid:
-        raise StudyError(f"{source}: seeds = {seeds!r} and a `seed` spec field both set the seed; keep one")
+        raise SweepFileError(f"{source}: seeds = {seeds!r} and a `seed` spec field both set the seed; keep one")
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
-            raise StudyError(f"{source}: seeds = {seeds!r}: a number of seeds must be at least 1")
+            raise SweepFileError(f"{source}: seeds = {seeds!r}: a number of seeds must be at least 1")
         return list(range(seeds))
     if isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         if len(set(seeds)) < len(seeds):
-            raise StudyError(f"{source}: seeds = {seeds!r}: a seed is listed twice")
+            raise SweepFileError(f"{source}: seeds = {seeds!r}: a seed is listed twice")
         return list(seeds)
-    raise StudyError(f"{source}: seeds = {seeds!r}: expected a number of seeds or a non-empty list of integers")
+    raise SweepFileError(f"{source}: seeds = {seeds!r}: expected a number of seeds or a non-empty list of integers")
 
 
 def _describe_validation_error(
@@ -254,7 +255,7 @@ def run_sweep(
     raises never stops the sweep.
 
     Args:
-        specs: the runs of the study (see :func:`load_study`).
+        specs: the runs of the sweep (see :func:`load_sweep_file`).
         store: a :class:`~normdrop.store.Store` or the path of its file.
         executor: ``"local"``: a process pool on this machine; ``"ray"``: tasks on a Ray cluster.
         workers: parallel runs (local: processes, default one per core; ray: ignored, the cluster's CPUs
@@ -431,3 +432,9 @@ def _ray_results(
             ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+
+
+# The names of the sweep-file API before "study" was kept for the claims study (normdrop.study) alone.
+StudyError = SweepFileError
+load_study = load_sweep_file
+expand_study = expand_sweep_file

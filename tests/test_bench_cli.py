@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks import bench_layers, bench_models
+from normdrop.bench import layers as bench_layers
+from normdrop.bench import models as bench_models
 from normdrop.cli import app
 
 # One thread and one round per case: the shortest run that still measures every case.

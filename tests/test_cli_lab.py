@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from normdrop.cli import app
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import STORE_ENV_VAR, Store
-from normdrop.sweep import load_study
+from normdrop.sweep import load_sweep_file
 
 FAILING_WIDTH = 13
 
@@ -40,8 +40,8 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-def write_study(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "study.toml"
+def write_sweep_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
     path.write_text(textwrap.dedent(text))
     return path
 
@@ -63,13 +63,13 @@ def swept_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("swept")
     path = directory / "runs.sqlite"
     with Store(path) as store:
-        for spec in load_study(write_study(directory, STUDY)):
+        for spec in load_sweep_file(write_sweep_file(directory, STUDY)):
             store.save(fake_run(spec))
     return path
 
 
 def test_sweep_fills_the_store_and_a_rerun_reuses_it(runner: CliRunner, tmp_path: Path) -> None:
-    study = write_study(tmp_path, STUDY)
+    study = write_sweep_file(tmp_path, STUDY)
     store = tmp_path / "runs.sqlite"
 
     quiet = runner.invoke(app, ["sweep", str(study), "--store", str(store), "--workers", "1", "--quiet"])
@@ -77,7 +77,7 @@ def test_sweep_fills_the_store_and_a_rerun_reuses_it(runner: CliRunner, tmp_path
     assert quiet.exit_code == 0, quiet.output
     assert quiet.output == ""
     with Store(store) as opened:
-        assert opened.completed_ids() == {spec.run_id for spec in load_study(study)}
+        assert opened.completed_ids() == {spec.run_id for spec in load_sweep_file(study)}
         assert len(opened.metrics()) == 4 * 4
 
     again = runner.invoke(app, ["sweep", str(study), "--store", str(store)])
@@ -87,7 +87,7 @@ def test_sweep_fills_the_store_and_a_rerun_reuses_it(runner: CliRunner, tmp_path
 
 
 def test_sweep_with_a_failing_run_exits_1(runner: CliRunner, tmp_path: Path) -> None:
-    study = write_study(tmp_path, f"[grid]\nwidth = [8, {FAILING_WIDTH}]\n[fixed]\nsteps = 3\n")
+    study = write_sweep_file(tmp_path, f"[grid]\nwidth = [8, {FAILING_WIDTH}]\n[fixed]\nsteps = 3\n")
     store = tmp_path / "runs.sqlite"
 
     result = runner.invoke(app, ["sweep", str(study), "--store", str(store), "--workers", "1"])
@@ -100,7 +100,7 @@ def test_sweep_with_a_failing_run_exits_1(runner: CliRunner, tmp_path: Path) -> 
 
 
 def test_a_bad_study_exits_2_naming_file_key_and_value(runner: CliRunner, tmp_path: Path) -> None:
-    study = write_study(tmp_path, "[fixed]\nlr = 'fast'\n")
+    study = write_sweep_file(tmp_path, "[fixed]\nlr = 'fast'\n")
     result = runner.invoke(app, ["sweep", str(study), "--store", str(tmp_path / "runs.sqlite")])
     assert result.exit_code == 2
     assert f"error: {study}: [fixed] lr = 'fast': Input should be a valid number" in result.output

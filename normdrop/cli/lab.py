@@ -1,4 +1,4 @@
-"""Lab commands: ``normdrop sweep`` runs a study into the store, ``normdrop runs`` lists stored runs,
+"""Lab commands: ``normdrop sweep`` runs a sweep file into the store, ``normdrop runs`` lists stored runs,
 ``normdrop export`` writes the store's tables as CSV or Parquet."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from normdrop.store import (
     StoredRun,
     StoreError,
 )
-from normdrop.sweep import ExecutorName, StudyError, SweepError, load_study, run_sweep
+from normdrop.sweep import ExecutorName, SweepError, SweepFileError, load_sweep_file, run_sweep
 
 StoreOption = Annotated[
     Path,
@@ -40,7 +40,7 @@ _stderr = Console(stderr=True)
 
 
 def sweep(
-    study: Annotated[Path, typer.Argument(help="The study file (TOML: fixed parameters, grid axes, seeds).")],
+    sweep_file: Annotated[Path, typer.Argument(help="The sweep file (TOML: fixed parameters, grid axes, seeds).")],
     store: StoreOption = _DEFAULT_STORE,
     executor: Annotated[ExecutorName, typer.Option(help="Where runs execute.")] = "local",
     ray_address: Annotated[
@@ -51,17 +51,17 @@ def sweep(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")] = False,
 ) -> None:
-    """Run every run of a study that the store does not hold yet; exit status 1 if any run failed."""
+    """Run every run of a sweep file that the store does not hold yet; exit status 1 if any run failed."""
     try:
-        specs = load_study(study)
+        specs = load_sweep_file(sweep_file)
         report = run_sweep(
             specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
         )
-    except (StudyError, StoreError, SweepError, ImportError) as error:
+    except (SweepFileError, StoreError, SweepError, ImportError) as error:
         _fail(str(error))
     if not quiet:
         _stdout.print(
-            f"{report.total} runs in {study}: {report.reused} already in the store, {report.finished} finished, "
+            f"{report.total} runs in {sweep_file}: {report.reused} already in the store, {report.finished} finished, "
             f"{report.diverged} diverged, {report.failed} failed -> {store}",
             markup=False,
             highlight=False,
@@ -158,6 +158,6 @@ def _cell(value: Any) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    """Print the error (without reading it as rich markup: study errors contain [fixed]) and exit 2."""
+    """Print the error (without reading it as rich markup: sweep file errors contain [fixed]) and exit 2."""
     _stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
     raise typer.Exit(2)

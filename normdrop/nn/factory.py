@@ -1,4 +1,4 @@
-"""Norm and dropout layers by name: the one registry that model builders, study files and model surgery use.
+"""Norm and dropout layers by name: the one registry that model builders, sweep files and model surgery use.
 
     make_norm("batch" | "ghost" | "renorm" | "sync" | "frozen" | "none", num_features, dims=1, **kwargs)
     make_dropout("standard" | "channel" | "alpha" | "feature_alpha" | "gaussian" | "droppath" | "dropblock"

@@ -1,6 +1,6 @@
 """normdrop.nn's BatchNorm and Dropout layers against torch.nn's, on the same tensors, in one process.
 
-Each case (a shape, an op, a thread count) times three things round-robin (``benchmarks.timing``): the normdrop
+Each case (a shape, an op, a thread count) times three things round-robin (``normdrop.bench.timing``): the normdrop
 layer, the torch.nn layer, and a copy of a tensor of the input's size (``y.copy_(x)``). The copy measures this run's
 memory bandwidth, 2 x bytes / copy time (it reads x and writes y). An op's *floor* is the least memory traffic a
 fused implementation must make, counted in passes over a tensor of the input's size (``Op.passes``):
@@ -29,7 +29,7 @@ Forward ops run under ``torch.no_grad()``; forward+backward ops call ``torch.aut
 layer's parameters with a fixed output gradient (nothing accumulates between calls). Dropout has p = 0.5; batch
 norm has affine parameters and running statistics. Usage:
 
-    python -m benchmarks.bench_layers [--quick] [--threads 1 2] [--clock wall|cpu] [--json]
+    python -m normdrop.bench.layers [--quick] [--threads 1 2] [--clock wall|cpu] [--json]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 import normdrop.nn as nd
-from benchmarks.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
+from normdrop.bench.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
 
 P = 0.5
 """Dropout rate of the benchmarked dropout layers."""

@@ -6,7 +6,7 @@ and momentum; "small", 2 x 128 with Adam) and the MNIST-1D CNN of Greydanus (202
 with the small family's optimizer, each with batch norm and dropout in every hidden layer. Both builds come from
 ``normdrop.models.build_model`` with the same spec and seed (``layers="normdrop"`` / ``"torch"``), on one random
 MNIST-1D-shaped batch (100 signals of 1 x 40, 10 classes). A step is ``zero_grad``, forward, cross-entropy,
-backward and the optimizer's update; the two builds are timed round-robin (``benchmarks.timing``).
+backward and the optimizer's update; the two builds are timed round-robin (``normdrop.bench.timing``).
 
 MFU = model FLOPs per step x steps per second / peak FLOP/s, where
 
@@ -19,7 +19,7 @@ MFU = model FLOPs per step x steps per second / peak FLOP/s, where
 The lab's models are small, so a step is mostly call overhead and MFU is low: the number to watch is how far
 normdrop's layers move it from torch.nn's. Usage:
 
-    python -m benchmarks.bench_models [--quick] [--threads 1 2] [--backend auto|composite|numba] [--json]
+    python -m normdrop.bench.models [--quick] [--threads 1 2] [--backend auto|composite|numba] [--json]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
+from normdrop.bench.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
 from normdrop.claims.setting import FAMILIES
 from normdrop.data import MNIST1D_LENGTH
 from normdrop.models import build_model

@@ -73,7 +73,9 @@ def test_mc_records_score_accuracy_and_nll_from_the_averaged_probabilities() -> 
 def test_without_dropout_every_mc_average_is_weight_scaling() -> None:
     x, y = separable_data(100)
     model = nn.Sequential(nn.Linear(8, 3))
-    for record in mc_dropout_records(model, x, y, ks=(1, 5))[1:]:
+    records = mc_dropout_records(model, x, y, ks=(1, 5))
+    assert [(record["method"], record["k"]) for record in records] == [("weight_scaled", None), ("mc", 1), ("mc", 5)]
+    for record in records[1:]:
         assert record["logit_distance"] == pytest.approx(0.0, abs=1e-12)
         assert record["agreement_weight_scaled"] == 1.0 and record["tv_weight_scaled"] == pytest.approx(0.0, abs=1e-12)
 

@@ -86,7 +86,9 @@ def test_probe_on_a_classifier_with_known_accuracies() -> None:
 def test_probe_agrees_with_the_trainers_evaluation() -> None:
     spec = RunSpec(dataset="blobs", width=16, steps=20, eval_every=10, probes=("generalization",), probe_every=10)
     result = run_spec(spec)
+    assert result.status == "finished", result.error
     from_metrics = {r["step"]: r for r in gap_records(result.metrics)}
+    assert [record["step"] for record in result.probe_records] == [0, 10, 20]
     for record in result.probe_records:
         expected = from_metrics[record["step"]]
         for field in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "loss_gap", "accuracy_gap"):

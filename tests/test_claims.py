@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -322,3 +323,154 @@ def test_settings_round_trip_and_point_at_other_data() -> None:
     assert (spec.dataset, spec.width, spec.dropout) == ("digits", 64, 0.5)
     with pytest.raises(ValueError, match="unknown spec fields"):
         StudySetting(overrides=(("not_a_field", 1),))
+
+
+# ---- verdicts of bn-smooth, bn-regularizes, dropout-coadapt, dropout-ensemble and summary ------------------------
+
+
+def alternating(spec: RunSpec, size: float) -> float:
+    """+size on even seeds, -size on odd ones: a mean near 0 with a wide interval (the inconclusive case)."""
+    return size if spec.seed % 2 == 0 else -size
+
+
+def smooth_runs(plain_beta: float, bn_beta: float, spread: float = 0.0) -> Make:
+    """Probed deep runs whose landscape probe reports beta-smoothness ``plain_beta`` / ``bn_beta``; the grid runs
+    rise steadily (bn-smooth also reads them for its secondary measurements)."""
+
+    def make(label: str, spec: RunSpec) -> RunResult:
+        beta = (bn_beta if spec.norm == "batch" else plain_beta) * math.exp(alternating(spec, spread))
+        landscape = [
+            {
+                "probe": "landscape",
+                "step": step,
+                "eta": None,
+                "beta_smoothness": beta * (1 + noise(spec, 0.01)),
+                "grad_change_max": beta,
+                "loss_range": 0.1,
+            }
+            for step in range(0, spec.steps + 1, spec.probe_every)
+        ]
+        curvature = [
+            {
+                "probe": "curvature",
+                "step": step,
+                "bn_mode": "batch" if spec.norm == "batch" else "no_bn",
+                "top_eigenvalue": 10 * beta,
+            }
+            for step in range(spec.probe_every, spec.steps + 1, spec.probe_every)
+        ]
+        curves = {
+            "train_accuracy": lambda t: 0.1 + 0.8 * t / spec.steps,
+            "test_accuracy": lambda t: 0.1 + 0.7 * t / spec.steps + noise(spec, 0.01),
+            "train_loss": lambda t: 2.3 - t / spec.steps,
+        }
+        return run_result(spec, curves, probe_records=landscape + curvature if spec.probes else [])
+
+    return make
+
+
+def test_bn_smooth_each_verdict() -> None:
+    assert verdict("bn-smooth", smooth_runs(plain_beta=10.0, bn_beta=1.0)) == "supported"
+    assert verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=10.0)) == "contradicted"
+    assert verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=1.0, spread=1.0)) == "inconclusive"
+
+
+def matched_runs(gain: Callable[[RunSpec], float]) -> Make:
+    """Small runs whose training accuracy rises linearly to 1 and whose test accuracy is 0.6 plus, with BN,
+    ``gain(spec)``: at any matched training accuracy the BN run tests ``gain`` better."""
+
+    def make(label: str, spec: RunSpec) -> RunResult:
+        test = 0.6 + (gain(spec) if spec.norm == "batch" else 0.0) + noise(spec, 0.002)
+        curves = {"train_accuracy": lambda t: t / spec.steps, "test_accuracy": lambda t: test}
+        curves |= {"train_loss": lambda t: 1.0 - t / spec.steps, "test_loss": lambda t: 1.0}
+        return run_result(spec, curves)
+
+    return make
+
+
+def test_bn_regularizes_each_verdict() -> None:
+    assert verdict("bn-regularizes", matched_runs(lambda spec: 0.05)) == "supported"
+    assert verdict("bn-regularizes", matched_runs(lambda spec: -0.05)) == "contradicted"
+    assert verdict("bn-regularizes", matched_runs(lambda spec: alternating(spec, 0.05))) == "inconclusive"
+
+
+def coadaptation_runs(with_dropout: Callable[[RunSpec], float]) -> Make:
+    """Mean |correlation| between units 0.3 without dropout and ``with_dropout(spec)`` with it, at the last step."""
+
+    def make(label: str, spec: RunSpec) -> RunResult:
+        correlation = 0.3 if spec.dropout == 0 else with_dropout(spec)
+        rows = [
+            {
+                "probe": "coadaptation",
+                "step": spec.steps,
+                "unit": None,
+                "layer": layer,
+                "mean_abs_correlation": correlation * (1 + noise(spec, 0.01)),
+                "decov": correlation,
+                "active_fraction": 0.5,
+            }
+            for layer in ("hidden1.act", "hidden2.act")
+        ]
+        return run_result(spec, {"train_accuracy": lambda t: 1.0, "test_accuracy": lambda t: 0.6}, probe_records=rows)
+
+    return make
+
+
+def test_dropout_coadapt_each_verdict() -> None:
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.1)) == "supported"
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.6)) == "contradicted"
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.3 * math.exp(alternating(spec, 1.0)))) == (
+        "inconclusive"
+    )
+
+
+def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The analysis combines the kept networks through ``ensemble_comparison`` (tested on real networks in
+    tests/test_probes_ensemble.py); here it returns rows whose MC average beats weight scaling by ``gap(seed)``."""
+    from normdrop.claims import dropout_ensemble
+
+    monkeypatch.setattr(dropout_ensemble, "final_model", lambda result: None if result is None else result.spec.seed)
+    monkeypatch.setattr(dropout_ensemble, "load_run_dataset", lambda spec: types.SimpleNamespace(x_test=0, y_test=0))
+
+    def check(gap: Callable[[int], float], expected: str) -> None:
+        def comparison(model: int, nets: list[int], x: Any, y: Any, ks: Any) -> list[dict[str, Any]]:
+            scaled = 0.6 + noise(SETTING.spec("small", seed=model), 0.001)
+            rows = [{"method": "weight_scaled", "k": None, "accuracy": scaled, "nll": 1.0}]
+            rows += [
+                {"method": "mc", "k": k, "accuracy": scaled + gap(model), "nll": 1.0, "agreement_weight_scaled": 0.99}
+                for k in ks
+            ]
+            rows += [{"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9} for n in range(len(nets))]
+            return rows
+
+        monkeypatch.setattr(dropout_ensemble, "ensemble_comparison", comparison)
+        assert verdict("dropout-ensemble", lambda label, spec: run_result(spec)) == expected
+
+    check(lambda seed: 0.001, "supported")  # 0.1 points apart: within the 1-point margin
+    check(lambda seed: 0.05, "contradicted")  # 5 points apart
+    check(lambda seed: 0.02 if seed % 2 == 0 else 0.0, "inconclusive")  # 0 or 2 points: the interval spans the margin
+
+
+def factorial_runs(bn_speed: float, dropout_speed: float, bn_error: float, dropout_error: float) -> Make:
+    """2 x 2 runs: training accuracy rises at a rate multiplied by ``bn_speed`` with BN and ``dropout_speed`` with
+    dropout; the final test error is multiplied by ``bn_error`` with BN and ``dropout_error`` with dropout."""
+
+    def make(label: str, spec: RunSpec) -> RunResult:
+        rate = 0.01 * (bn_speed if spec.norm == "batch" else 1.0) * (dropout_speed if spec.dropout else 1.0)
+        rate *= 1 + noise(spec, 0.02)
+        error = 0.4 * (bn_error if spec.norm == "batch" else 1.0) * (dropout_error if spec.dropout else 1.0)
+        curves = {"train_accuracy": lambda t: 1 - math.exp(-rate * t), "test_accuracy": lambda t: 1 - error}
+        return run_result(spec, curves)
+
+    return make
+
+
+def test_summary_each_verdict() -> None:
+    # BN: 4x faster, same test error; dropout: same speed, test error x0.7 -> BN leans to speed, dropout to tests.
+    assert verdict("summary", factorial_runs(bn_speed=4, dropout_speed=1, bn_error=1, dropout_error=0.7)) == "supported"
+    assert verdict("summary", factorial_runs(bn_speed=1, dropout_speed=4, bn_error=0.7, dropout_error=1)) == (
+        "contradicted"
+    )
+    assert verdict("summary", factorial_runs(bn_speed=1, dropout_speed=1, bn_error=1, dropout_error=1)) == (
+        "inconclusive"
+    )

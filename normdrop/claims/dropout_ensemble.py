@@ -22,7 +22,10 @@ from normdrop.claims.figures import finish, legend, message_figure, new_figure, 
 from normdrop.claims.readers import final_model
 from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
+from normdrop.probes import ensemble_comparison
+from normdrop.probes.ensemble import MC_SIZES
 from normdrop.stats import paired_difference
+from normdrop.train import load_run_dataset
 
 MEMBER_SEED_BASE = 1000
 MARGIN_PP = 1.0
@@ -94,10 +97,6 @@ class DropoutEnsemble(Claim):
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
-        from normdrop.probes import ensemble_comparison
-        from normdrop.probes.ensemble import MC_SIZES
-        from normdrop.train import load_run_dataset
-
         members = data.setting.ensemble_members
         per_seed: dict[int, list[dict[str, Any]]] = {}
         for seed, result in data.runs(DROPOUT_ARM).items():
@@ -110,10 +109,7 @@ class DropoutEnsemble(Claim):
             per_seed[seed] = ensemble_comparison(model, nets, dataset.x_test, dataset.y_test, MC_SIZES)
         metric = "test accuracy of the MC average over 100 masks minus weight-scaled, percentage points"
         if not per_seed:
-            reason = (
-                "no dropout run finished with its weights kept (runs failed or diverged, or were made outside "
-                "`normdrop study`, which keeps the weights of runs with the ensemble probe)"
-            )
+            reason = "no dropout run finished with its weights kept (runs failed or diverged, or keep no final_weights)"
             return Analysis(
                 not_measurable("MC average vs weight scaling", metric, "equal", reason, margin=MARGIN_PP),
                 figures=[message_figure("Accuracy vs number of networks averaged", reason)],

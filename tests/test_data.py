@@ -27,13 +27,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
-from normdrop import data
 from normdrop.data import (
     CACHE_DIR_ENV,
     DATASET_NAMES,
     DIGITS_NUM_TEST,
     MNIST1D_CACHE_FILE,
     SYNTHETIC_DEFAULTS,
+    Dataset,
     DatasetCacheWarning,
     DatasetFileError,
     cache_dir,
@@ -42,6 +42,7 @@ from normdrop.data import (
     read_idx,
     stratified_subset,
 )
+from normdrop.data import mnist1d as mnist1d_module
 
 SYNTHETIC = tuple(SYNTHETIC_DEFAULTS)
 
@@ -53,7 +54,7 @@ SYNTHETIC = tuple(SYNTHETIC_DEFAULTS)
 @dataclass(frozen=True)
 class GeneratedMnist1d:
     cache_dir: Path
-    dataset: data.Dataset
+    dataset: Dataset
     seconds: float
     global_rng_unchanged: bool
 
@@ -107,7 +108,7 @@ def test_mnist1d_generation_leaves_global_random_state_alone(mnist1d):
 def test_mnist1d_second_call_reads_the_cache(mnist1d, monkeypatch):
     assert (mnist1d.cache_dir / MNIST1D_CACHE_FILE).is_file()
     monkeypatch.setenv(CACHE_DIR_ENV, str(mnist1d.cache_dir))
-    monkeypatch.setattr(data, "_generate_mnist1d", _refuse_generation)
+    monkeypatch.setattr(mnist1d_module, "_generate_mnist1d", _refuse_generation)
     start = time.perf_counter()
     again = load_dataset("mnist1d", standardize=False)
     seconds = time.perf_counter() - start
@@ -155,14 +156,14 @@ def test_mnist1d_corrupt_cache_is_regenerated_with_a_warning(mnist1d, tmp_path, 
         return {key: value.copy() for key, value in good.items()}
 
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(data, "_generate_mnist1d", generate)
+    monkeypatch.setattr(mnist1d_module, "_generate_mnist1d", generate)
     with pytest.warns(DatasetCacheWarning, match=MNIST1D_CACHE_FILE):
         regenerated = load_dataset("mnist1d", standardize=False)
     assert calls == [1]
     assert torch.equal(regenerated.x_train, mnist1d.dataset.x_train)
     assert torch.equal(regenerated.y_train, mnist1d.dataset.y_train)
 
-    monkeypatch.setattr(data, "_generate_mnist1d", _refuse_generation)
+    monkeypatch.setattr(mnist1d_module, "_generate_mnist1d", _refuse_generation)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reread = load_dataset("mnist1d", standardize=False)  # the rewritten cache is valid again
@@ -174,7 +175,7 @@ def test_mnist1d_unwritable_cache_warns_and_still_loads(mnist1d, tmp_path, monke
     blocker.write_text("a file where the cache directory should be")
     good = _cached_arrays(mnist1d.cache_dir)
     monkeypatch.setenv(CACHE_DIR_ENV, str(blocker))
-    monkeypatch.setattr(data, "_generate_mnist1d", lambda: {key: value.copy() for key, value in good.items()})
+    monkeypatch.setattr(mnist1d_module, "_generate_mnist1d", lambda: {key: value.copy() for key, value in good.items()})
     with pytest.warns(DatasetCacheWarning, match="could not write"):
         ds = load_dataset("mnist1d")
     assert ds.x_train.shape == (4000, 1, 40)
@@ -348,7 +349,7 @@ def test_synthetic_size_knobs(name):
     assert len(defaults.y_test) == SYNTHETIC_DEFAULTS[name]["n_test"]
 
 
-def _nearest_centroid_accuracy(ds: data.Dataset) -> float:
+def _nearest_centroid_accuracy(ds: Dataset) -> float:
     centroids = torch.stack([ds.x_train[ds.y_train == c].mean(0) for c in range(ds.num_classes)])
     predicted = torch.cdist(ds.x_test, centroids).argmin(1)
     return (predicted == ds.y_test).float().mean().item()
@@ -377,7 +378,7 @@ def test_teacher_labels_are_a_function_of_the_inputs_and_roughly_balanced():
     assert _one_nn_accuracy(ds) > _one_nn_accuracy(noisy) + 0.1
 
 
-def _one_nn_accuracy(ds: data.Dataset) -> float:
+def _one_nn_accuracy(ds: Dataset) -> float:
     nearest = torch.cdist(ds.x_test, ds.x_train).argmin(1)
     return (ds.y_train[nearest] == ds.y_test).float().mean().item()
 

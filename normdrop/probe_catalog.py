@@ -1,9 +1,8 @@
 """The probes a spec may name, as plain data: names, default cadences, presets and what a probed run keeps.
 
 :mod:`normdrop.spec` validates ``RunSpec.probes`` against this table without importing any probe;
-:mod:`normdrop.probes` builds the instruments and checks at import that its registry holds exactly these names
-with these default cadences (``tests/probes/test_registry.py`` too). Add a probe here and in
-``normdrop.probes.REGISTRY``.
+:mod:`normdrop.probes` builds the instruments; its registry holds exactly these names, each running when this table
+says (``tests/probes/test_probes_registry.py`` checks both). Add a probe here and in ``normdrop.probes.REGISTRY``.
 """
 
 from __future__ import annotations

@@ -426,7 +426,8 @@ def test_dropout_coadapt_each_verdict() -> None:
 
 def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     """The analysis combines the kept networks through ``ensemble_comparison`` (tested on real networks in
-    tests/test_probes_ensemble.py); here it returns rows whose MC average beats weight scaling by ``gap(seed)``."""
+    tests/probes/test_probes_ensemble.py); here it returns rows whose MC average beats weight scaling by
+    ``gap(seed)``."""
     from normdrop.claims import dropout_ensemble
 
     monkeypatch.setattr(dropout_ensemble, "final_model", lambda result: None if result is None else result.spec.seed)

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_study import quick_study  # noqa: F401  (the session fixture: one quick study shared with test_study)
 
 from normdrop.claims import CLAIM_IDS
 from normdrop.stats import VERDICTS
 
 CHROMIUM = os.environ.get("NORMDROP_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -189,7 +188,7 @@ def open_report(html: Path, user_data_dir: Path, screenshot: Path) -> tuple[dict
 
 
 @pytest.mark.slow
-def test_report_opens_in_headless_chromium(quick_study: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_report_opens_in_headless_chromium(quick_study: Path, tmp_path: Path) -> None:
     chromium = shutil.which(CHROMIUM) or (CHROMIUM if os.access(CHROMIUM, os.X_OK) else None)
     assert chromium, (
         f"Chromium not found at {CHROMIUM}: install Debian's `chromium` package (.ci/run does) or point "

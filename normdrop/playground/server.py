@@ -173,15 +173,20 @@ def create_app(token: str, origins: Collection[str] | None, max_sessions: int = 
         try:
             await _receive_loop(websocket, worker, outbox)
         finally:
+            # Bookkeeping first and without awaiting: a cancelled handler (server shutdown) must still let go.
             sender.cancel()
-            await asyncio.to_thread(worker.stop)
             workers.discard(worker)
+            worker.request_stop()
+            await asyncio.to_thread(worker.join)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
-        for worker in list(workers):
-            await asyncio.to_thread(worker.stop)
+        stopping = list(workers)
+        for worker in stopping:
+            worker.request_stop()
+        for worker in stopping:
+            await asyncio.to_thread(worker.join)
 
     app = Starlette(
         routes=[
@@ -234,6 +239,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        sock.listen(128)  # connections wait in the backlog until uvicorn starts accepting
     except OSError as error:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {error.strerror}; pick another --port") from None
@@ -300,5 +306,8 @@ def serve(
     echo("press Ctrl-C to stop")
     if open_browser:
         threading.Thread(target=_open_when_started, args=(server, url), daemon=True).start()
-    server.run(sockets=[sock])
+    # uvicorn shuts down gracefully on Ctrl-C (closing each WebSocket, whose worker then stops; the lifespan stops
+    # any left), then re-raises the signal: that KeyboardInterrupt is the expected end, not an error.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
     echo("normdrop playground stopped")

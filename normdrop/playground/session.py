@@ -18,6 +18,7 @@ the variance shift of Li et al. (2019).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import queue
@@ -181,12 +182,15 @@ def build_network(settings: Settings, index: int, input_dim: int, num_classes: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(settings.seed, "dropout"))
         rng_state = torch.get_rng_state()
+    optimizer = make_optimizer(spec, list(model.parameters()))
+    for group in optimizer.param_groups:
+        group["foreach"] = True  # the multi-tensor step: the same update in a few calls instead of one per parameter
     return Network(
         label=NETWORK_LABELS[index],
         settings=network,
         spec=spec,
         model=model,
-        optimizer=make_optimizer(spec, list(model.parameters())),
+        optimizer=optimizer,
         rng_state=rng_state,
         norms=norms,
         activations=[block.act for block in hidden],
@@ -393,6 +397,7 @@ class Worker:
         self.playing = False
         self._rate_mark = (time.perf_counter(), 0)
         self.steps_per_s = 0.0
+        self._stopping = False
 
     def start(self) -> None:
         self._thread.start()
@@ -405,19 +410,25 @@ class Worker:
             return False
         return True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the thread to end after its current step and wait for it."""
+    def request_stop(self) -> None:
+        """Ask the thread to end after its current step (returns at once; pending commands are dropped)."""
+        self._stopping = True
         while True:
             try:
                 self._commands.put_nowait(_STOP)
-                break
+                return
             except queue.Full:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._commands.get_nowait()
-                except queue.Empty:
-                    pass
+
+    def join(self, timeout: float = 10.0) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to end and wait for it."""
+        self.request_stop()
+        self.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -441,6 +452,8 @@ class Worker:
             if self.playing and self.session is not None:
                 session = self.session
                 while time.perf_counter() < last_frame + FRAME_INTERVAL_S and self._commands.empty() and self.playing:
+                    if self._stopping:
+                        return
                     if not self._safely(session.train_step):
                         break
                 if self._commands.empty() and self.playing:

@@ -688,7 +688,7 @@ function drawLR(frame) {
     const lr = playground.setup.settings.networks[i].lr;
     const state = !n ? ["waiting"] : n.diverged_at !== null
       ? [{ text: `diverged at step ${n.diverged_at}`, cls: "diverged" }, " (its loss went above 100 or was not a number)"]
-      : [`training, last batch loss ${fmt(n.batch_loss, 3)}`];
+      : [`training: last batch loss ${fmt(n.batch_loss, 3)}, test accuracy ${pct(n.test.acc)}`];
     lines.push([{ text: net.label, color: NETWORK_COLORS[i] }, ` (lr ${lrText(lr)}): `, ...state]);
   });
   setLines($("lr-status"), lines, "");

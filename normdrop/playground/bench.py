@@ -112,7 +112,11 @@ def socket_client(seconds: float, changes: int) -> dict[str, Any]:
                         latencies.append(time.perf_counter() - sent)
                         break
                 time.sleep(0.3)
-    return {**live, "change_latency_ms_median": 1e3 * statistics.median(latencies), "change_latency_ms_max": 1e3 * max(latencies)}
+    return {
+        **live,
+        "change_latency_ms_median": 1e3 * statistics.median(latencies),
+        "change_latency_ms_max": 1e3 * max(latencies),
+    }
 
 
 def browser(seconds: float) -> dict[str, float] | None:

@@ -71,9 +71,7 @@ def make_data(settings: Settings) -> PlaygroundData:
         num_classes, description = 2, f"{name}, noise std {settings.noise:g}, seed {seed}"
     elif name in ("spirals", "blobs"):
         options = (
-            {"n_classes": 2, "n_turns": 1.0}
-            if name == "spirals"
-            else {"n_classes": BLOB_CLASSES, "n_features": 2}
+            {"n_classes": 2, "n_turns": 1.0} if name == "spirals" else {"n_classes": BLOB_CLASSES, "n_features": 2}
         )
         dataset = load_dataset(
             name, standardize=False, seed=seed, n_train=n_train, n_test=TEST_SIZE, noise=settings.noise, **options

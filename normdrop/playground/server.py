@@ -36,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from normdrop.playground.messages import MAX_MESSAGE_BYTES, MessageError, error_frame, parse_message
+from normdrop.playground.messages import MessageError, error_frame, parse_message
 from normdrop.playground.session import Worker
 
 DEFAULT_HOST = "127.0.0.1"

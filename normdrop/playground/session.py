@@ -42,6 +42,9 @@ from normdrop.spec import RunSpec, derive_seed
 
 FRAME_INTERVAL_S = 1 / 15
 """Time between frames while playing (15 frames/s)."""
+SLOW_VIEWS_EVERY = 4
+"""MC dropout, BN with batch statistics and the variance shift (most of a frame's cost, and slow to change) are
+measured every this many frames and repeated in between."""
 MC_SAMPLES = 16
 """Dropout masks averaged by the MC-dropout prediction."""
 PERCENTILES = (0.15, 0.50, 0.85)
@@ -118,6 +121,7 @@ class Network:
     diverged_at: int | None = None
     batch_loss: float = math.nan
     captured: dict[str, Any] = field(default_factory=dict)
+    slow_views: dict[str, Any] = field(default_factory=dict)
 
     def train_step(self, inputs: Tensor, labels: Tensor, capture: bool) -> None:
         """One optimizer step on one batch; marks the network diverged (and skips the update) on a bad loss."""
@@ -264,6 +268,7 @@ class Session:
         ]
         self.grid = grid_points(self.data.extent, settings.grid) if self.data.two_d else None
         self.step = 0
+        self._frames = 0
         self._batch_generator = torch.Generator().manual_seed(derive_seed(settings.seed, "batch_order"))
         self._epoch: list[Tensor] = []
 
@@ -321,12 +326,16 @@ class Session:
             ],
         }
 
-    def frame(self) -> dict[str, Any]:
-        """What the page draws now: every network's curves, map, statistics and masks (see the module doc)."""
-        networks = [self._network_frame(network) for network in self.networks]
+    def frame(self, fresh: bool = False) -> dict[str, Any]:
+        """What the page draws now: every network's curves, map, statistics and masks (see the module doc).
+
+        The slow views are measured on every ``SLOW_VIEWS_EVERY``-th frame, or now if ``fresh``."""
+        slow = fresh or self._frames % SLOW_VIEWS_EVERY == 0
+        self._frames += 1
+        networks = [self._network_frame(network, slow) for network in self.networks]
         return {"type": "frame", "settings_id": self.settings_id, "step": self.step, "networks": networks}
 
-    def _network_frame(self, network: Network) -> dict[str, Any]:
+    def _network_frame(self, network: Network, slow: bool) -> dict[str, Any]:
         data, model = self.data, network.model
         frame: dict[str, Any] = {
             "step": network.step,
@@ -341,20 +350,27 @@ class Session:
             if self.grid is not None and network.diverged_at is None:
                 probs = torch.softmax(model(self.grid), dim=1)
                 frame["boundary"] = base64.b64encode((probs * 255).round().to(torch.uint8).numpy().tobytes()).decode()
-            if network.dropouts:
-                mc = mc_predict(model, data.x_test, k=MC_SAMPLES)
-                frame["mc"] = {
-                    "weight_scaling": frame["test"]["acc"],
-                    "mc": _number((mc.mean.argmax(1) == data.y_test).float().mean(), 4),
-                    "samples": MC_SAMPLES,
-                }
-            if network.norms:
-                frame["bn_eval"] = {
-                    "running": frame["test"]["acc"],
-                    "batch": _batch_statistics_accuracy(network, data.x_test, data.y_test, self.settings.batch_size),
-                }
-                frame["shift"] = self._variance_shift(network)
-        return frame
+            if slow or not network.slow_views:
+                network.slow_views = self._slow_views(network, frame["test"]["acc"])
+        return {**frame, **network.slow_views}
+
+    def _slow_views(self, network: Network, test_accuracy: float | None) -> dict[str, Any]:
+        """MC dropout against weight scaling, BN's two modes, the variance shift (where the network has them)."""
+        data, views = self.data, {}
+        if network.dropouts:
+            mc = mc_predict(network.model, data.x_test, k=MC_SAMPLES)
+            views["mc"] = {
+                "weight_scaling": test_accuracy,
+                "mc": _number((mc.mean.argmax(1) == data.y_test).float().mean(), 4),
+                "samples": MC_SAMPLES,
+            }
+        if network.norms:
+            views["bn_eval"] = {
+                "running": test_accuracy,
+                "batch": _batch_statistics_accuracy(network, data.x_test, data.y_test, self.settings.batch_size),
+            }
+            views["shift"] = self._variance_shift(network)
+        return views
 
     def _variance_shift(self, network: Network) -> list[dict[str, float | None]]:
         """Per BN layer, the mean over units of its input's variance on the training set at inference (eval mode),
@@ -488,7 +504,7 @@ class Worker:
         elif command.action == "reset":
             self._build(self.session.settings, self.session.settings_id)
             return
-        self._publish_frame()
+        self._publish_frame(fresh=True)
 
     def _build(self, settings: Settings, settings_id: int) -> None:
         self.session = Session(settings, settings_id)
@@ -497,14 +513,14 @@ class Worker:
         self._publish("setup", json.dumps(self.session.setup_message(), allow_nan=False))
         self._publish_frame()
 
-    def _publish_frame(self) -> None:
+    def _publish_frame(self, fresh: bool = False) -> None:
         assert self.session is not None
         now, step = time.perf_counter(), self.session.step
         mark_time, mark_step = self._rate_mark
         if now - mark_time >= 1.0 or step < mark_step:
             self.steps_per_s = (step - mark_step) / (now - mark_time) if step >= mark_step else 0.0
             self._rate_mark = (now, step)
-        frame = self.session.frame()
+        frame = self.session.frame(fresh)
         frame["playing"] = self.playing
         frame["steps_per_s"] = round(self.steps_per_s, 1)
         self._publish("frame", json.dumps(frame, allow_nan=False))

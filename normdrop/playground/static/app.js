@@ -324,7 +324,7 @@ function onFrame(frame) {
   }
   $("play").textContent = frame.playing ? "Pause" : "Play";
   $("step-count").textContent = String(frame.step);
-  $("steps-per-s").textContent = String(Math.round(frame.steps_per_s));
+  $("steps-per-s").textContent = frame.steps_per_s > 0 ? String(Math.round(frame.steps_per_s)) : "–";
   scheduleDraw();
 }
 
@@ -583,15 +583,15 @@ function drawDiagram(net, index, netFrame) {
   const rowY = (r, n) => 14 + ((r + 0.5) * (height - 28)) / n;
   ctx.strokeStyle = "rgba(0,0,0,0.08)";
   ctx.lineWidth = 0.6;
+  ctx.beginPath(); // one path for every connection: one stroke call instead of hundreds
   for (let c = 0; c + 1 < columns.length; c++) {
     const a = Math.min(columns[c], shown), b = Math.min(columns[c + 1], shown);
     for (let i = 0; i < a; i++) for (let j = 0; j < b; j++) {
-      ctx.beginPath();
       ctx.moveTo(colX(c), rowY(i, a));
       ctx.lineTo(colX(c + 1), rowY(j, b));
-      ctx.stroke();
     }
   }
+  ctx.stroke();
   const color = NETWORK_COLORS[index];
   columns.forEach((count, c) => {
     const n = Math.min(count, shown);

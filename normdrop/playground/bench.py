@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average {load} (cores: {os.cpu_count()})")
     print(f"reference (session alone, one thread): {ref['steps_per_s']:.0f} steps/s per network")
     print(
-        f"live, WebSocket client: {sock['steps_per_s']:.0f} steps/s per network, {sock['frames_per_s']:.1f} frames/s, "
+        f"live, WebSocket client: {sock['steps_per_s']:.0f} steps/s per network "
+        f"({sock['steps_per_s'] / ref['steps_per_s']:.2f}x the reference), {sock['frames_per_s']:.1f} frames/s, "
         f"memory {sock['rss_mib_start']:.0f} -> {sock['rss_mib_end']:.0f} MiB"
     )
     print(
@@ -177,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     if page is None:
         print("browser: skipped (no Playwright or no Chromium)")
     else:
-        print(f"live, real page in Chromium: {page['steps_per_s']:.0f} steps/s per network, "
-              f"{page['frames_drawn_per_s']:.1f} frames drawn/s")  # fmt: skip
+        print(
+            f"live, real page in Chromium: {page['steps_per_s']:.0f} steps/s per network "
+            f"({page['steps_per_s'] / ref['steps_per_s']:.2f}x the reference), "
+            f"{page['frames_drawn_per_s']:.1f} frames drawn/s"
+        )
 
 
 if __name__ == "__main__":

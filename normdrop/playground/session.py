@@ -454,7 +454,7 @@ class Worker:
         # Per thread (OpenMP's setting is thread-local): the networks' ops run on this one thread, and torch's
         # thread pool does not fight the event loop and the other sessions for the cores over layers this small.
         torch.set_num_threads(1)
-        last_frame = time.perf_counter()
+        next_frame = time.perf_counter()
         while True:
             try:
                 command = self._commands.get(block=not self.playing, timeout=IDLE_POLL_S)
@@ -467,16 +467,20 @@ class Worker:
                 continue
             if self.playing and self.session is not None:
                 session = self.session
-                while time.perf_counter() < last_frame + FRAME_INTERVAL_S and self._commands.empty() and self.playing:
+                while time.perf_counter() < next_frame and self._commands.empty() and self.playing:
                     if self._stopping:
                         return
                     if not self._safely(session.train_step):
                         break
                 if self._commands.empty() and self.playing:
+                    started = time.perf_counter()
                     if not self._safely(session.train_step, True):
                         self.playing = False  # every network diverged: nothing left to train
                     self._safely(self._publish_frame)
-                    last_frame = time.perf_counter()
+                    # Frames are due at a fixed rate (building one counts towards the next), but training always
+                    # gets at least as much time as the frame took: a slow machine shows fewer frames, not no steps.
+                    finished = time.perf_counter()
+                    next_frame = max(started + FRAME_INTERVAL_S, 2 * finished - started)
 
     def _safely(self, function: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -355,18 +355,33 @@ function context(canvas) {
   return { ctx, width, height };
 }
 
+// Only the views on screen are drawn (the browser's time goes to what the learner sees); a view scrolled into
+// sight is drawn at once.
+const visibleViews = new Set();
+const viewObserver = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (entry.isIntersecting) visibleViews.add(entry.target.id);
+    else visibleViews.delete(entry.target.id);
+  }
+  scheduleDraw();
+});
+
 function draw() {
   const setup = playground.setup;
   const frame = playground.frame;
   if (!setup) return;
-  if (setup.data.two_d) setup.networks.forEach((net, i) => drawBoundary(net, frame ? frame.networks[i] : null));
-  drawCurves();
-  drawActivations();
-  drawBN(frame);
-  setup.networks.forEach((net, i) => drawDiagram(net, i, frame ? frame.networks[i] : null));
-  drawMC(frame);
-  drawShift(frame);
-  drawLR(frame);
+  const shown = (id) => visibleViews.has(id);
+  const netFrame = (i) => (frame ? frame.networks[i] : null);
+  if (setup.data.two_d && shown("view-data")) setup.networks.forEach((net, i) => drawBoundary(net, netFrame(i)));
+  if (shown("view-curves")) drawCurves();
+  if (shown("view-activations")) drawActivations();
+  if (shown("view-bn")) drawBN(frame);
+  if (shown("view-dropout")) {
+    setup.networks.forEach((net, i) => drawDiagram(net, i, netFrame(i)));
+    drawMC(frame);
+  }
+  if (shown("view-shift")) drawShift(frame);
+  if (shown("view-lr")) drawLR(frame);
   playground.framesDrawn += 1;
   const now = performance.now();
   if (now - fpsMark.time >= 1000) {
@@ -702,5 +717,6 @@ window.addEventListener("DOMContentLoaded", () => {
   buildNetworkCards();
   wireGlobalControls();
   writeHash();
+  for (const view of document.querySelectorAll("section.view")) viewObserver.observe(view);
   connect();
 });

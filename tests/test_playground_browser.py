@@ -125,6 +125,17 @@ def test_the_page_trains_live_and_drives_the_server_side_network() -> None:
             masks = page.evaluate("() => playground.frame.networks[1].masks")
             assert len(masks) == 3 and all(len(mask) == 16 for mask in masks)
             page.screenshot(path=str(ARTIFACTS / "playground-dropout.png"), full_page=True)
+
+            # Pause, one step, reset, one more network: each reaches the server.
+            page.click("#play")
+            wait_until(lambda: page.evaluate("() => !playground.frame.playing"), "the pause")
+            paused_at = page.evaluate(read_step)
+            page.click("#step")
+            wait_until(lambda: page.evaluate(read_step) == paused_at + 1, "one step")
+            page.click("#reset")
+            wait_until(lambda: page.evaluate(read_step) == 0, "the reset")
+            page.click("#add-network")
+            wait_until(lambda: (s := the_session(app)) is not None and len(s.networks) == 3, "a third network")
             assert page.evaluate("() => playground.errors") == []
         finally:
             browser.close()

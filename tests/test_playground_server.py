@@ -424,3 +424,15 @@ def test_the_cli_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "stopped" in stdout
+
+
+def test_the_cli_lists_the_playground_and_checks_its_port() -> None:
+    from typer.testing import CliRunner
+
+    from normdrop.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["playground", "--help"])
+    assert result.exit_code == 0
+    assert all(option in result.output for option in ("--port", "--host", "--no-open"))
+    assert runner.invoke(app, ["playground", "--port", "70000", "--no-open"]).exit_code == 2

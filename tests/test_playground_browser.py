@@ -87,6 +87,7 @@ def test_the_page_trains_live_and_drives_the_server_side_network() -> None:
             page.on("pageerror", lambda error: console_errors.append(str(error)))
             page.on("request", lambda request: requests.append(request.url))
             page.on("requestfailed", lambda request: failed.append(request.url))
+            page.on("websocket", lambda socket: requests.append(socket.url))
             page.goto(f"{url}#{urllib.parse.quote(json.dumps(URL_SETTINGS))}")
 
             # The URL's settings reach the server.
@@ -141,4 +142,6 @@ def test_the_page_trains_live_and_drives_the_server_side_network() -> None:
             browser.close()
     assert console_errors == []
     assert failed == []
-    assert requests and all(r.startswith(base) or r.startswith("data:") for r in requests), requests
+    ours = (base, base.replace("http://", "ws://", 1), "data:")
+    assert requests and all(r.startswith(ours) for r in requests), requests
+    assert any(r.startswith(ours[1]) for r in requests)  # the live stream was opened, to this server

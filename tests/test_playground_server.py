@@ -393,7 +393,8 @@ def test_a_non_loopback_host_is_warned_about(monkeypatch: pytest.MonkeyPatch) ->
     assert not any(line.startswith("warning") for line in lines)
 
 
-def test_the_cli_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.slow  # a fresh process imports torch and numba: ~5 s idle, 20 s on a loaded machine
+def test_the_cli_serves_and_stops_cleanly_on_ctrl_c() -> None:
     from websockets.sync.client import connect as ws_connect
 
     normdrop = Path(sys.executable).with_name("normdrop")
@@ -436,3 +437,19 @@ def test_the_cli_lists_the_playground_and_checks_its_port() -> None:
     assert result.exit_code == 0
     assert all(option in result.output for option in ("--port", "--host", "--no-open"))
     assert runner.invoke(app, ["playground", "--port", "70000", "--no-open"]).exit_code == 2
+
+
+def test_a_busy_port_is_a_one_line_error() -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from normdrop.cli import app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["playground", "--port", str(port), "--no-open"])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "pick another --port" in result.output

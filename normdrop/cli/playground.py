@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from normdrop.playground.server import DEFAULT_HOST, DEFAULT_PORT
+from normdrop.playground import DEFAULT_HOST, DEFAULT_PORT  # no web dependency: every command imports this
 
 
 def playground(
@@ -19,8 +19,11 @@ def playground(
     Prints the URL (it carries a per-launch token; only pages opened from it can drive the server) and serves until
     Ctrl-C.
     """
-    from normdrop.playground.server import serve  # imports uvicorn and torch: only when the command runs
-
+    try:
+        from normdrop.playground.server import serve  # the web stack is an optional extra: imported only here
+    except ImportError as error:
+        typer.echo(f"error: normdrop playground needs {error.name}: pip install 'normdrop[playground]'", err=True)
+        raise typer.Exit(1) from None
     try:
         serve(host=host, port=port, open_browser=not no_open, echo=typer.echo)
     except OSError as error:

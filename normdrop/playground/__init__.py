@@ -6,3 +6,6 @@ boundaries, curves, activation distributions, BN statistics, dropout masks and t
 over a WebSocket. ``messages`` validates what the page sends, ``session`` trains and measures, ``server`` serves
 (``serve`` is what the CLI calls), ``bench`` measures its speed.
 """
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765

@@ -36,11 +36,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from normdrop.playground import DEFAULT_HOST, DEFAULT_PORT
 from normdrop.playground.messages import MessageError, error_frame, parse_message
 from normdrop.playground.session import Worker
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
 MAX_SESSIONS = 2
 TRANSPORT_MAX_BYTES = 64 * 1024
 """uvicorn closes a connection whose message exceeds this; smaller ones above MAX_MESSAGE_BYTES get an error."""

@@ -39,6 +39,7 @@ from normdrop.nn.dropout_variants import DROPOUT_LAYER_TYPES
 from normdrop.playground.datasets import PlaygroundData, grid_points, make_data
 from normdrop.playground.messages import ControlMessage, NetworkSettings, Settings, SettingsMessage
 from normdrop.spec import RunSpec, derive_seed
+from normdrop.train import make_optimizer
 
 FRAME_INTERVAL_S = 1 / 15
 """Time between frames while playing (15 frames/s)."""
@@ -176,8 +177,6 @@ class Network:
 
 def build_network(settings: Settings, index: int, input_dim: int, num_classes: int) -> Network:
     """Network ``index`` of ``settings``: normdrop's MLP builder, the trainer's optimizer, a seeded RNG state."""
-    from normdrop.train import make_optimizer  # the trainer is a layer below; imported here to keep start-up light
-
     network = settings.networks[index]
     spec = network_spec(settings, network)
     model = build_model(spec, (input_dim,), num_classes)

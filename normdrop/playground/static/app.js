@@ -144,7 +144,11 @@ function wireGlobalControls() {
     const handler = (event) => {
       const raw = $(key).value;
       playground.settings[key] = kind === "str" ? raw : Number(raw);
-      if (key === "dataset" && raw !== "mnist1d" && playground.settings.train_size > 1000) playground.settings.train_size = 1000;
+      const s = playground.settings;
+      if (key === "dataset" && raw !== "mnist1d" && s.train_size > 1000) s.train_size = 1000;
+      // A batch cannot be larger than the training set: the batch size follows a shrinking training set down.
+      const sizes = [...$("batch_size").options].map((o) => Number(o.value));
+      if (s.batch_size > s.train_size) s.batch_size = Math.max(...sizes.filter((b) => b <= s.train_size));
       showGlobalControls();
       sendSettings(event.type === "change");
     };
@@ -233,7 +237,16 @@ function connect() {
     const message = JSON.parse(event.data);
     if (message.type === "setup") onSetup(message);
     else if (message.type === "frame") onFrame(message);
-    else if (message.type === "error") showError("The server refused a message: " + message.message);
+    else if (message.type === "error") {
+      showError("The server refused a message: " + message.message);
+      if (!playground.setup) {
+        // The settings this page started from (its address) were refused: start from the defaults instead.
+        playground.settings = clean(null);
+        showGlobalControls();
+        buildNetworkCards();
+        sendSettings(true);
+      }
+    }
   });
   socket.addEventListener("close", () => {
     $("status").className = "status closed";

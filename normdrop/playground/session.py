@@ -37,7 +37,7 @@ from normdrop.mc import mc_dropout_mode, mc_predict
 from normdrop.models import build_model
 from normdrop.nn.dropout_variants import DROPOUT_LAYER_TYPES
 from normdrop.playground.datasets import PlaygroundData, grid_points, make_data
-from normdrop.playground.messages import ControlMessage, NetworkSettings, Settings, SettingsMessage
+from normdrop.playground.messages import ControlMessage, NetworkSettings, Settings, SettingsMessage, error_frame
 from normdrop.spec import RunSpec, derive_seed
 from normdrop.train import make_optimizer
 
@@ -486,7 +486,7 @@ class Worker:
             return function(*args)
         except Exception as error:  # a failure is reported to the page; the worker keeps serving
             self.playing = False
-            self._publish("error", json.dumps({"type": "error", "message": f"{type(error).__name__}: {error}"}))
+            self._publish("error", error_frame(f"{type(error).__name__}: {error}"))
             return False
 
     def _handle(self, command: object) -> None:

@@ -12,6 +12,8 @@ regenerated in backward rather than stored. Each layer also accepts ``generator=
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import Tensor
 
@@ -25,7 +27,7 @@ class _WithGenerator:
     symbolically traced, and has a scriptable form (``_script_mask_dims`` says which dims its mask covers)."""
 
     generator: torch.Generator | None
-    __jit_ignored_attributes__ = ["generator"]
+    __jit_ignored_attributes__: typing.ClassVar[list[str]] = ["generator"]
 
     def __init__(self, p: float = 0.5, inplace: bool = False, generator: torch.Generator | None = None) -> None:
         super().__init__(p, inplace)

@@ -112,7 +112,8 @@ def functorch_active() -> bool:
     (the autograd.Functions and custom ops call kernels functorch cannot see into). The running statistics are
     then updated in place as torch's batch norm updates them under functorch: in ``grad``, as in eager mode; in
     ``vmap`` only if they are batched too (``torch.func.stack_module_state``), else the in-place update of an
-    unbatched buffer with batched statistics raises, as torch's does (see ``torch.func.replace_all_batch_norm_modules_``)."""
+    unbatched buffer with batched statistics raises, as torch's does (``torch.func.replace_all_batch_norm_modules_``
+    is torch's way out)."""
     return torch._C._are_functorch_transforms_active()
 
 
@@ -164,6 +165,14 @@ def batch_norm(
     if functorch_active():
         y, mean, var = composite.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
         if momentum is not None:
+            is_batched = torch._C._functorch.is_batchedtensor
+            if is_batched(mean) and not (is_batched(running_mean) and is_batched(running_var)):
+                raise RuntimeError(
+                    "batch_norm under vmap got a batched input but running_mean / running_var, which training "
+                    "updates in place, are not batched: batch them too (torch.func.stack_module_state), or use "
+                    "eval(), track_running_stats=False or torch.func.replace_all_batch_norm_modules_, as for "
+                    "torch's batch norm"
+                )
             update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
         return y, mean, var
     if graph_capture() if compiling is None else compiling:

@@ -273,7 +273,6 @@ def run_sweep(
         raise ValueError(f"executor must be one of {get_args(ExecutorName)}, got {executor!r}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    run_fn = run_fn or default_run_function()
     owns_store = not isinstance(store, Store)
     store = Store(store) if owns_store else store
     try:
@@ -283,6 +282,7 @@ def run_sweep(
         report = SweepReport(total=len(unique), reused=len(unique) - len(pending))
         if not pending:
             return report
+        run_fn = run_fn or default_run_function()  # imports the trainer (torch): only when there is a run to train
         if executor == "local":
             results = _local_results(pending, run_fn, workers or available_cores())
         else:

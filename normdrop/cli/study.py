@@ -4,16 +4,20 @@ store without training."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from normdrop.claims.base import StudySetting
 from normdrop.store import DEFAULT_STORE_FILENAME, STORE_ENV_VAR, StoreError
-from normdrop.study import DEFAULT_OUT_DIR, StudyOutcome, run_study
 from normdrop.sweep import ExecutorName
+
+if TYPE_CHECKING:  # the study's modules (claims, torch, scipy) are imported when a command runs, not for --help
+    from normdrop.study import StudyOutcome
+
+DEFAULT_OUT_DIR = Path("normdrop-report")
+"""``normdrop.study.DEFAULT_OUT_DIR``, repeated so --help needs no import of the study (a test keeps them equal)."""
 
 _stdout = Console()
 _stderr = Console(stderr=True)
@@ -54,6 +58,9 @@ def study(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")] = False,
 ) -> None:
     """Test every claim: train the runs the store lacks, analyse them, write the report (HTML, JSON, Markdown)."""
+    from normdrop.claims.base import StudySetting
+    from normdrop.study import run_study
+
     setting = StudySetting.create(quick=quick, dataset=_check_dataset(dataset), seeds=seeds)
     try:
         outcome = run_study(
@@ -81,6 +88,9 @@ def report(
 ) -> None:
     """Re-render the report from the runs in the store, without training (the setting recorded in --out by the last
     `normdrop study`, unless flags change it)."""
+    from normdrop.claims.base import StudySetting
+    from normdrop.study import run_study
+
     from normdrop.report import read_setting
 
     if not store.exists():

@@ -89,9 +89,8 @@ def report(
     """Re-render the report from the runs in the store, without training (the setting recorded in --out by the last
     `normdrop study`, unless flags change it)."""
     from normdrop.claims.base import StudySetting
-    from normdrop.study import run_study
-
     from normdrop.report import read_setting
+    from normdrop.study import run_study
 
     if not store.exists():
         _fail(f"{store}: no run store here (run `normdrop study` first, or pass --store / ${STORE_ENV_VAR})")

@@ -1,4 +1,4 @@
-"""``normdrop study`` tests every claim of CLAIMS.md and writes the report; ``normdrop report`` re-renders it from the
+"""``normdrop study`` tests every claim of docs/claims.md and writes the report; ``normdrop report`` re-renders it from the
 store without training."""
 
 from __future__ import annotations

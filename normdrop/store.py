@@ -365,6 +365,11 @@ class Store:
         )
         return [{"run_id": run_id, **json.loads(record)} for run_id, record in rows]
 
+    def artifact_names(self, run_id: str) -> list[str]:
+        """The names of a run's saved artifacts, sorted (none: an empty list)."""
+        rows = self._query("SELECT name FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,))
+        return [name for (name,) in rows]
+
     def artifact(self, run_id: str, name: str) -> bytes | Path:
         """A saved artifact: its bytes, or the path it was saved by reference.
 

@@ -69,7 +69,8 @@ class HookContext:
 
     ``lr`` is the learning rate of the next update (of the last one at the final step); ``probe_batch`` is the first
     ``spec.probe_batch_size`` training examples, the same at every step; ``loss_fn(logits, labels)`` is the mean
-    cross-entropy the run minimizes.
+    cross-entropy the run minimizes; ``metrics`` is the run's list of ``(step, name, value)`` recorded so far (the
+    trainer's own list: read it, never change it).
     """
 
     spec: RunSpec
@@ -80,6 +81,7 @@ class HookContext:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     probe_batch: tuple[Tensor, Tensor]
     dataset: Dataset
+    metrics: Sequence[tuple[int, str, float]] = ()
 
 
 class Hook(Protocol):
@@ -364,7 +366,7 @@ def _train(
         for hook in hooks:
             if _due(hook, step, spec.steps):
                 lr = learning_rate(spec, min(step, spec.steps - 1))
-                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data)
+                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data, metrics)
                 probe_records.extend(_call_hook(hook, ctx))
 
     model.train()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import pickle
 import signal
@@ -31,6 +32,7 @@ import threading
 import time
 import tomllib
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -286,7 +288,7 @@ def run_sweep(
         if executor == "local":
             results = _local_results(pending, run_fn, workers or available_cores())
         else:
-            results = _ray_results(pending, run_fn, ray_address)
+            results = _ray_results(pending, run_fn, ray_address, quiet=not progress)
         with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
             for result, provenance in results:
                 if store.save(result, provenance):
@@ -401,9 +403,10 @@ def _start_worker(parent_pid: int) -> None:
 
 
 def _ray_results(
-    specs: Sequence[RunSpec], run_fn: RunFunction, address: str | None
+    specs: Sequence[RunSpec], run_fn: RunFunction, address: str | None, quiet: bool = False
 ) -> Iterator[tuple[RunResult, RunProvenance]]:
-    """Run specs as Ray tasks (one CPU each); yield each result as it completes."""
+    """Run specs as Ray tasks (one CPU each); yield each result as it completes. ``quiet`` (the sweep without a
+    progress bar: the CLI's ``-q``) silences Ray's own output too: its log lines below errors and its warnings."""
     try:
         import ray
     except ImportError as error:
@@ -411,10 +414,16 @@ def _ray_results(
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
+        options: dict[str, Any] = {"log_to_driver": False}
+        if quiet:
+            options["logging_level"] = logging.ERROR
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=available_cores(), include_dashboard=False, **options)
     running: dict[Any, RunSpec] = {}  # object ref -> spec
     try:
         remote_run = ray.remote(num_cpus=1)(execute_run)

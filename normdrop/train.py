@@ -246,6 +246,7 @@ class _ProgressBar:
     def __init__(self, spec: RunSpec, enabled: bool):
         self._enabled = enabled
         self._every = max(1, spec.steps // 100)
+        self._last = 0
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -266,9 +267,12 @@ class _ProgressBar:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._enabled:
+            # The last frame shows the last step reached (N/N for a finished run), not the last refreshed one.
+            self._progress.update(self._task, completed=self._last)
             self._progress.stop()
 
     def update(self, step: int, description: str | None = None) -> None:
+        self._last = step
         if self._enabled and (step % self._every == 0 or description is not None):
             self._progress.update(self._task, completed=step, description=description)
 
@@ -330,10 +334,13 @@ def _train(
     bar: _ProgressBar,
 ) -> tuple[int | None, dict[str, float | bool | None]]:
     """The training loop; appends to ``metrics`` and ``probe_records``, returns (diverged_step, summary)."""
+    title = f"{spec.model} on {spec.dataset}"
+    bar.update(0, f"{title}: loading the data")  # the first seconds of a run: say what they are spent on
     data = load_run_dataset(spec, data_root)
     x_train, y_train = data.x_train, data.y_train
     if spec.batch_size > len(y_train):
         raise ValueError(f"batch_size={spec.batch_size} exceeds the {len(y_train)} training examples")
+    bar.update(0, f"{title}: building the model")
     model = build_model(spec, data.input_shape, data.num_classes)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = make_optimizer(spec, parameters)
@@ -370,6 +377,7 @@ def _train(
                 probe_records.extend(_call_hook(hook, ctx))
 
     model.train()
+    bar.update(0, f"{title}: first evaluation (and, once per machine, building the C++ fast path)")
     evaluate_at(0)
     call_hooks_at(0)
     for step in range(spec.steps):

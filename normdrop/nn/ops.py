@@ -173,7 +173,11 @@ def batch_norm(
                     "eval(), track_running_stats=False or torch.func.replace_all_batch_norm_modules_, as for "
                     "torch's batch norm"
                 )
-            update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+            # running += momentum * (batch - running), as update_running_stats but with ops vmap has batching
+            # rules for (lerp_ has none: it would warn and loop over the batch)
+            count = x.numel() // x.shape[1]
+            for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
+                running.add_((batch.detach().to(running.dtype) - running) * momentum)
         return y, mean, var
     if graph_capture() if compiling is None else compiling:
         y, mean, var = batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a table is built: it costs ~0.5 s, and the CLI's --help needs none
+    import pandas as pd
 
 from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus
 from normdrop.versions import RUN_PACKAGES, package_versions
@@ -343,6 +344,8 @@ class Store:
         rows = self._query(
             f"SELECT run_id, step, name, value FROM metrics {where} ORDER BY run_id, name, step", parameters
         )
+        import pandas as pd
+
         frame = pd.DataFrame(rows, columns=["run_id", "step", "name", "value"])
         return frame.astype({"run_id": str, "step": "int64", "name": str, "value": "float64"})
 
@@ -361,6 +364,11 @@ class Store:
             f"SELECT run_id, record FROM probe_records {where} ORDER BY run_id, probe, step, rowid", parameters
         )
         return [{"run_id": run_id, **json.loads(record)} for run_id, record in rows]
+
+    def artifact_names(self, run_id: str) -> list[str]:
+        """The names of a run's saved artifacts, sorted (none: an empty list)."""
+        rows = self._query("SELECT name FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,))
+        return [name for (name,) in rows]
 
     def artifact(self, run_id: str, name: str) -> bytes | Path:
         """A saved artifact: its bytes, or the path it was saved by reference.
@@ -411,6 +419,8 @@ class Store:
                 for key, value in fields.items():
                     row[f"{prefix}.{key}"] = _dumps(value) if isinstance(value, list | dict) else value
             rows.append(row)
+        import pandas as pd
+
         return pd.DataFrame(rows)
 
     def probe_records_frame(self, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -420,6 +430,8 @@ class Store:
             f"SELECT run_id, probe, step, record FROM probe_records {where} ORDER BY run_id, probe, step, rowid",
             parameters,
         )
+        import pandas as pd
+
         return pd.DataFrame(rows, columns=["run_id", "probe", "step", "record"]).astype({"step": "int64"})
 
     def export(self, out_dir: str | Path, file_format: ExportFormat) -> list[Path]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import pickle
 import signal
@@ -31,6 +32,7 @@ import threading
 import time
 import tomllib
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -274,7 +276,6 @@ def run_sweep(
         raise ValueError(f"executor must be one of {get_args(ExecutorName)}, got {executor!r}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    run_fn = run_fn or default_run_function()
     owns_store = not isinstance(store, Store)
     store = Store(store) if owns_store else store
     try:
@@ -284,10 +285,11 @@ def run_sweep(
         report = SweepReport(total=len(unique), reused=len(unique) - len(pending))
         if not pending:
             return report
+        run_fn = run_fn or default_run_function()  # imports the trainer (torch): only when there is a run to train
         if executor == "local":
             results = _local_results(pending, run_fn, workers or available_cores())
         else:
-            results = _ray_results(pending, run_fn, ray_address)
+            results = _ray_results(pending, run_fn, ray_address, quiet=not progress)
         with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
             for result, provenance in results:
                 if store.save(result, provenance):
@@ -400,9 +402,10 @@ def _start_worker(parent_pid: int) -> None:
 
 
 def _ray_results(
-    specs: Sequence[RunSpec], run_fn: RunFunction, address: str | None
+    specs: Sequence[RunSpec], run_fn: RunFunction, address: str | None, quiet: bool = False
 ) -> Iterator[tuple[RunResult, RunProvenance]]:
-    """Run specs as Ray tasks (one CPU each); yield each result as it completes."""
+    """Run specs as Ray tasks (one CPU each); yield each result as it completes. ``quiet`` (the sweep without a
+    progress bar: the CLI's ``-q``) silences Ray's own output too: its log lines below errors and its warnings."""
     try:
         import ray
     except ImportError as error:
@@ -410,10 +413,16 @@ def _ray_results(
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
+        options: dict[str, Any] = {"log_to_driver": False}
+        if quiet:
+            options["logging_level"] = logging.ERROR
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=available_cores(), include_dashboard=False, **options)
     running: dict[Any, RunSpec] = {}  # object ref -> spec
     try:
         remote_run = ray.remote(num_cpus=1)(execute_run)

@@ -76,7 +76,8 @@ class HookContext:
 
     ``lr`` is the learning rate of the next update (of the last one at the final step); ``probe_batch`` is the first
     ``spec.probe_batch_size`` training examples, the same at every step; ``loss_fn(logits, labels)`` is the mean
-    cross-entropy the run minimizes.
+    cross-entropy the run minimizes; ``metrics`` is the run's list of ``(step, name, value)`` recorded so far (the
+    trainer's own list: read it, never change it).
     """
 
     spec: RunSpec
@@ -87,6 +88,7 @@ class HookContext:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     probe_batch: tuple[Tensor, Tensor]
     dataset: Dataset
+    metrics: Sequence[tuple[int, str, float]] = ()
 
 
 class Hook(Protocol):
@@ -234,6 +236,7 @@ class _ProgressBar:
     def __init__(self, spec: RunSpec, enabled: bool):
         self._enabled = enabled
         self._every = max(1, spec.steps // 100)
+        self._last = 0
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -254,9 +257,12 @@ class _ProgressBar:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._enabled:
+            # The last frame shows the last step reached (N/N for a finished run), not the last refreshed one.
+            self._progress.update(self._task, completed=self._last)
             self._progress.stop()
 
     def update(self, step: int, description: str | None = None) -> None:
+        self._last = step
         if self._enabled and (step % self._every == 0 or description is not None):
             self._progress.update(self._task, completed=step, description=description)
 
@@ -334,10 +340,13 @@ def _train(
 ) -> tuple[int | None, dict[str, float | bool | None]]:
     """The training loop; appends to ``metrics`` and ``probe_records``, fills ``artifacts`` with what
     ``spec.keep`` names, returns (diverged_step, summary)."""
+    title = f"{spec.model} on {spec.dataset}"
+    bar.update(0, f"{title}: loading the data")  # the first seconds of a run: say what they are spent on
     data = load_run_dataset(spec, data_root)
     x_train, y_train = data.x_train, data.y_train
     if spec.batch_size > len(y_train):
         raise ValueError(f"batch_size={spec.batch_size} exceeds the {len(y_train)} training examples")
+    bar.update(0, f"{title}: building the model")
     model = build_model(spec, data.input_shape, data.num_classes)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = make_optimizer(spec, parameters)
@@ -369,10 +378,11 @@ def _train(
         for hook in hooks:
             if _due(hook, step, spec.steps):
                 lr = learning_rate(spec, min(step, spec.steps - 1))
-                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data)
+                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data, metrics)
                 probe_records.extend(_call_hook(hook, ctx))
 
     model.train()
+    bar.update(0, f"{title}: first evaluation (and, once per machine, building the C++ fast path)")
     evaluate_at(0)
     call_hooks_at(0)
     for step in range(spec.steps):

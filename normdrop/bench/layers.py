@@ -192,14 +192,14 @@ GOALS = (
     ("bn eval fwd", "largest", 1.0, "batch norm eval fwd, large: at least as fast as torch.nn"),
     (None, "smallest", 1.0, "tiny tensors: no op slower than torch.nn (the slowest op shown)"),
 )
-"""Issue 6's speed goals: (op or None for every op, which shape, the least speedup, what it says)."""
+"""The speed goals: (op or None for every op, which shape, the least speedup, what it says)."""
 SAVED_BYTES_PER_ELEMENT_BOUND = 1e-3
 """Dropout's "0 bytes per element kept": a few bytes in all (the 16-byte (seed, offset) pair), whatever the size;
 on the largest shape that is far below this bound, and a saved mask (1 or 4 bytes per element) far above it."""
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 6's goals checked on measured rows, per thread count: the speedups of ``GOALS`` on the largest and the
+    """The speed goals checked on measured rows, per thread count: the speedups of ``GOALS`` on the largest and the
     smallest shape measured, and the bytes per element dropout keeps for backward beyond its input (largest shape)."""
     results = []
     for threads in sorted({row["threads"] for row in rows}):

@@ -1,4 +1,4 @@
-"""normdrop.claims: the claims of CLAIMS.md, one module each, and the registry the study runs.
+"""normdrop.claims: the claims of docs/claims.md, one module each, and the registry the study runs.
 
 Each claim (a :class:`Claim`) says what it claims, asks for runs (:meth:`Claim.experiment`, from a
 :class:`StudySetting`) and turns the finished runs into measurements and verdicts (:meth:`Claim.analyze`). The study
@@ -60,10 +60,10 @@ _CLAIMS_MD: tuple[Claim, ...] = tuple(
         summary,
     )
 )
-"""The claims of CLAIMS.md, in its order; each module holds one claim, its id (the module's name with dashes)."""
+"""The claims of docs/claims.md, in its order; each module holds one claim, its id (the module's name with dashes)."""
 
 CLAIM_IDS: tuple[str, ...] = tuple(claim.id for claim in _CLAIMS_MD)
-"""The ids of CLAIMS.md, in its order."""
+"""The ids of docs/claims.md, in its order."""
 
 _REGISTRY: dict[str, Claim] = {}
 
@@ -94,7 +94,7 @@ def get(claim_id: str) -> Claim:
 
 
 def all_claims() -> list[Claim]:
-    """Registered claims in order (those of CLAIMS.md first, in its order, then added ones); ``summary`` last,
+    """Registered claims in order (those of docs/claims.md first, in its order, then added ones); ``summary`` last,
     since it reads the others' results."""
     claims = list(_REGISTRY.values())
     return [c for c in claims if c.id != "summary"] + [c for c in claims if c.id == "summary"]

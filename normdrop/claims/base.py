@@ -1,7 +1,7 @@
 """The :class:`Claim` base class and what it exchanges with the study: :class:`ClaimData` (the finished runs its
 analysis reads) and :class:`ClaimResult` (the claim with its analysis, as the report shows it).
 
-A claim is one class in one module (named by its id in CLAIMS.md). It never trains anything itself: it returns
+A claim is one class in one module (named by its id in docs/claims.md). It never trains anything itself: it returns
 run specs (:meth:`Claim.experiment`, :mod:`normdrop.claims.experiment`), the study engine runs the missing ones into
 the store, and :meth:`Claim.analyze` reads the finished runs back (:mod:`normdrop.claims.readers`) and turns them
 into measurements with confidence intervals and verdicts (:mod:`normdrop.claims.results`, :mod:`normdrop.stats`)
@@ -24,13 +24,13 @@ from normdrop.spec import RunResult
 
 
 class Claim(ABC):
-    """One claim of CLAIMS.md: what it says, how it is tested, and the analysis of its runs.
+    """One claim of docs/claims.md: what it says, how it is tested, and the analysis of its runs.
 
     Subclasses set the class attributes and implement :meth:`experiment` and :meth:`analyze`; register an
     instance with :func:`normdrop.claims.register` to add it to the study.
 
     Attributes:
-        id: the claim's id in CLAIMS.md (module ``normdrop/claims/<id with underscores>.py``).
+        id: the claim's id in docs/claims.md (module ``normdrop/claims/<id with underscores>.py``).
         title: a few words.
         statement: the claim, in our words.
         mechanism: a plain-language explanation of the mechanism, for learners.

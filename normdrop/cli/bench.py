@@ -224,7 +224,7 @@ def _print_tables(result: dict[str, Any]) -> None:
             )
         console.print(table)
     if result["goals"]:
-        table = Table(title="Issue 6's goals", title_justify="left", box=box.SIMPLE_HEAD)
+        table = Table(title="The speed goals", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("goal", "thr", "measured", "target", "met"):
             table.add_column(column, justify="left" if column == "goal" else "right")
         for goal in result["goals"]:

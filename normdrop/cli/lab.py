@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,7 +18,6 @@ from normdrop.store import (
     DEFAULT_STORE_FILENAME,
     RUN_STATUSES,
     STORE_ENV_VAR,
-    ExportFormat,
     Store,
     StoredRun,
     StoreError,
@@ -30,6 +29,8 @@ StoreOption = Annotated[
     typer.Option("--store", envvar=STORE_ENV_VAR, show_envvar=True, help="The run store (a SQLite file)."),
 ]
 _DEFAULT_STORE = Path(DEFAULT_STORE_FILENAME)
+# The store's table formats, and the trackers' (normdrop.tracking.TrackingFormat: a test keeps the two lists equal).
+OutputFormat = Literal["csv", "parquet", "tensorboard", "mlflow"]
 # Typer takes a list of Enum members, not of Literal values.
 StatusChoice = Enum("StatusChoice", {status: status for status in RUN_STATUSES}, type=str)
 # Summary values worth a column in `normdrop runs`, when the runs have them.
@@ -95,15 +96,27 @@ def runs(
 
 
 def export(
-    file_format: Annotated[ExportFormat, typer.Option("--format", help="File format of the tables.")],
-    out: Annotated[Path, typer.Option("--out", help="Directory to write runs, metrics and probe_records into.")],
+    file_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            help="csv / parquet: the tables, one file each; tensorboard: event files, one directory per run; "
+            "mlflow: an MLflow file store (experiment 'normdrop', one MLflow run per run).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write into.")],
     store: StoreOption = _DEFAULT_STORE,
 ) -> None:
     """Export the runs, metrics and probe-record tables of the store, one file each."""
     try:
         with _open_existing(store) as opened:
-            written = opened.export(out, file_format)
-    except ImportError as error:
+            if file_format in ("tensorboard", "mlflow"):
+                from normdrop import tracking
+
+                written = tracking.export(opened, out, file_format)
+            else:
+                written = opened.export(out, file_format)
+    except (ImportError, FileExistsError) as error:
         _fail(str(error))
     for path in written:
         _stdout.print(str(path), markup=False, highlight=False, soft_wrap=True)

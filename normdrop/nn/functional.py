@@ -13,7 +13,7 @@ from torch import Tensor
 
 from normdrop.nn import ops
 from normdrop.nn.kernels import fastpath
-from normdrop.nn.rng import draw_seed, rng_state
+from normdrop.nn.rng import draw_rng_state_tensor, draw_seed, rng_state
 
 __all__ = [
     "InputDimError",
@@ -91,6 +91,10 @@ def batch_norm(
             )
 
     compiling = ops.graph_capture()
+    if compiling and torch.onnx.is_in_onnx_export():
+        # ONNX has its own BatchNormalization: emit torch's op with the same arguments (the same function of them),
+        # which both ONNX exporters translate to it. The file then runs on the ONNX runtime's kernels.
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not compiling:  # small CPU inputs: one C++ autograd node that also updates the running statistics
         y = fastpath.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
         if y is not None:
@@ -129,13 +133,32 @@ def _apply_dropout(
     if mask_dims > input.ndim:  # channel dropout on a 0D/1D input; checked only when dropping, as torch does
         raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     _check_floating(input, "dropout")
-    seed = draw_seed(generator)
     compiling = ops.graph_capture()
+    if compiling and torch.onnx.is_in_onnx_export():
+        return _onnx_dropout(input, p, inplace, mask_dims, alpha)
+    if compiling or ops.functorch_active():
+        # The seed stays a tensor: the graph (or the vmapped function) draws it on each call, with no .item().
+        y = ops.dropout(input, draw_rng_state_tensor(generator), float(p), mask_dims, alpha, True, compiling)
+        return input.copy_(y) if inplace else y
+    seed = draw_seed(generator)
     y = None
     if not compiling:  # small CPU inputs: one C++ autograd node
         y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim), alpha)
     if y is None:
         y = ops.dropout(input, rng_state(seed), float(p), mask_dims, alpha, True, compiling)
+    return input.copy_(y) if inplace else y
+
+
+def _onnx_dropout(input: Tensor, p: float, inplace: bool, mask_dims: int, alpha: bool) -> Tensor:
+    """Training-mode dropout while exporting to ONNX: torch's op of the same kind (element-wise or per channel,
+    standard or alpha), which the exporters translate to ONNX's Dropout (or its equivalent); the exported masks
+    are then the ONNX runtime's."""
+    if mask_dims >= input.ndim:
+        y = torch.alpha_dropout(input, p, True) if alpha else torch.dropout(input, p, True)
+    else:
+        batched = input if mask_dims == 2 else input.unsqueeze(0)
+        y = torch.feature_alpha_dropout(batched, p, True) if alpha else torch.feature_dropout(batched, p, True)
+        y = y if mask_dims == 2 else y.squeeze(0)
     return input.copy_(y) if inplace else y
 
 

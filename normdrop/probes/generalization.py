@@ -5,7 +5,7 @@
 both measured in eval mode (running BN statistics, no dropout), so they compare the function the network computes
 at inference on the two sets. Comparing BN with no BN, or dropout with none, at the same step mixes the
 regularizing effect with the speed-up; comparing them where each first reaches the same training accuracy
-(:func:`gap_at_train_accuracy`) separates the two (claims bn-regularizes, dropout-overfit in CLAIMS.md).
+(:func:`gap_at_train_accuracy`) separates the two (claims bn-regularizes, dropout-overfit in docs/claims.md).
 
 The trainer already evaluates on the full sets every ``eval_every`` steps, so :func:`gap_records` derives the gaps
 from a run's metrics at no cost; :class:`GeneralizationProbe` measures the same at the probe cadence.

@@ -9,7 +9,7 @@ layer right after it therefore sees, per channel,
 
 so its running variance, accumulated in training, overestimates the variance it normalizes at inference by the
 ratio ((c^2 + v) / q - c^2) / v >= 1, and the shift compounds through later layers. The two fixes compared in
-CLAIMS.md (dropout-bn-shift): re-estimate BN's statistics with dropout off after training (here with
+docs/claims.md (dropout-bn-shift): re-estimate BN's statistics with dropout off after training (here with
 ``normdrop.nn.inference.recalibrate_bn``, PreciseBN), or place dropout after the last BN (``RunSpec.dropout_position
 = "before_head"``), which is a different run.
 

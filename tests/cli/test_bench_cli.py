@@ -108,5 +108,5 @@ def test_goals_are_derived_from_the_rows(report: dict[str, Any]) -> None:
 def test_tables_without_the_lab() -> None:
     outcome = CliRunner().invoke(app, [*QUICK_FLAGS, "--no-lab", "--quiet"], env={"COLUMNS": "200"})
     assert outcome.exit_code == 0, outcome.output
-    assert "speedup" in outcome.stdout and "Issue 6's goals" in outcome.stdout
+    assert "speedup" in outcome.stdout and "The speed goals" in outcome.stdout
     assert "steps/s" not in outcome.stdout and "matmul peak" not in outcome.stdout

@@ -24,7 +24,7 @@ from normdrop.playground.server import serving_in_thread
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is a dev dependency")
 
 CHROMIUM = os.environ.get("NORMDROP_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TIMEOUT_S = 30.0
 
 # Network B starts with dropout 0.1 and BN: the URL's settings must be what the server builds.

@@ -202,7 +202,7 @@ def test_report_opens_in_headless_chromium(quick_study: Path, tmp_path: Path) ->
     assert errors == [], f"console errors or failed loads: {errors}"
     assert checks["external"] == [] and checks["fetched"] == [], "the report must not reference other files"
     sections = {section["id"]: section for section in checks["sections"]}
-    assert list(sections) == list(CLAIM_IDS), "one section per claim of CLAIMS.md, in its order"
+    assert list(sections) == list(CLAIM_IDS), "one section per claim of docs/claims.md, in its order"
     for claim_id, section in sections.items():
         assert section["verdict"] in VERDICTS and section["badge"] == section["verdict"], claim_id
         assert section["images"], f"{claim_id}: no figure"

@@ -160,6 +160,56 @@ def counter_bits(seed: int, offset: int, count: int, device: torch.device) -> Te
     return _mix32_(h.bitwise_xor_(k2))
 
 
+def _signed64(value: int) -> int:
+    """A 64-bit pattern as the int64 value with the same bits (constants above 2**63 wrap to negatives)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _shift_right_logical(x: Tensor, bits: int) -> Tensor:
+    """x >>> bits on int64 (torch's ``>>`` is arithmetic: the sign bits it shifts in are masked off)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_SPLITMIX_1 = _signed64(0xBF58476D1CE4E5B9)
+_SPLITMIX_2 = _signed64(0x94D049BB133111EB)
+
+
+def _splitmix64_output(state: Tensor) -> Tensor:
+    """``rng.splitmix64``'s output for an already advanced int64 state (products wrap mod 2**64, as the spec's)."""
+    z = (state ^ _shift_right_logical(state, 30)) * _SPLITMIX_1
+    z = (z ^ _shift_right_logical(z, 27)) * _SPLITMIX_2
+    return z ^ _shift_right_logical(z, 31)
+
+
+def round_keys_tensor(seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``rng.round_keys`` on an int64 tensor of seeds: (k0, k1, k2), each in [0, 2**32), without leaving the
+    device or reading the seed on the host (so it works on a seed that is a graph value or batched by vmap)."""
+    state = seed + _GOLDEN
+    a = _splitmix64_output(state)
+    b = _splitmix64_output(state + _GOLDEN)
+    return a & MASK32, _shift_right_logical(a, 32), b & MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """``rng.mix32`` out of place (``_mix32_``'s twin for operands that must not be written, e.g. vmap's)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_MULTIPLIER_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_MULTIPLIER_2) & MASK32
+    return x ^ (x >> 15)
+
+
+def counter_bits_from_state(rng_state: Tensor, count: int) -> Tensor:
+    """``counter_bits`` for the ``(seed, offset)`` pair given as an int64 tensor of shape (2,): the same bits, from
+    tensor ops only, out of place (no host read of the pair)."""
+    k0, k1, k2 = round_keys_tensor(rng_state[0:1])
+    counter = torch.arange(count, dtype=torch.int64, device=rng_state.device) + rng_state[1:2]
+    h = _mix32((counter & MASK32) ^ k0)
+    h = _mix32(h ^ (counter >> 32) ^ k1)
+    return _mix32(h ^ k2)
+
+
 UNIFORM_SCALE = 2.0**-32
 """Uniforms are (bits + 1/2) * 2**-32: strictly inside (0, 1), so their logarithms are finite."""
 
@@ -212,6 +262,26 @@ def dropout_forward(x: Tensor, seed: int, offset: int, p: float, mask_dims: int,
     dropout) and is broadcast over the rest.
     """
     keep = keep_mask(mask_shape(x, mask_dims), seed, offset, p, x.device).to(x.dtype)
+    return apply_keep(x, keep, p, alpha, shift)
+
+
+def dropout_forward_from_state(
+    x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool
+) -> Tensor:
+    """``dropout_forward`` with ``(seed, offset)`` as an int64 tensor, in tensor ops only: the path under
+    ``torch.func`` transforms, where the pair may be batched (``vmap(randomness="different")``) and cannot be read
+    on the host. Same mask as ``dropout_forward`` for the same pair."""
+    shape = mask_shape(x, mask_dims)
+    count = 1
+    for size in shape:
+        count *= size
+    keep = (counter_bits_from_state(rng_state, count) >= drop_threshold(p)).view(shape).to(x.dtype)
+    return apply_keep(x, keep, p, alpha, shift)
+
+
+def apply_keep(x: Tensor, keep: Tensor, p: float, alpha: bool, shift: bool) -> Tensor:
+    """Scale (and, for alpha dropout with ``shift``, shift) ``x`` by a 0/1 ``keep`` mask of x's dtype that
+    broadcasts against it; the formulas are ``dropout_forward``'s."""
     if not alpha:
         return x * (keep * (1.0 / (1.0 - p)))
     a = 1.0 / ((SELU_SATURATION**2 * p + 1.0) * (1.0 - p)) ** 0.5

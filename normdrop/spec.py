@@ -20,8 +20,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from normdrop.data import DATASET_NAMES
-from normdrop.nn.factory import ACTIVATIONS, LAYER_SOURCES, dropout_names, norm_names
 from normdrop.probe_catalog import DEFAULT_EVERY, KEEPABLE, expand_probes, kept_by_default
 
 TRAINING_SEMANTICS_VERSION: int = 1
@@ -30,9 +28,7 @@ TRAINING_SEMANTICS_VERSION: int = 1
 ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet"]
 DropoutPosition = Literal["after_norm", "before_norm", "before_head"]
 NormPosition = Literal["before_act", "after_act"]
-Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 Init = Literal["default", "kaiming", "xavier", "lecun", "orthogonal"]
-Layers = Literal[LAYER_SOURCES]  # type: ignore[valid-type]
 Keepable = Literal[KEEPABLE]  # type: ignore[valid-type]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
@@ -67,7 +63,7 @@ class RunSpec(BaseModel):
         2, ge=1, le=64, description="mlp: hidden layers; cnn: conv layers; resnet: residual blocks per stage"
     )
     width: int = Field(100, ge=1, le=4096, description="hidden units (mlp) or channels of the first stage (cnn)")
-    activation: Activation = Field("relu", description="nonlinearity of every hidden layer")
+    activation: str = Field("relu", description="nonlinearity of every hidden layer (normdrop.nn.factory.ACTIVATIONS)")
     init: Init = Field("default", description="weight init: default (torch's), kaiming, xavier, lecun, orthogonal")
     norm: str = Field(
         "none", description="normalization layer: none, batch, ghost, renorm, frozen, ... (normdrop.nn.factory)"
@@ -93,7 +89,9 @@ class RunSpec(BaseModel):
         "after_norm",
         description="in every hidden layer after the norm, before the norm, or only once before the classifier",
     )
-    layers: Layers = Field("normdrop", description="take BatchNorm/Dropout from normdrop.nn or from torch.nn")
+    layers: str = Field(
+        "normdrop", description="take BatchNorm/Dropout from normdrop.nn or from torch.nn (nn.factory.LAYER_SOURCES)"
+    )
 
     # optimization
     optimizer: OptimizerName = Field("adam", description="sgd, adam or adamw")
@@ -139,9 +137,13 @@ class RunSpec(BaseModel):
             return {**data, "keep": kept_by_default(probes)}
         return data
 
+    # The name tables live with what they name (datasets, layers); they are imported when a spec is validated, not
+    # when this module is, so that a process that only parses flags (normdrop --help) does not import torch.
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
+        from normdrop.data import DATASET_NAMES
+
         if value not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {value!r}; expected one of {', '.join(DATASET_NAMES)}")
         return value
@@ -149,6 +151,8 @@ class RunSpec(BaseModel):
     @field_validator("norm")
     @classmethod
     def _known_norm(cls, value: str) -> str:
+        from normdrop.nn.factory import norm_names
+
         if value not in norm_names():
             raise ValueError(f"unknown norm {value!r}; expected one of {sorted(norm_names())}")
         return value
@@ -156,8 +160,28 @@ class RunSpec(BaseModel):
     @field_validator("dropout_kind")
     @classmethod
     def _known_dropout(cls, value: str) -> str:
+        from normdrop.nn.factory import dropout_names
+
         if value not in dropout_names():
             raise ValueError(f"unknown dropout kind {value!r}; expected one of {sorted(dropout_names())}")
+        return value
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        from normdrop.nn.factory import ACTIVATIONS
+
+        if value not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {value!r}; expected one of {', '.join(ACTIVATIONS)}")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _known_layers(cls, value: str) -> str:
+        from normdrop.nn.factory import LAYER_SOURCES
+
+        if value not in LAYER_SOURCES:
+            raise ValueError(f"unknown layer source {value!r}; expected one of {', '.join(LAYER_SOURCES)}")
         return value
 
     @field_validator("dataset_options", "norm_options", "dropout_options", mode="before")

@@ -46,8 +46,6 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from normdrop.lab import run_spec
-from normdrop.nn.kernels import fastpath
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import RunProvenance, Store
 
@@ -209,7 +207,10 @@ def available_cores() -> int:
 
 
 def default_run_function() -> RunFunction:
-    """A spec's run with its probes, :func:`normdrop.lab.run_spec`."""
+    """A spec's run with its probes, :func:`normdrop.lab.run_spec` (imported here: importing the trainer imports
+    torch, which a sweep with nothing left to run never needs)."""
+    from normdrop.lab import run_spec
+
     return run_spec
 
 
@@ -350,6 +351,8 @@ def _local_results(
         raise TypeError(
             f"run_fn {run_fn!r} cannot be sent to worker processes; pass a module-level function"
         ) from error
+    from normdrop.nn.kernels import fastpath
+
     fastpath.prepare()  # compile the C++ fast path here once, not in every worker at its first layer call
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(specs)),

@@ -33,8 +33,8 @@ except ImportError:  # the standalone package
             "normdrop.integrations.lightning needs Lightning: pip install 'normdrop[lightning]'"
         ) from error
 
-from normdrop.nn.mc import MCPrediction, mc_predict
 from normdrop.nn.inference import recalibrate_bn
+from normdrop.nn.mc import MCPrediction, mc_predict
 
 __all__ = ["FreezeBN", "MCDropoutPrediction", "PreciseBN", "ProbeCallback"]
 

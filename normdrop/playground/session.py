@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normdrop.nn.mc import mc_dropout_mode, mc_predict
 from normdrop.models import build_model
 from normdrop.nn.dropout_variants import DROPOUT_LAYER_TYPES
+from normdrop.nn.mc import mc_dropout_mode, mc_predict
 from normdrop.playground.datasets import PlaygroundData, grid_points, make_data
 from normdrop.playground.messages import ControlMessage, NetworkSettings, Settings, SettingsMessage, error_frame
 from normdrop.seeds import derive_seed

@@ -61,27 +61,44 @@ def batch_norm_forward(
     if x.numel() == 0:
         stats = torch.zeros(channels, dtype=compute, device=x.device)
         return torch.empty_like(x), stats, stats.clone()
-    if training:
-        # Two passes (mean, then mean of squared deviations): accurate, and several times faster on CPU than
-        # torch.var_mean's Welford reduction over the non-contiguous batch dim.
-        dims = reduce_dims(x.ndim)
-        mean = xc.mean(dims)
-        centered = xc - channel_view(mean, x.ndim)
-        var = (centered * centered).mean(dims)
-    else:
+    if not training:
         assert running_mean is not None and running_var is not None
         mean, var = running_mean.to(compute), running_var.to(compute)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(compute)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(compute)
-    y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
-    if not training:
+        scale = _scale(var, weight, eps, compute)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(compute)
+        y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
         empty = x.new_empty(0, dtype=compute)
         return y, empty, empty.clone()
+    # Shifted two-pass statistics: d = x - pivot_c (the channel's first value, 0 where that is not finite), then
+    # mean(d) and mean((d - mean(d))^2). Subtracting a value of the channel first makes a constant channel's
+    # deviations exactly 0 (so its variance is 0 and its output exactly beta), and keeps the variance accurate when
+    # the mean is large next to the spread; two passes are also several times faster on CPU than torch.var_mean's
+    # Welford reduction over the non-contiguous batch dim. A non-finite pivot would turn every deviation into inf
+    # or NaN, so 0 stands in for it and inf inputs give an inf mean, as in torch.
+    dims = reduce_dims(x.ndim)
+    pivot = xc.detach()[0].reshape(channels, -1)[:, 0]
+    pivot = torch.where(pivot.isfinite(), pivot, torch.zeros_like(pivot))
+    deviation = xc - channel_view(pivot, x.ndim)
+    shift_mean = deviation.mean(dims)
+    centered = deviation - channel_view(shift_mean, x.ndim)
+    var = (centered * centered).mean(dims)
+    mean = pivot + shift_mean
+    scale = _scale(var, weight, eps, compute)
+    # y = (x - mean) * scale + beta from the centered values themselves: x * scale - mean * scale would round the
+    # two products apart and leave a constant channel a residue of an ulp of x * scale.
+    offset = (
+        channel_view(bias.to(compute), x.ndim) if bias is not None else torch.zeros((), dtype=compute, device=x.device)
+    )
+    y = torch.addcmul(offset, centered, channel_view(scale, x.ndim)).to(x.dtype)
     return y, mean, var
+
+
+def _scale(var: Tensor, weight: Tensor | None, eps: float, compute: torch.dtype) -> Tensor:
+    """gamma_c / sqrt(var_c + eps) (1 / sqrt(var_c + eps) without affine weights), in the compute dtype."""
+    scale = torch.rsqrt(var + eps)
+    return scale if weight is None else scale * weight.to(compute)
 
 
 def batch_norm_backward(
@@ -110,6 +127,10 @@ def batch_norm_backward(
     """
     compute = opmath_dtype(x.dtype)
     ndim = x.ndim
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    if x.numel() == 0:  # no values: every gradient is zero (and n = 0 would divide by zero below)
+        zeros = torch.zeros(x.shape[1], dtype=param_dtype, device=x.device)
+        return torch.zeros_like(x), zeros, zeros.clone()
     dims = reduce_dims(ndim)
     g = grad_out.to(compute)
     centered = x.to(compute) - channel_view(mean.to(compute), ndim)
@@ -133,7 +154,6 @@ def batch_norm_backward(
             centered,
             channel_view(slope, ndim),
         )
-    param_dtype = weight.dtype if weight is not None else x.dtype
     return grad_input.to(x.dtype), grad_weight.to(param_dtype), grad_bias.to(param_dtype)
 
 

@@ -17,8 +17,8 @@ torch 2.13's order for batch norm (``torch.nn.functional.batch_norm``, then ATen
 5. running_mean, running_var, weight, bias hold one value per channel (RuntimeError; counted by ``numel``);
    running statistics present in inference (RuntimeError);
 6. a floating-point input (NotImplementedError for integer, bool and complex inputs);
-7. mixed dtypes (RuntimeError): the per-channel tensors may differ from the input's dtype only as float32
-   parameters of a float16/bfloat16 input.
+7. mixed dtypes (RuntimeError): the per-channel tensors may differ from the input's dtype only when all of them
+   are float32 and the input is float16/bfloat16.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def check_batch_norm(
             )
     check_floating(input, "batch_norm")
     given = [(name, tensor) for name, tensor in per_channel if tensor is not None]
-    if given and given[0][1].dtype != input.dtype:
+    if any(tensor.dtype != input.dtype for _, tensor in given):
         dtypes = ", ".join(f"{name} {tensor.dtype}" for name, tensor in given)
         if input.dtype not in REDUCED_DTYPES or any(tensor.dtype != torch.float32 for _, tensor in given):
             raise MixedDtypeError(

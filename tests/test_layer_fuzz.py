@@ -359,7 +359,7 @@ def channel_stats(x: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, 
     return finite.amax(dims) + center.abs(), x.numel() // max(x.shape[1], 1)
 
 
-def batch_norm_bounds(case, x64, before64, ours_training, theirs_ref, grad64):
+def batch_norm_bounds(case, x64, before64, ours_training, theirs_ref, grad64, carry):
     """The rounding bounds of the module docstring, per output, from the float64 reference step."""
     dims = [0, *range(2, x64.ndim)]
     view = (1, -1) + (1,) * (x64.ndim - 2)
@@ -420,11 +420,16 @@ def batch_norm_bounds(case, x64, before64, ours_training, theirs_ref, grad64):
         m = 1.0 / float(before64["state.num_batches_tracked"] + 1) if m is None else m
         old_mean, old_var = before64["state.running_mean"].abs(), before64["state.running_var"].abs()
         var_unbiased = var * n / max(n - 1, 1)
-        bounds["state.running_mean"] = k * u * abs(m) * magnitude + 2 * eps_param * (
-            old_mean + abs(m) * (old_mean + center.abs())
+        # Plus what the running statistics were already off by before this step, times (1 - m).
+        bounds["state.running_mean"] = (
+            k * u * abs(m) * magnitude
+            + 2 * eps_param * (old_mean + abs(m) * (old_mean + center.abs()))
+            + abs(1 - m) * carry.get("state.running_mean", 0.0)
         )
-        bounds["state.running_var"] = k * u * abs(m) * n / max(n - 1, 1) * magnitude**2 + 2 * eps_param * (
-            old_var + abs(m) * (old_var + var_unbiased.abs())
+        bounds["state.running_var"] = (
+            k * u * abs(m) * n / max(n - 1, 1) * magnitude**2
+            + 2 * eps_param * (old_var + abs(m) * (old_var + var_unbiased.abs()))
+            + abs(1 - m) * carry.get("state.running_var", 0.0)
         )
     return bounds
 
@@ -449,6 +454,7 @@ def check_batch_norm_case(case: BatchNormCase) -> None:
         use_path(path)
         try:
             ours = copy.deepcopy(ours0)
+            carry: dict[str, torch.Tensor] = {}  # the running statistics' bounds after the previous step
             for step, x in enumerate(case.inputs):
                 label = f"{path}, step {step}"
                 mine = run(
@@ -457,12 +463,12 @@ def check_batch_norm_case(case: BatchNormCase) -> None:
                 theirs_step = torch_steps[step]
                 if assert_same_failure(mine, theirs_step, label):
                     break
-                compare_batch_norm_step(case, mine, theirs_step, reference_steps[step], reference, x, label)
+                compare_batch_norm_step(case, mine, theirs_step, reference_steps[step], reference, x, label, carry)
         finally:
             use_path(None)
 
 
-def compare_batch_norm_step(case, mine, theirs_step, reference_step, reference, x, label) -> None:
+def compare_batch_norm_step(case, mine, theirs_step, reference_step, reference, x, label, carry) -> None:
     """Every value of a step against torch's (same dtype: NaN/inf positions; exact where nothing was computed) and
     the float64 reference's (finite values, within the rounding bounds)."""
     assert mine.values.keys() == theirs_step.values.keys(), f"{label}: {mine.values.keys()}"
@@ -473,7 +479,8 @@ def compare_batch_norm_step(case, mine, theirs_step, reference_step, reference, 
         ref_values = ref_out.values
         if case.ghost_batch_size is None:
             grad64 = grad_of(theirs_step.values["y"], case.grad_kind) if "grad_x" in ref_values else torch.zeros(0)
-            bounds = batch_norm_bounds(case, x64, before, case.training, reference, grad64)
+            bounds = batch_norm_bounds(case, x64, before, case.training, reference, grad64, carry)
+            carry.update({name: bounds[name] for name in ("state.running_mean", "state.running_var") if name in bounds})
         else:  # ghost batches: well-conditioned values (see ghost cases), a fixed tolerance per dtype
             bounds = {name: ghost_tolerance(case) for name in ref_values if name != "state.num_batches_tracked"}
     for name, value in mine.values.items():

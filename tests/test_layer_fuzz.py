@@ -126,7 +126,7 @@ def assert_close_to_reference(
     assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} vs torch {tuple(theirs.shape)}"
     assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} vs torch {theirs.dtype}"
     if not ours.is_floating_point():
-        assert torch.equal(ours, theirs), f"{name}: {ours} vs torch {theirs}"
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True, msg=name)
         return
     a, t = ours.detach().double(), theirs.detach().double()
     special = ~t.isfinite()
@@ -154,7 +154,7 @@ BN_RANKS = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,)}
 
 
 @st.composite
-def values(draw, shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> torch.Tensor:
+def values(draw, shape: tuple[int, ...], dtype: torch.dtype, layout: str, plain: bool = False) -> torch.Tensor:
     """An input of ``shape``: per channel a scale and an offset (constant channels, large means next to small
     spreads), rarely a NaN or an infinity; in ``layout``: contiguous, channels_last, strided (every other
     element of a larger tensor) or expanded (stride 0 over the batch, so every sample is the same)."""
@@ -165,7 +165,7 @@ def values(draw, shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> tor
     if layout == "strided" and base_shape:
         base_shape[-1] *= 2
     x = torch.randn(base_shape, generator=generator, dtype=torch.float64)
-    if x.ndim >= 2 and x.shape[1] > 0:
+    if x.ndim >= 2 and x.shape[1] > 0 and not plain:
         channels = x.shape[1]
         scale = torch.tensor(
             [draw(st.sampled_from([1.0, 1.0, 0.0, 1e-3, 1e3, 3.0])) for _ in range(min(channels, 8))]
@@ -179,7 +179,7 @@ def values(draw, shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> tor
         )
         view = (1, -1) + (1,) * (x.ndim - 2)
         x = x * scale.view(view) + offset.view(view)
-    if x.numel() > 0 and draw(st.integers(0, 9)) == 0:
+    if x.numel() > 0 and not plain and draw(st.integers(0, 9)) == 0:
         x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
     if dtype.is_floating_point or dtype.is_complex:
         x = x.to(dtype)
@@ -236,7 +236,7 @@ def batch_norm_cases(draw, ghost: bool = False) -> BatchNormCase:
     )
     layout = draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "strided", "expanded"]))
     steps = draw(st.integers(1, 3))
-    inputs = [draw(values(shape, input_dtype, layout)) for _ in range(steps)]
+    inputs = [draw(values(shape, input_dtype, layout, plain=ghost)) for _ in range(steps)]
     ghost_batch_size = draw(st.integers(1, 5)) if ghost else None
     return BatchNormCase(
         cls_name, num_features, kwargs, module_dtype, draw(st.booleans()), inputs,
@@ -528,3 +528,167 @@ def assert_constant_channels_exact(case, x, y, reference, label) -> None:
 @given(case=batch_norm_cases())
 def test_batch_norm_matches_torch_nn(case):
     check_batch_norm_case(case)
+
+
+@pytest.mark.slow
+@fuzz_settings("ghost")
+@given(case=batch_norm_cases(ghost=True))
+def test_ghost_batch_norm_matches_torch_nn_per_ghost_batch(case):
+    check_batch_norm_case(case)
+
+
+# ------------------------------------------------------------------------------------------------- dropout
+
+ELEMENTWISE = ("Dropout", "AlphaDropout")
+DROPOUT_CLASSES = (*ELEMENTWISE, "Dropout1d", "Dropout2d", "Dropout3d", "FeatureAlphaDropout")
+SELU_SATURATION = 1.7580993408473766  # torch's alpha_dropout constant: SELU's lambda * alpha
+
+
+def torch_mask_dims(cls_name: str, ndim: int) -> int:
+    """How many leading dims torch's noise covers (it broadcasts over the rest), read off torch.nn.functional:
+    element-wise dropout all; dropout1d (N, C) of a 3D input, (C,) of a 2D one; dropout3d (N, C) of a 5D input,
+    dim 0 of any other (read as unbatched); dropout2d and feature_alpha_dropout the first two dims."""
+    if cls_name in ELEMENTWISE:
+        return ndim
+    if cls_name == "Dropout1d":
+        return 2 if ndim == 3 else 1
+    if cls_name == "Dropout3d":
+        return 2 if ndim == 5 else 1
+    return 2
+
+
+@dataclass
+class DropoutCase:
+    cls_name: str
+    p: float
+    inplace: bool
+    training: bool
+    x: torch.Tensor
+    seed: int
+
+
+@st.composite
+def dropout_cases(draw) -> DropoutCase:
+    cls_name = draw(st.sampled_from(DROPOUT_CLASSES))
+    p = draw(
+        st.one_of(
+            st.floats(0.0, 1.0),
+            st.sampled_from([0.5, 0.5, 0.1, 0.9, 0.0, 1.0, math.nan, 1e-9, 1 - 1e-9, 1 - 2**-34, -0.1, 1.5]),
+        )
+    )
+    ndim = draw(st.integers(0, 5))
+    shape = tuple(draw(st.lists(st.sampled_from([0, 1, 2, 3, 4]), min_size=ndim, max_size=ndim)))
+    dtype = draw(st.sampled_from(OTHER_DTYPES)) if draw(st.integers(0, 14)) == 0 else draw(st.sampled_from(FLOATS))
+    layout = draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "strided", "expanded"]))
+    x = draw(values(shape, dtype, layout))
+    return DropoutCase(cls_name, p, draw(st.booleans()), draw(st.booleans()), x, draw(st.integers(0, 2**31 - 1)))
+
+
+def dropout_step(case: DropoutCase, module, generator: torch.Generator | None) -> dict[str, Any]:
+    """Build the layer, call it (in place on a non-leaf copy if asked), backward with a gradient in x's dtype."""
+    kwargs = {"generator": generator} if generator is not None else {}
+    layer = getattr(module, case.cls_name)(case.p, case.inplace, **kwargs).train(case.training)
+    leaf, source, grad_view = as_leaf(case.x)
+    given = source * 1 if case.inplace and leaf.requires_grad else (source.clone() if case.inplace else source)
+    y = layer(given)
+    out: dict[str, Any] = {"y": y.detach().clone(), "alias": y.numel() > 0 and y.data_ptr() == given.data_ptr()}
+    if case.inplace:
+        out["input_after"] = given.detach().clone()
+    if y.requires_grad:
+        y.backward(grad_for(y))
+        out["grad_x"] = grad_view(leaf.grad)
+    return out
+
+
+def grad_for(y: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(y.numel())
+    return torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.dtype)
+
+
+def our_mask(case: DropoutCase) -> torch.Tensor:
+    """normdrop's keep mask for the case, read back from the same layer and generator seed on an input of ones."""
+    generator = torch.Generator().manual_seed(case.seed)
+    layer = getattr(nd, case.cls_name)(case.p, generator=generator).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = layer(torch.ones(case.x.shape, dtype=torch.float64))
+    return y > 0  # kept: 1 / (1 - p) > 0, or alpha dropout's a (1 + s' p) > 0; dropped: 0 or s' a (p - 1) < 0
+
+
+def dropout_formula(case: DropoutCase, x64: torch.Tensor, keep: torch.Tensor, shift: bool) -> torch.Tensor:
+    """torch's formula (aten/native/Dropout.cpp) with the given mask, in float64: x * m / (1 - p), or for alpha
+    dropout x * m a + ((m - 1) s' a + s' a p) with a = ((s'^2 p + 1) (1 - p))^(-1/2) (shift: the additive part)."""
+    m, p = keep.double(), case.p
+    if "Alpha" not in case.cls_name:
+        return x64 * m / (1 - p)
+    a = 1.0 / math.sqrt((SELU_SATURATION**2 * p + 1) * (1 - p))
+    y = x64 * m * a
+    return y + ((m - 1) * SELU_SATURATION * a + SELU_SATURATION * a * p) if shift else y
+
+
+def check_dropout_case(case: DropoutCase) -> None:
+    theirs = run(lambda: dropout_step(case, torch.nn, None))
+    for path in PATHS:
+        use_path(path)
+        try:
+            label = f"{path}"
+            mine = run(lambda: dropout_step(case, nd, torch.Generator().manual_seed(case.seed)))
+            if assert_same_failure(mine, theirs, label):
+                continue
+            compare_dropout(case, mine, theirs, label)
+        finally:
+            use_path(None)
+
+
+def compare_dropout(case: DropoutCase, mine: Outcome, theirs: Outcome, label: str) -> None:
+    assert mine.values.keys() == theirs.values.keys(), f"{label}: {mine.values.keys()} vs {theirs.values.keys()}"
+    assert mine.values["alias"] == theirs.values["alias"], f"{label}: returns its input: {mine.values['alias']}"
+    if case.inplace:  # the input afterwards: overwritten (alias), or untouched (alpha dropout modules), as torch's
+        if not (case.training and 0.0 < case.p < 1.0 and "Alpha" not in case.cls_name):
+            after, theirs_after = mine.values["input_after"], theirs.values["input_after"]
+            assert_close_to_reference(f"{label}: input after", after, theirs_after, None, None)
+        if mine.values["alias"]:
+            after = mine.values["input_after"]
+            torch.testing.assert_close(after, mine.values["y"], rtol=0, atol=0, equal_nan=True, msg=label)
+    x = case.x
+    dropping = case.training and 0.0 < case.p < 1.0 and x.numel() > 0
+    if not dropping:  # identity or zeros: exactly torch's
+        for name in ("y", "grad_x"):
+            assert_close_to_reference(f"{label}: {name}", mine.values.get(name), theirs.values.get(name), None, None)
+        return
+    keep = our_mask(case)
+    k = torch_mask_dims(case.cls_name, x.ndim)
+    units = keep.reshape(*x.shape[:k], -1)
+    assert (units == units[..., :1]).all(), f"{label}: the mask is not constant over dims {k}.. as torch's noise is"
+    dtype = x.dtype
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).smallest_normal * eps
+    x64 = x.double()
+    expected = dropout_formula(case, x64, keep, shift=True)
+    magnitude = dropout_formula(case, x64.abs(), keep, shift=False).abs()
+    if "Alpha" in case.cls_name:  # the two additive terms, which may cancel: their magnitudes
+        a = 1.0 / math.sqrt((SELU_SATURATION**2 * case.p + 1) * (1 - case.p))
+        magnitude = magnitude + SELU_SATURATION * a * ((1 - keep.double()) + case.p)
+    bound = 4 * eps * magnitude + 2 * tiny
+    ours_y, theirs_y = mine.values["y"], theirs.values["y"]
+    assert ours_y.shape == theirs_y.shape and ours_y.dtype == theirs_y.dtype, f"{label}: y {ours_y.dtype}"
+    assert_close_to_reference(f"{label}: y", ours_y, expected.to(dtype), expected, bound)
+    if "grad_x" in mine.values:
+        g64 = grad_for(theirs_y).double()
+        grad_expected = dropout_formula(case, g64, keep, shift=False)
+        if x.ndim and x.shape[0] > 1 and x.stride(0) == 0:
+            grad_expected = grad_expected.sum(0, keepdim=True)
+            grad_bound = 8 * eps * dropout_formula(case, g64.abs(), keep, shift=False).sum(0, keepdim=True) + 2 * tiny
+        else:
+            grad_bound = 4 * eps * grad_expected.abs() + 2 * tiny
+        assert theirs.values["grad_x"].shape == mine.values["grad_x"].shape
+        assert_close_to_reference(
+            f"{label}: grad_x", mine.values["grad_x"], grad_expected.to(dtype), grad_expected, grad_bound
+        )
+
+
+@pytest.mark.slow
+@fuzz_settings("dropout")
+@given(case=dropout_cases())
+def test_dropout_matches_torch_nn(case):
+    check_dropout_case(case)

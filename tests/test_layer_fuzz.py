@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 import normdrop.nn as nd
 from tests.conftest import available_backends, use_path
 
-DEFAULT_EXAMPLES = {"batch_norm": 1500, "ghost": 500, "dropout": 1500}
+DEFAULT_EXAMPLES = {"batch_norm": 800, "ghost": 300, "dropout": 1200}
 PATHS = available_backends()
 
 

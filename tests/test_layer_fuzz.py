@@ -180,7 +180,11 @@ def values(draw, shape: tuple[int, ...], dtype: torch.dtype, layout: str, plain:
         view = (1, -1) + (1,) * (x.ndim - 2)
         x = x * scale.view(view) + offset.view(view)
     if x.numel() > 0 and not plain and draw(st.integers(0, 9)) == 0:
-        x.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        special = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        if x.ndim >= 2 and draw(st.booleans()):  # a channel's first value: the kernels' pivot
+            x[(0, draw(st.integers(0, x.shape[1] - 1))) + (0,) * (x.ndim - 2)] = special
+        else:
+            x.view(-1)[draw(st.integers(0, x.numel() - 1))] = special
     if dtype.is_floating_point or dtype.is_complex:
         x = x.to(dtype)
     else:

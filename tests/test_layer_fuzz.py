@@ -696,3 +696,81 @@ def compare_dropout(case: DropoutCase, mine: Outcome, theirs: Outcome, label: st
 @given(case=dropout_cases())
 def test_dropout_matches_torch_nn(case):
     check_dropout_case(case)
+
+
+# ------------------------------------------------------------------------------- issue 12's reproducers
+
+
+def _train_bn(module, *args, x, **kwargs):
+    layer = module.BatchNorm1d(*args, **kwargs)
+    y = layer(x)
+    return {"y": y, "running_mean": layer.running_mean, "running_var": layer.running_var}
+
+
+def _backward(module, cls_name, num_features, x, **kwargs):
+    x = x.clone().requires_grad_()
+    layer = getattr(module, cls_name)(num_features, **kwargs)
+    y = layer(x)
+    y.sum().backward()
+    return {"y": y.detach(), "grad": x.grad, "weight_grad": None if layer.weight is None else layer.weight.grad}
+
+
+REPRODUCERS: dict[str, Callable[[Any], Any]] = {
+    "L1 integer input": lambda m: m.BatchNorm1d(3)(torch.ones(4, 3, dtype=torch.int64)),
+    "L1 integer input, eps=0": lambda m: m.BatchNorm1d(3, eps=0)(torch.ones(4, 3, dtype=torch.int64)),
+    "L1 integer input, one value per channel": lambda m: m.BatchNorm1d(3)(torch.ones(1, 3, dtype=torch.int64)),
+    "L1 integer input, wrong channel count": lambda m: m.BatchNorm1d(3)(torch.ones(4, 5, dtype=torch.int64)),
+    "L2 wrong channel count": lambda m: m.BatchNorm1d(3)(torch.randn(4, 5)),
+    "L3 float32 layer, float64 input": lambda m: m.BatchNorm1d(3)(torch.randn(4, 3, dtype=torch.float64)),
+    "L3 float64 layer, float32 input, eval": lambda m: m.BatchNorm1d(3).double().eval()(torch.randn(4, 3)),
+    "L3 float32 layer, bfloat16 input (allowed)": lambda m: m.BatchNorm1d(3)(torch.randn(4, 3).bfloat16()),
+    "L4 empty int64 input": lambda m: m.BatchNorm1d(2)(torch.empty(0, 2, dtype=torch.int64)),
+    "L5 backward through an empty input": lambda m: _backward(m, "BatchNorm1d", 2, torch.empty(0, 3)),
+    "L5 (2, 0, 2) into BatchNorm1d(1)": lambda m: _backward(m, "BatchNorm1d", 1, torch.empty(2, 0, 2)),
+    "L5 eval without running stats, (4, 1, 0, 0)": lambda m: _backward(
+        m, "BatchNorm2d", 2, torch.empty(4, 1, 0, 0), track_running_stats=False
+    ),
+    "L6 Dropout on int64 input": lambda m: m.Dropout()(torch.ones(4, dtype=torch.int64)),
+    "L6 Dropout on bool input": lambda m: m.Dropout()(torch.ones(4, dtype=torch.bool)),
+    "L6 Dropout2d on int64 input": lambda m: m.Dropout2d()(torch.ones(2, 2, 2, 2, dtype=torch.int64)),
+    "L7 Dropout(nan)": lambda m: m.Dropout(math.nan)(torch.ones(4)),
+    "L7 Dropout(nan), eval": lambda m: m.Dropout(math.nan).eval()(torch.ones(4)),
+    "L8 -inf in a channel": lambda m: _train_bn(m, 1, x=torch.tensor([[-math.inf], [0.5], [2.0]])),
+    "L8 inf first": lambda m: _train_bn(m, 2, x=torch.tensor([[math.inf, 1.0], [0.5, 2.0], [2.0, 3.0]])),
+}
+
+
+@pytest.mark.parametrize("name", list(REPRODUCERS))
+def test_issue_12_reproducer_behaves_as_torch_nn(backend, name):
+    """Each mismatch the issue listed, now the same exception type or the same values as torch.nn."""
+    torch.manual_seed(0)
+    theirs = run(lambda: REPRODUCERS[name](torch.nn))
+    torch.manual_seed(0)  # the same random input
+    ours = run(lambda: REPRODUCERS[name](nd))
+    if assert_same_failure(ours, theirs, name):
+        return
+    mine, expected = ours.values, theirs.values
+    if isinstance(expected, torch.Tensor):
+        mine, expected = {"y": mine}, {"y": expected}
+    assert mine.keys() == expected.keys()
+    for key, value in expected.items():
+        if value is None:
+            assert mine[key] is None, f"{name}: {key}"
+            continue
+        assert mine[key].dtype == value.dtype and mine[key].shape == value.shape, f"{name}: {key}"
+        torch.testing.assert_close(mine[key].detach(), value.detach(), equal_nan=True, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("layout", ["contiguous", "expanded"])
+def test_issue_12_l9_a_constant_channel_normalizes_to_exactly_beta(backend, dtype, layout):
+    """L9: torch.full((8, 1), 10000.123) gives -0.28 through torch.nn.BatchNorm1d (float32) and gave -0.28 through
+    composite (-0.06 in bfloat16, -0.007 expanded); the shifted statistics give exactly 0 (beta with affine)."""
+    x = torch.full((1 if layout == "expanded" else 8, 2), 10000.123, dtype=dtype)
+    x = x.expand(8, 2) if layout == "expanded" else x
+    layer = nd.BatchNorm1d(2, affine=False).to(dtype)
+    assert torch.equal(layer(x), torch.zeros(8, 2, dtype=dtype))
+    affine = nd.BatchNorm1d(2).to(dtype)
+    with torch.no_grad():
+        affine.bias.copy_(torch.tensor([0.25, -3.0]))
+    assert torch.equal(affine(x), affine.bias.detach().expand(8, 2))

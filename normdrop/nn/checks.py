@@ -23,8 +23,6 @@ torch 2.13's order for batch norm (``torch.nn.functional.batch_norm``, then ATen
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -41,7 +39,7 @@ __all__ = [
     "empty_batch_norm",
 ]
 
-FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -95,12 +93,6 @@ def check_p(p: float) -> None:
         raise ProbabilityError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
-def _values_per_channel(shape: torch.Size) -> int:
-    """N * prod(spatial): torch's count for "more than 1 value per channel" (the channel count is left out, so an
-    input with no channels still counts its batch)."""
-    return shape[0] * math.prod(shape[2:])
-
-
 def check_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -112,13 +104,18 @@ def check_batch_norm(
 ) -> None:
     """Check batch norm's arguments in torch's order (see the module docstring); returns nothing, raises the first
     problem found. An empty input passes once steps 1-3 hold (``empty_batch_norm`` computes its result)."""
-    if input.ndim < 2:
+    shape = input.shape
+    if len(shape) < 2:
         raise InputDimError(f"batch_norm expects an input of shape (N, C, *), got a {input.ndim}D input")
-    if training and _values_per_channel(input.shape) == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
+    if training:
+        values_per_channel = shape[0]  # N * prod(spatial), by hand: this runs on every layer call
+        for size in shape[2:]:
+            values_per_channel *= size
+        if values_per_channel == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(
@@ -130,24 +127,48 @@ def check_batch_norm(
         return
     if not training and running_mean is None:
         raise MissingStatisticsError("batch_norm in inference mode needs running_mean and running_var, got None")
-    channels = input.shape[1]
-    per_channel = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
-    for name, tensor in per_channel:
-        if tensor is not None and tensor.numel() != channels:
-            raise ChannelCountError(
-                f"batch_norm {name} should contain {channels} elements (one per channel of an input of shape "
-                f"{tuple(input.shape)}), not {tensor.numel()} (its shape: {tuple(tensor.shape)})"
-            )
-    check_floating(input, "batch_norm")
-    given = [(name, tensor) for name, tensor in per_channel if tensor is not None]
-    if any(tensor.dtype != input.dtype for _, tensor in given):
-        dtypes = ", ".join(f"{name} {tensor.dtype}" for name, tensor in given)
-        if input.dtype not in REDUCED_DTYPES or any(tensor.dtype != torch.float32 for _, tensor in given):
-            raise MixedDtypeError(
-                f"batch_norm: mixed dtypes, input {input.dtype} with {dtypes}; the per-channel tensors must be in "
-                "the input's dtype, or float32 for a float16/bfloat16 input (as in torch); convert the layer with "
-                ".to(dtype)"
-            )
+    channels, dtype = shape[1], input.dtype
+    mixed = False
+    for name, tensor in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if tensor is not None:
+            if tensor.numel() != channels:
+                raise ChannelCountError(
+                    f"batch_norm {name} should contain {channels} elements (one per channel of an input of shape "
+                    f"{tuple(shape)}), not {tensor.numel()} (its shape: {tuple(tensor.shape)})"
+                )
+            mixed = mixed or tensor.dtype != dtype
+    if dtype not in FLOATING_DTYPES:
+        raise InputDtypeError(f"batch_norm expects a floating-point input (float16/32/64 or bfloat16), got {dtype}")
+    if mixed:
+        _check_mixed_dtypes(input, running_mean, running_var, weight, bias)
+
+
+def _check_mixed_dtypes(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None
+) -> None:
+    """Per-channel tensors in another dtype than the input: allowed only all in float32 for a half input."""
+    given = [
+        (name, tensor)
+        for name, tensor in (
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        )
+        if tensor is not None
+    ]
+    if input.dtype in REDUCED_DTYPES and all(tensor.dtype == torch.float32 for _, tensor in given):
+        return
+    dtypes = ", ".join(f"{name} {tensor.dtype}" for name, tensor in given)
+    raise MixedDtypeError(
+        f"batch_norm: mixed dtypes, input {input.dtype} with {dtypes}; the per-channel tensors must be in the input's "
+        "dtype, or all float32 for a float16/bfloat16 input (as in torch); convert the layer with .to(dtype)"
+    )
 
 
 def empty_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

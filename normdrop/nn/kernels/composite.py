@@ -71,27 +71,26 @@ def batch_norm_forward(
         y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
         empty = x.new_empty(0, dtype=compute)
         return y, empty, empty.clone()
-    # Shifted two-pass statistics: d = x - pivot_c (the channel's first value, 0 where that is not finite), then
-    # mean(d) and mean((d - mean(d))^2). Subtracting a value of the channel first makes a constant channel's
-    # deviations exactly 0 (so its variance is 0 and its output exactly beta), and keeps the variance accurate when
-    # the mean is large next to the spread; two passes are also several times faster on CPU than torch.var_mean's
-    # Welford reduction over the non-contiguous batch dim. A non-finite pivot would turn every deviation into inf
-    # or NaN, so 0 stands in for it and inf inputs give an inf mean, as in torch.
+    # Shifted data (Chan, Golub & LeVeque 1983): d = x - pivot_c, the channel's first value (0 where that is not
+    # finite: an inf pivot would make every deviation NaN, where torch gives an inf mean), then mean = pivot +
+    # mean(d), var = mean(d^2) - mean(d)^2 and y = d * scale + (beta - mean(d) * scale). A constant channel has
+    # d = 0 exactly, so its variance is 0 and its output exactly beta; the rounding error relative to the variance
+    # grows with (pivot - mean)^2 / var, at most n (the values per channel), not with mean^2 / var as the plain
+    # one-pass formula's, and the passes over x are as many as a two-pass formula's (subtract, two reductions,
+    # one fused multiply-add), two of them fused reductions that run several times faster on CPU than
+    # torch.var_mean's Welford reduction over the non-contiguous batch dim.
     dims = reduce_dims(x.ndim)
-    pivot = xc.detach()[0].reshape(channels, -1)[:, 0]
-    pivot = torch.where(pivot.isfinite(), pivot, torch.zeros_like(pivot))
+    pivot = xc.detach()[(0, slice(None)) + (0,) * (x.ndim - 2)]
+    pivot = torch.nan_to_num(pivot, nan=0.0, posinf=0.0, neginf=0.0)
     deviation = xc - channel_view(pivot, x.ndim)
     shift_mean = deviation.mean(dims)
-    centered = deviation - channel_view(shift_mean, x.ndim)
-    var = (centered * centered).mean(dims)
+    var = ((deviation * deviation).mean(dims) - shift_mean * shift_mean).clamp_min(0.0)
     mean = pivot + shift_mean
     scale = _scale(var, weight, eps, compute)
-    # y = (x - mean) * scale + beta from the centered values themselves: x * scale - mean * scale would round the
-    # two products apart and leave a constant channel a residue of an ulp of x * scale.
-    offset = (
-        channel_view(bias.to(compute), x.ndim) if bias is not None else torch.zeros((), dtype=compute, device=x.device)
-    )
-    y = torch.addcmul(offset, centered, channel_view(scale, x.ndim)).to(x.dtype)
+    offset = -shift_mean * scale
+    if bias is not None:
+        offset = offset + bias.to(compute)
+    y = torch.addcmul(channel_view(offset, x.ndim), deviation, channel_view(scale, x.ndim)).to(x.dtype)
     return y, mean, var
 
 

@@ -79,7 +79,9 @@ def _apply_dropout(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
-        return input.mul_(0) if inplace else input * 0  # NaN and inf become NaN, as in torch
+        # times a zero of the input's own dtype, as torch: NaN and inf become NaN, a bool input stays bool
+        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+        return input.mul_(zero) if inplace else input * zero
     if mask_dims > input.ndim:  # channel dropout on a 0D/1D input; checked only when dropping, as torch does
         raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     _check_floating(input, "dropout")

@@ -34,6 +34,7 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "convert_frozen_batchnorm",
+    "ghost_batch_sizes",
 ]
 
 
@@ -46,6 +47,23 @@ def _check_values_per_channel(input: Tensor, layer: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ ghost BN
+
+
+def ghost_batch_sizes(batch: int, ghost_batch_size: int, spatial_size: int = 1) -> list[int]:
+    """The sizes of the ghost batches a batch of ``batch`` samples is split into, in order: as many full ghost
+    batches of ``ghost_batch_size`` as fit, then the remainder as a smaller last one (a DataLoader's last batch),
+    unless it would hold a single value per channel (one sample of an (N, C) input, ``spatial_size`` 1), which
+    cannot be normalized by its own statistics: then it joins the ghost batch before it. A batch of at most one
+    ghost batch is one piece (and fails, as batch norm does, if it holds a single value per channel)."""
+    full, remainder = divmod(batch, ghost_batch_size)
+    if full == 0:
+        return [batch]
+    sizes = [ghost_batch_size] * full
+    if remainder * spatial_size == 1:
+        sizes[-1] += remainder
+    elif remainder:
+        sizes.append(remainder)
+    return sizes
 
 
 class _GhostBatchNorm:
@@ -76,16 +94,12 @@ class _GhostBatchNorm:
         if not use_batch_stats:
             return super().forward(input)
         self._check_input_dim(input)
-        batch = input.shape[0]
-        if batch % self.ghost_batch_size != 0:
-            raise ValueError(
-                f"{type(self).__name__} needs a batch size divisible by ghost_batch_size={self.ghost_batch_size}, "
-                f"got a batch of {batch}"
-            )
         # Each virtual batch is one BatchNorm step: its own statistics, and one update of the running statistics
         # (and of num_batches_tracked), in order -- Algorithm 1 of Hoffer et al.
-        ghosts = input.split(self.ghost_batch_size)
-        return torch.cat([super(_GhostBatchNorm, self).forward(ghost) for ghost in ghosts])
+        ghosts = ghost_batch_sizes(input.shape[0], self.ghost_batch_size, math.prod(input.shape[2:]))
+        if len(ghosts) == 1:
+            return super().forward(input)
+        return torch.cat([super(_GhostBatchNorm, self).forward(ghost) for ghost in input.split(ghosts)])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
@@ -100,7 +114,10 @@ _GHOST_DOC = r"""
 
     The running statistics take one momentum step per ghost batch, in order, with the unbiased ghost-batch
     variance (so ``num_batches_tracked`` counts ghost batches). Inference: plain batch norm with the running
-    statistics. N must be a multiple of G in training (a ValueError otherwise); G = N is plain batch norm.
+    statistics. When N is not a multiple of G (a DataLoader's last batch), the remainder N mod G is a last, smaller
+    ghost batch with its own statistics and its own momentum step, as in TabNet's and Ludwig's ghost batch norm;
+    a remainder of one sample without spatial dims (one value per channel, which has no variance) joins the ghost
+    batch before it instead. G >= N is plain batch norm.
 
     Hoffer, Hubara & Soudry 2017, "Train longer, generalize better".
 """

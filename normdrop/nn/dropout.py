@@ -122,11 +122,15 @@ class AlphaDropout(_WithGenerator, torch.nn.AlphaDropout):
 
     Training: y = a (x m + s' (1 - m)) + b with s' = -1.7581 (SELU's saturation), a = ((1-p)(1 + p s'^2))^(-1/2),
     b = -a s' p: zero-mean unit-variance inputs keep mean 0 and variance 1. Inference: y = x.
+
+    As torch.nn.AlphaDropout's, the forward never writes into its input: torch's ignores ``inplace`` (kept in the
+    signature and the repr), and a drop-in must not change a tensor torch's layer leaves alone. In-place alpha
+    dropout is ``normdrop.nn.functional.alpha_dropout(x, p, training, inplace=True)``.
     """
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        return F.alpha_dropout(input, self.p, self.training, self.inplace, generator=self.generator)
+        return F.alpha_dropout(input, self.p, self.training, False, generator=self.generator)
 
     def _script_alpha(self) -> bool:
         return True
@@ -135,12 +139,13 @@ class AlphaDropout(_WithGenerator, torch.nn.AlphaDropout):
 class FeatureAlphaDropout(_WithGenerator, torch.nn.FeatureAlphaDropout):
     r"""Alpha dropout of whole channels of (N, C, \*); drop-in for torch.nn.FeatureAlphaDropout.
 
-    Training: as AlphaDropout with one mask value m[n, c] per channel. Inference: y = x.
+    Training: as AlphaDropout with one mask value m[n, c] per channel. Inference: y = x. Never in place, as
+    torch.nn.FeatureAlphaDropout (which ignores ``inplace``; see AlphaDropout).
     """
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        return F.feature_alpha_dropout(input, self.p, self.training, self.inplace, generator=self.generator)
+        return F.feature_alpha_dropout(input, self.p, self.training, False, generator=self.generator)
 
     def _script_alpha(self) -> bool:
         return True

@@ -120,10 +120,14 @@ def functorch_active() -> bool:
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float | Tensor
 ) -> None:
-    """running <- running + momentum * (batch - running) in place, with the batch mean and the *unbiased* batch
-    variance var * count / (count - 1): two in-place lerps, the running statistics never join the graph."""
-    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-    running_var.lerp_((var.detach() * (count / (count - 1))).to(running_var.dtype), momentum)
+    """running <- momentum * batch + (1 - momentum) * running in place, with the batch mean and the *unbiased* batch
+    variance var * count / (count - 1); the running statistics never join the graph. torch's form, computed in the
+    batch statistics' dtype (float32 for half inputs) and rounded once into the running statistics' dtype, as
+    torch does: a lerp (running + momentum * (batch - running)) turns inf running statistics into NaN, and a
+    float16 one overflows where torch's does not."""
+    mean, var = mean.detach(), var.detach() * (count / (count - 1))
+    running_mean.copy_(mean * momentum + running_mean.to(mean.dtype) * (1 - momentum))
+    running_var.copy_(var * momentum + running_var.to(var.dtype) * (1 - momentum))
 
 
 class _BatchNormFunction(torch.autograd.Function):

@@ -3,10 +3,13 @@ torch ops (the oracle), and their argument checks."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import normdrop.nn as nd
+from normdrop.nn.batchnorm_variants import ghost_batch_sizes
 
 TOL64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -33,9 +36,21 @@ def with_affine(layer, channels: int):
 # ------------------------------------------------------------------------------------------------ ghost BN
 
 
-@pytest.mark.parametrize(("cls", "shape"), [(nd.GhostBatchNorm1d, (12, 3)), (nd.GhostBatchNorm2d, (8, 3, 4, 5))])
-def test_ghost_batch_norm_normalizes_each_virtual_batch_and_steps_running_stats_per_ghost(backend, cls, shape):
-    ghost = 4 if shape[0] == 12 else 2
+GHOST_CASES = [  # (class, input shape, ghost_batch_size, the ghost batches' sizes the documented rule gives)
+    (nd.GhostBatchNorm1d, (12, 3), 4, [4, 4, 4]),
+    (nd.GhostBatchNorm2d, (8, 3, 4, 5), 2, [2, 2, 2, 2]),
+    (nd.GhostBatchNorm1d, (10, 3), 4, [4, 4, 2]),  # a DataLoader's last batch: the remainder is a smaller ghost
+    (nd.GhostBatchNorm1d, (9, 3), 4, [4, 5]),  # one (N, C) sample has no variance: it joins the ghost before it
+    (nd.GhostBatchNorm1d, (7, 3, 2), 3, [3, 3, 1]),  # one (C, L) sample has 2 values per channel: its own ghost
+    (nd.GhostBatchNorm2d, (7, 3, 4, 5), 2, [2, 2, 2, 1]),
+]
+
+
+@pytest.mark.parametrize(("cls", "shape", "ghost", "sizes"), GHOST_CASES)
+def test_ghost_batch_norm_normalizes_each_virtual_batch_and_steps_running_stats_per_ghost(
+    backend, cls, shape, ghost, sizes
+):
+    assert ghost_batch_sizes(shape[0], ghost, math.prod(shape[2:])) == sizes
     layer = with_affine(cls(3, ghost, momentum=0.2), 3).double()
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
@@ -45,7 +60,7 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch_and_steps_running_stats_
 
     running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     outputs = []
-    for chunk in x_ref.split(ghost):
+    for chunk in x_ref.split(sizes):
         normalized, mean, var = batch_stats_normalize(chunk, layer.eps)
         outputs.append(normalized * channel(layer.weight, x.ndim) + channel(layer.bias, x.ndim))
         n = chunk.numel() // 3
@@ -57,7 +72,7 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch_and_steps_running_stats_
     torch.testing.assert_close(x.grad, x_ref.grad, **TOL64)
     torch.testing.assert_close(layer.running_mean, running_mean, **TOL64)
     torch.testing.assert_close(layer.running_var, running_var, **TOL64)
-    assert int(layer.num_batches_tracked) == shape[0] // ghost
+    assert int(layer.num_batches_tracked) == len(sizes)
 
 
 def test_ghost_batch_norm_with_one_ghost_batch_is_batch_norm_and_eval_is_batch_norm(backend):
@@ -78,12 +93,15 @@ def test_ghost_batch_size_must_be_a_positive_int(size):
         nd.GhostBatchNorm1d(3, size)
 
 
-def test_ghost_batch_size_must_divide_the_training_batch():
-    layer = nd.GhostBatchNorm2d(3, 4)
-    with pytest.raises(ValueError, match=r"divisible by ghost_batch_size=4, got a batch of 6"):
-        layer(torch.randn(6, 3, 2, 2))
-    layer.eval()
-    assert layer(torch.randn(6, 3, 2, 2)).shape == (6, 3, 2, 2)
+def test_ghost_batch_norm_on_batches_of_at_most_one_ghost_is_batch_norm(backend):
+    """A batch smaller than a ghost batch is normalized as one; one (N, C) sample fails as in torch.nn."""
+    ghost, plain = nd.GhostBatchNorm1d(3, 8), torch.nn.BatchNorm1d(3)
+    x = torch.randn(5, 3) * 2 + 1
+    torch.testing.assert_close(ghost(x), plain(x))
+    torch.testing.assert_close(ghost.state_dict(), plain.state_dict())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ghost(torch.randn(1, 3))
+    assert ghost(torch.randn(0, 3)).shape == (0, 3)
 
 
 # ----------------------------------------------------------------------------------------------- batch renorm

@@ -159,11 +159,14 @@ def test_fast_path_skips_what_its_kernels_do_not_take(numba_backend, make):
     torch.testing.assert_close(bn(x), reference.to(x.dtype)(x), **tolerance)
 
 
-def test_fast_path_skips_running_stats_in_another_dtype(numba_backend):
+def test_running_stats_in_another_dtype_are_refused_as_torch_refuses_them(numba_backend):
+    """They never reach the kernels (which would read float64 memory as float32): torch raises a RuntimeError."""
     fastpath.set_enabled(True)
-    bn = nd.BatchNorm1d(5)
-    bn.running_mean = bn.running_mean.double()
-    assert not is_fast(bn(torch.randn(8, 5, requires_grad=True)))
+    for module in (nd, torch.nn):
+        bn = module.BatchNorm1d(5)
+        bn.running_mean = bn.running_mean.double()
+        with pytest.raises(RuntimeError):
+            bn(torch.randn(8, 5, requires_grad=True))
 
 
 def test_fast_path_off_by_switch_backend_and_thread_count(numba_backend, monkeypatch):

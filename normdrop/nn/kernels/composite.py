@@ -61,27 +61,43 @@ def batch_norm_forward(
     if x.numel() == 0:
         stats = torch.zeros(channels, dtype=compute, device=x.device)
         return torch.empty_like(x), stats, stats.clone()
-    if training:
-        # Two passes (mean, then mean of squared deviations): accurate, and several times faster on CPU than
-        # torch.var_mean's Welford reduction over the non-contiguous batch dim.
-        dims = reduce_dims(x.ndim)
-        mean = xc.mean(dims)
-        centered = xc - channel_view(mean, x.ndim)
-        var = (centered * centered).mean(dims)
-    else:
+    if not training:
         assert running_mean is not None and running_var is not None
         mean, var = running_mean.to(compute), running_var.to(compute)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(compute)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(compute)
-    y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
-    if not training:
+        scale = _scale(var, weight, eps, compute)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(compute)
+        y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
         empty = x.new_empty(0, dtype=compute)
         return y, empty, empty.clone()
+    # Shifted data (Chan, Golub & LeVeque 1983): d = x - pivot_c, the channel's first value (0 where that is not
+    # finite: an inf pivot would make every deviation NaN, where torch gives an inf mean), then mean = pivot +
+    # mean(d), var = mean(d^2) - mean(d)^2 and y = d * scale + (beta - mean(d) * scale). A constant channel has
+    # d = 0 exactly, so its variance is 0 and its output exactly beta; the rounding error relative to the variance
+    # grows with (pivot - mean)^2 / var, at most n (the values per channel), not with mean^2 / var as the plain
+    # one-pass formula's, and the passes over x are as many as a two-pass formula's (subtract, two reductions,
+    # one fused multiply-add), two of them fused reductions that run several times faster on CPU than
+    # torch.var_mean's Welford reduction over the non-contiguous batch dim.
+    dims = reduce_dims(x.ndim)
+    pivot = xc.detach()[(0, slice(None)) + (0,) * (x.ndim - 2)]
+    pivot = torch.nan_to_num(pivot, nan=0.0, posinf=0.0, neginf=0.0)
+    deviation = xc - channel_view(pivot, x.ndim)
+    shift_mean = deviation.mean(dims)
+    var = ((deviation * deviation).mean(dims) - shift_mean * shift_mean).clamp_min(0.0)
+    mean = pivot + shift_mean
+    scale = _scale(var, weight, eps, compute)
+    offset = -shift_mean * scale
+    if bias is not None:
+        offset = offset + bias.to(compute)
+    y = torch.addcmul(channel_view(offset, x.ndim), deviation, channel_view(scale, x.ndim)).to(x.dtype)
     return y, mean, var
+
+
+def _scale(var: Tensor, weight: Tensor | None, eps: float, compute: torch.dtype) -> Tensor:
+    """gamma_c / sqrt(var_c + eps) (1 / sqrt(var_c + eps) without affine weights), in the compute dtype."""
+    scale = torch.rsqrt(var + eps)
+    return scale if weight is None else scale * weight.to(compute)
 
 
 def batch_norm_backward(
@@ -110,6 +126,10 @@ def batch_norm_backward(
     """
     compute = opmath_dtype(x.dtype)
     ndim = x.ndim
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    if x.numel() == 0:  # no values: every gradient is zero (and n = 0 would divide by zero below)
+        zeros = torch.zeros(x.shape[1], dtype=param_dtype, device=x.device)
+        return torch.zeros_like(x), zeros, zeros.clone()
     dims = reduce_dims(ndim)
     g = grad_out.to(compute)
     centered = x.to(compute) - channel_view(mean.to(compute), ndim)
@@ -133,7 +153,6 @@ def batch_norm_backward(
             centered,
             channel_view(slope, ndim),
         )
-    param_dtype = weight.dtype if weight is not None else x.dtype
     return grad_input.to(x.dtype), grad_weight.to(param_dtype), grad_bias.to(param_dtype)
 
 

@@ -201,6 +201,17 @@ def _float64_values(values, channels, stride):
 
 
 @njit(cache=True)
+def _pivots(x, channels, spatial):
+    """The statistics' pivot per channel: its first value, in float64, or 0 where that is not finite (an inf or
+    NaN pivot would make every deviation inf or NaN, and an input with one -inf value a NaN mean, not -inf)."""
+    pivot = _float64_values(x, channels, spatial)
+    for c in range(channels):
+        if not np.isfinite(pivot[c]):
+            pivot[c] = 0.0
+    return pivot
+
+
+@njit(cache=True)
 def _add_blocks(partial_sums):
     """Sum per-block partial sums (blocks, 2, C) into (2, C)."""
     total = partial_sums[0].copy()
@@ -245,7 +256,7 @@ def _backward_arrays(
 def _forward(y, x_at, weight_at, bias_at, mean_at, var_at, channels, spatial, training, eps):
     x, weight, bias, mean, var = _forward_arrays(y, x_at, weight_at, bias_at, mean_at, var_at, channels)
     units = _units(y.size, channels, spatial)
-    pivot = _float64_values(x, channels, spatial)
+    pivot = _pivots(x, channels, spatial)
     sums = np.zeros((2, channels))
     if training:
         _moment_sums(x, 0, units, channels, spatial, pivot, sums)
@@ -257,7 +268,7 @@ def _forward(y, x_at, weight_at, bias_at, mean_at, var_at, channels, spatial, tr
 def _forward_parallel(y, x_at, weight_at, bias_at, mean_at, var_at, channels, spatial, training, eps, blocks):
     x, weight, bias, mean, var = _forward_arrays(y, x_at, weight_at, bias_at, mean_at, var_at, channels)
     units = _units(y.size, channels, spatial)
-    pivot = _float64_values(x, channels, spatial)
+    pivot = _pivots(x, channels, spatial)
     partial_sums = np.zeros((blocks, 2, channels))
     if training:
         for b in prange(blocks):

@@ -21,11 +21,13 @@ from normdrop.nn.kernels.numba_cpu.memory import BN_MATH, _array_at
 
 @njit(cache=True, fastmath=BN_MATH)
 def _update_running(mean, var, running_mean, running_var, momentum, count):
-    """running <- running + momentum * (batch - running), with the unbiased batch variance var * n / (n - 1)."""
+    """running <- momentum * batch + (1 - momentum) * running, with the unbiased batch variance var * n / (n - 1):
+    torch's form, in float64 (so infinities combine as in torch's update; a lerp would make inf running
+    statistics NaN)."""
     correction = count / (count - 1.0)
     for c in range(mean.size):
-        running_mean[c] += momentum * (np.float64(mean[c]) - running_mean[c])
-        running_var[c] += momentum * (np.float64(var[c]) * correction - running_var[c])
+        running_mean[c] = momentum * np.float64(mean[c]) + (1.0 - momentum) * np.float64(running_mean[c])
+        running_var[c] = momentum * (np.float64(var[c]) * correction) + (1.0 - momentum) * np.float64(running_var[c])
 
 
 def _batch_norm_forward_entry(dtype):

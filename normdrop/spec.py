@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,6 +31,9 @@ Layers = Literal["normdrop", "torch"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
 RunStatus = Literal["finished", "diverged", "failed"]
+
+if TYPE_CHECKING:
+    from normdrop.user_spec import UserRunSpec
 
 _CONV_MODELS = ("cnn1d", "cnn2d", "resnet")
 _PROBE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -210,7 +213,7 @@ class RunResult:
     """
 
     run_id: str
-    spec: RunSpec
+    spec: RunSpec | UserRunSpec
     status: RunStatus
     diverged_step: int | None = None
     error: str | None = None
@@ -230,6 +233,16 @@ class RunResult:
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         """Inverse of :meth:`to_dict`."""
         fields = dict(data)
-        fields["spec"] = RunSpec.model_validate(fields["spec"])
+        fields["spec"] = parse_spec(fields["spec"])
         fields["metrics"] = [(int(step), str(name), float(value)) for step, name, value in fields["metrics"]]
         return cls(**fields)
+
+
+def parse_spec(data: Mapping[str, Any]) -> RunSpec | UserRunSpec:
+    """A stored spec's fields back as a spec: a :class:`~normdrop.user_spec.UserRunSpec` (a run of a user's model,
+    ``kind == "user"``) or a :class:`RunSpec`."""
+    if data.get("kind") == "user":
+        from normdrop.user_spec import UserRunSpec  # lazy: it builds on this module
+
+        return UserRunSpec.model_validate(data)
+    return RunSpec.model_validate(data)

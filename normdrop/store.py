@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import pandas as pd
 
-from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus
+from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus, parse_spec
 
 DEFAULT_STORE_FILENAME = "normdrop-runs.sqlite"
 """The store a command uses when neither ``--store`` nor ``$NORMDROP_STORE`` names one."""
@@ -322,7 +322,7 @@ class Store:
         records = self._query("SELECT record FROM probe_records WHERE run_id = ? ORDER BY rowid", (run_id,))
         return RunResult(
             run_id=run.run_id,
-            spec=RunSpec.model_validate(run.spec),
+            spec=parse_spec(run.spec),
             status=run.status,
             diverged_step=run.diverged_step,
             error=run.error,

@@ -33,3 +33,7 @@ app.command()(bench.bench)
 from normdrop.cli import fastpath  # noqa: E402
 
 app.command()(fastpath.build_fastpath)
+
+from normdrop.cli import ablate  # noqa: E402
+
+app.command()(ablate.ablate)

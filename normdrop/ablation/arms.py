@@ -79,7 +79,7 @@ class Layout:
 
     def dropout_before_bn(self) -> list[Layer]:
         """Dropout layers called before some BN."""
-        last_norm = max((i for i, layer in enumerate(self.layers) if layer.kind == "norm"), default=-1)
+        last_norm = max((i for i, layer in enumerate(self.layers) if layer.kind == "norm"), default=0)
         return [layer for layer in self.layers[:last_norm] if layer.kind == "dropout"]
 
     def weights_without_bn(self) -> list[Layer]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from normdrop.ablation.arms import MEASURE_EXAMPLES, FinalMeasurements, NotApplicable, apply_arm, trace
@@ -192,7 +193,8 @@ def ablate(
     structure = model_fingerprint(given)
     sample = data.sample
     try:
-        logits = given.eval()(sample)
+        with torch.no_grad():
+            logits = given.eval()(sample)
     except Exception as error:
         raise UserInputError(f"the model fails on a batch of inputs {tuple(sample.shape)}: {error}") from None
     if logits.ndim != 2 or logits.shape[1] < data.num_classes:

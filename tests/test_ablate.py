@@ -252,7 +252,7 @@ def test_bad_data_and_models_are_one_line_errors(tmp_path):
         prepare_data((x_train, y_train + 0.5, x_test, y_test))
     with pytest.raises(UserInputError, match="expected \\(X_train, y_train, X_test, y_test\\)"):
         prepare_data((x_train, y_train, x_test))
-    with pytest.raises(UserInputError, match="returned int, expected a torch.nn.Module"):
+    with pytest.raises(UserInputError, match=r"returned int, expected a torch\.nn\.Module"):
         normdrop.ablate(
             lambda: 3, (x_train, y_train, x_test, y_test), batch_size=16, store=tmp_path / "s.sqlite", progress=False
         )

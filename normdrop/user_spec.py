@@ -55,7 +55,7 @@ class UserRunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["user"] = USER_RUN_KIND
-    model: str = Field(description="how the user named the model (e.g. 'model.py:build'); for reading only")
+    model: str = Field(description="how the user named the model (e.g. 'model.py:build'); not in the run id")
     model_fingerprint: str = Field(min_length=1, description="sha256 of the model's structure and classes' source")
     init_fingerprint: str = Field(min_length=1, description="sha256 of the initial state for this seed")
     data_fingerprint: str = Field(min_length=1, description="sha256 of the training and test data")
@@ -87,7 +87,10 @@ class UserRunSpec(BaseModel):
 
     @property
     def run_id(self) -> str:
-        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields + semantics version)."""
-        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "user_spec": self.model_dump(mode="json")}
+        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields but ``model``, the name,
+        + the semantics version). The same model named differently (``build`` in Python, ``model.py:build`` on the
+        command line) is the same run."""
+        fields = self.model_dump(mode="json", exclude={"model"})
+        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "user_spec": fields}
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -343,3 +343,9 @@ def test_cli_errors_name_what_was_wrong(tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(app, ["ablate", f"{model_file}:build", "--data", str(bad), "--store", str(tmp_path / "s")])
     assert result.exit_code == 2 and "X_train has 48 examples but y_train has 10 labels" in result.output
+
+
+def test_the_model_name_is_not_part_of_the_run_id():
+    fields = {"model_fingerprint": "m", "init_fingerprint": "i", "data_fingerprint": "d"}
+    assert UserRunSpec(model="build", **fields).run_id == UserRunSpec(model="model.py:build", **fields).run_id
+    assert UserRunSpec(model="build", **fields).run_id != UserRunSpec(model="build", **{**fields, "arm": "x"}).run_id

@@ -349,3 +349,21 @@ def test_the_model_name_is_not_part_of_the_run_id():
     fields = {"model_fingerprint": "m", "init_fingerprint": "i", "data_fingerprint": "d"}
     assert UserRunSpec(model="build", **fields).run_id == UserRunSpec(model="model.py:build", **fields).run_id
     assert UserRunSpec(model="build", **fields).run_id != UserRunSpec(model="build", **{**fields, "arm": "x"}).run_id
+
+
+def test_dataloaders_go_through_the_whole_path_and_reproduce(tmp_path):
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in tiny_data())
+    y_train, y_test = y_train.long(), y_test.long()
+
+    def loaders():
+        train = torch.utils.data.TensorDataset(x_train, y_train)
+        test = torch.utils.data.TensorDataset(x_test, y_test)
+        loader = torch.utils.data.DataLoader(train, batch_size=12, shuffle=True)
+        return loader, torch.utils.data.DataLoader(test, batch_size=12)
+
+    kwargs = {"claims": ["dropout-overfit"], "seeds": 2, "steps": 6, "progress": False}
+    first = normdrop.ablate(plain_mlp, loaders(), store=tmp_path / "a.sqlite", **kwargs)
+    second = normdrop.ablate(plain_mlp, loaders(), store=tmp_path / "b.sqlite", **kwargs)
+    assert first.data["form"] == "DataLoaders" and first.runs["trained"] == 4
+    per_seed = [o.claims[0].analysis.primary.per_seed for o in (first, second)]
+    assert per_seed[0] == per_seed[1] and len(per_seed[0]) == 2  # shuffling loaders, same numbers in a fresh store

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 if TYPE_CHECKING:  # pandas is imported where a table is built: it costs ~0.5 s, and the CLI's --help needs none
     import pandas as pd
 
-from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus
+from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus, parse_spec
 from normdrop.versions import RUN_PACKAGES, package_versions
 
 DEFAULT_STORE_FILENAME = "normdrop-runs.sqlite"
@@ -315,10 +315,11 @@ class Store:
         run = _stored_run(rows[0])
         metrics = self._query("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY rowid", (run_id,))
         records = self._query("SELECT record FROM probe_records WHERE run_id = ? ORDER BY rowid", (run_id,))
-        spec = RunSpec.model_validate(run.spec)
+        spec = parse_spec(run.spec)
+        keep = tuple(getattr(spec, "keep", ()))  # a user-model run (normdrop ablate) keeps nothing
         kept = self._query(
-            f"SELECT name, data FROM artifacts WHERE run_id = ? AND name IN ({', '.join('?' * len(spec.keep))})",
-            (run_id, *spec.keep),
+            f"SELECT name, data FROM artifacts WHERE run_id = ? AND name IN ({', '.join('?' * len(keep))})",
+            (run_id, *keep),
         )
         return RunResult(
             run_id=run.run_id,

@@ -51,7 +51,7 @@ import io
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -449,3 +449,174 @@ def _diverged_summary(step: int, train_time: float) -> dict[str, float | bool | 
         "test_loss": None,
         "test_accuracy": None,
     }
+
+
+# ---- a given model on given data (normdrop ablate) -------------------------------------------------------------
+
+Batches = tuple[Tensor, Tensor] | Iterable[Any]
+"""Data of :func:`fit`: ``(inputs, labels)`` tensors, or an iterable of ``(inputs, labels, ...)`` batches (a
+DataLoader)."""
+
+
+def _is_tensor_pair(data: Any) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
+
+
+def _loader_batches(loader: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless ``(inputs, labels)`` batches from a DataLoader: one pass over it per epoch."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch[0], batch[1]
+        if empty:
+            raise ValueError("the training DataLoader yielded no batch")
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, data: Batches) -> tuple[float, float]:
+    """:func:`evaluate` on tensors or on every batch of a DataLoader (mean cross-entropy, accuracy; eval mode)."""
+    if _is_tensor_pair(data):
+        return evaluate(model, data[0], data[1])
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in data:
+        logits, labels = model(batch[0]), batch[1]
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        count += len(labels)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("an evaluation DataLoader yielded no example")
+    return total_loss / count, correct / count
+
+
+def fit(
+    spec: Any,
+    model: nn.Module,
+    train: Batches,
+    test: Batches,
+    *,
+    hooks: Sequence[Hook] | None = None,
+    num_threads: int | None = 1,
+) -> RunResult:
+    """Train a given ``model`` on given data with the training fields of ``spec`` and return what :func:`run`
+    returns, recorded the same way (see the module docstring): the same metrics, divergence rule, hooks and
+    reproducibility (the batch order from ``derive_seed(spec.seed, "batch_order")``, dropout masks from
+    ``"dropout"``).
+
+    ``spec`` is a :class:`~normdrop.spec.UserRunSpec` (any object with RunSpec's training fields and a
+    ``run_id``). ``train`` and ``test`` are ``(inputs, labels)`` tensors, batched by ``spec.batch_size`` as in
+    :func:`run`, or DataLoaders (anything yielding ``(inputs, labels, ...)`` batches), used as they come: one
+    pass per epoch, their own batch size; torch's generator is seeded, so a shuffling DataLoader without a generator
+    of its own shuffles reproducibly. Evaluation is on the whole of ``train`` and ``test``. Hooks get a
+    :class:`HookContext` whose ``dataset`` is None. The model is trained in place.
+    """
+    start = time.perf_counter()
+    metrics: list[tuple[int, str, float]] = []
+    probe_records: list[dict[str, Any]] = []
+    try:
+        with _reproducible(spec.seed, num_threads):
+            diverged_step, summary = _fit(spec, model, train, test, list(hooks or []), metrics, probe_records)
+    except Exception as error:
+        return RunResult(
+            run_id=spec.run_id,
+            spec=spec,
+            status="failed",
+            error="".join(traceback.format_exception_only(error)).strip(),
+            metrics=metrics,
+            probe_records=probe_records,
+            summary={"diverged": False},
+            wall_time=time.perf_counter() - start,
+        )
+    return RunResult(
+        run_id=spec.run_id,
+        spec=spec,
+        status="finished" if diverged_step is None else "diverged",
+        diverged_step=diverged_step,
+        metrics=metrics,
+        probe_records=probe_records,
+        summary=summary,
+        wall_time=time.perf_counter() - start,
+    )
+
+
+def _fit(
+    spec: Any,
+    model: nn.Module,
+    train: Batches,
+    test: Batches,
+    hooks: list[Hook],
+    metrics: list[tuple[int, str, float]],
+    probe_records: list[dict[str, Any]],
+) -> tuple[int | None, dict[str, float | bool | None]]:
+    """The loop of :func:`_train` for a given model and data."""
+    if _is_tensor_pair(train):
+        x_train, y_train = train
+        if spec.batch_size is None or spec.batch_size > len(y_train):
+            raise ValueError(f"batch_size={spec.batch_size} must be set and at most the {len(y_train)} examples")
+        order = torch.Generator().manual_seed(derive_seed(spec.seed, "batch_order"))
+        batches = ((x_train[i], y_train[i]) for i in _batch_indices(len(y_train), spec.batch_size, order))
+    else:
+        batches = _loader_batches(train)
+    for hook in hooks:
+        if not isinstance(hook.every, int) or hook.every < 0:
+            raise ValueError(f"hook {hook!r}: every must be an integer >= 0, got {hook.every!r}")
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = make_optimizer(spec, parameters)
+    train_time = 0.0
+    summary: dict[str, float | bool | None] = {}
+    first_batch = next(batches)
+
+    def evaluate_at(step: int) -> None:
+        train_loss, train_accuracy = evaluate_batches(model, train)
+        test_loss, test_accuracy = evaluate_batches(model, test)
+        evaluation = {
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "train_time": train_time,
+        }
+        summary.update(evaluation)
+        metrics.extend((step, name, value) for name, value in evaluation.items())
+
+    def call_hooks_at(step: int) -> None:
+        for hook in hooks:
+            if _due(hook, step, spec.steps):
+                lr = learning_rate(spec, min(step, spec.steps - 1))
+                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, first_batch, None)  # type: ignore[arg-type]
+                probe_records.extend(_call_hook(hook, ctx))
+
+    model.train()
+    evaluate_at(0)
+    call_hooks_at(0)
+    batch = first_batch
+    for step in range(spec.steps):
+        step_start = time.perf_counter()
+        lr = learning_rate(spec, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if step > 0:
+            batch = next(batches)
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss_value = loss.item()
+        metrics.append((step, "batch_loss", loss_value))
+        if not math.isfinite(loss_value) or loss_value > spec.diverge_loss:
+            train_time += time.perf_counter() - step_start
+            return step, _diverged_summary(step, train_time)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step % spec.eval_every == 0:
+            metrics.append((step, "lr", lr))
+            _step_with_diagnostics(step, optimizer, parameters, metrics)
+        else:
+            optimizer.step()
+        train_time += time.perf_counter() - step_start
+        done = step + 1
+        if done % spec.eval_every == 0 or done == spec.steps:
+            evaluate_at(done)
+        call_hooks_at(done)
+    summary.update(diverged=False, steps_completed=spec.steps, train_time=train_time)
+    return None, summary

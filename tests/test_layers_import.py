@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("normdrop.lab", "normdrop.tracking", "normdrop.integrations"),
     ("normdrop.sweep",),
     ("normdrop.claims",),
-    ("normdrop.study", "normdrop.ablate"),
+    ("normdrop.study", "normdrop.ablation"),
     ("normdrop.report",),
     ("normdrop.bench",),
     ("normdrop.cli", "normdrop.playground"),

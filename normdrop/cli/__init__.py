@@ -57,6 +57,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "build_fastpath",
         "Build (or find already built) the C++ fast path for small batch-norm and dropout calls.",
     ),
+    "ablate": (
+        "normdrop.cli.ablate",
+        "ablate",
+        "Test the claims on your own model and data: arms by surgery, runs into the store, verdicts, a report.",
+    ),
     "playground": (
         "normdrop.cli.playground",
         "playground",

@@ -273,24 +273,43 @@ class _FrozenBatchNorm(torch.nn.Module):
         eps: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        trainable_affine: bool = False,
     ) -> None:
         super().__init__()
         if eps < 0.0:
             raise ValueError(f"eps must be non-negative, got {eps}")
+        if not isinstance(trainable_affine, bool):
+            raise ValueError(f"trainable_affine must be a bool, got {trainable_affine!r}")
         self.num_features = num_features
         self.eps = eps
+        self.trainable_affine = trainable_affine
         factory = {"device": device, "dtype": dtype}
-        self.register_buffer("weight", torch.ones(num_features, **factory))
-        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        if trainable_affine:
+            # Statistics frozen, gamma and beta learned: the usual way to fine-tune a BN network on small batches.
+            self.weight = torch.nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = torch.nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_buffer("weight", torch.ones(num_features, **factory))
+            self.register_buffer("bias", torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     @classmethod
-    def from_batch_norm(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> _FrozenBatchNorm:
-        """A frozen copy of ``bn``'s running statistics and affine parameters (1 and 0 when it has none)."""
+    def from_batch_norm(
+        cls, bn: torch.nn.modules.batchnorm._BatchNorm, *, trainable_affine: bool = False
+    ) -> _FrozenBatchNorm:
+        """A frozen copy of ``bn``'s running statistics and affine parameters (1 and 0 when it has none);
+        ``trainable_affine=True`` keeps the affine map as parameters that an optimizer trains."""
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"cannot freeze {type(bn).__name__} without running statistics (track_running_stats)")
-        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        frozen = cls(
+            bn.num_features,
+            bn.eps,
+            device=bn.running_mean.device,
+            dtype=bn.running_mean.dtype,
+            trainable_affine=trainable_affine,
+        )
         with torch.no_grad():
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
@@ -316,14 +335,17 @@ class _FrozenBatchNorm(torch.nn.Module):
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        trainable = ", trainable_affine=True" if self.trainable_affine else ""
+        return f"{self.num_features}, eps={self.eps}{trainable}"
 
 
 _FROZEN_DOC = r"""
 
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, in training and inference alike; all four
-    are buffers, so nothing is learned or updated (gradients flow to the input only). ``from_batch_norm(bn)``
-    freezes a trained BatchNorm; a BatchNorm state_dict loads directly.
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, in training and inference alike. The
+    statistics are buffers, never updated; weight and bias are buffers too (nothing is learned: gradients flow to
+    the input only) unless ``trainable_affine=True``, which makes them parameters an optimizer trains (statistics
+    frozen, gamma and beta learned). ``from_batch_norm(bn)`` freezes a trained BatchNorm; a BatchNorm state_dict
+    loads directly.
 """
 
 
@@ -349,17 +371,20 @@ _FROZEN_FOR = {
 }
 
 
-def convert_frozen_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+def convert_frozen_batchnorm(
+    module: torch.nn.Module, *, inplace: bool = False, trainable_affine: bool = False
+) -> torch.nn.Module:
     """Replace every BatchNorm{1,2,3}d (torch's, normdrop's or a variant) in ``module`` by a frozen copy.
 
-    Returns the converted module (a new object if ``module`` itself is a BatchNorm, ``module`` otherwise).
-    A BatchNorm without running statistics raises a ValueError.
+    Works on a copy of ``module`` unless ``inplace=True`` (like every surgery function) and returns the result.
+    ``trainable_affine=True`` freezes only the statistics (gamma and beta stay trainable parameters). A BatchNorm
+    subclass with a built-in activation (or other child modules, as timm's ``BatchNormAct2d``) keeps them: it
+    becomes ``nn.Sequential(frozen, *children)``, checked to compute what the original did (see
+    :func:`normdrop.nn.surgery.replace_norm`). A BatchNorm without running statistics raises a ValueError.
     """
-    for cls, frozen_cls in _FROZEN_FOR.items():
-        if isinstance(module, cls):
-            return frozen_cls.from_batch_norm(module)
-    for name, child in module.named_children():
-        converted = convert_frozen_batchnorm(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+    from normdrop.nn.surgery import replace_norm  # surgery builds on this module
+
+    def is_batch_norm(_name: str, candidate: torch.nn.Module) -> bool:
+        return isinstance(candidate, tuple(_FROZEN_FOR))
+
+    return replace_norm(module, "frozen", is_batch_norm, inplace=inplace, trainable_affine=trainable_affine)

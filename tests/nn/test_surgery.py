@@ -107,3 +107,101 @@ def test_remove_and_replace_norms_and_dropouts():
     gaussian = nd.replace_dropout(model, "gaussian")
     assert type(gaussian[3]) is nd.GaussianDropout and gaussian[3].p == 0.2
     assert isinstance(gaussian[5], nd.DropConnect) and isinstance(gaussian[8], nd.ConcreteDropout)
+
+
+# ---- norm layers with a built-in activation (timm's BatchNormAct2d style), frozen BN -----------------------
+
+
+class BatchNormAct2d(torch.nn.BatchNorm2d):
+    """A BatchNorm2d that applies its own dropout and activation after normalizing, as timm's norm_act layers do."""
+
+    def __init__(self, num_features: int, p: float = 0.0) -> None:
+        super().__init__(num_features)
+        self.drop = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBatchNorm2d(torch.nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose forward does more than BN + children: surgery must refuse it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+def act_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), BatchNormAct2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    model(torch.randn(8, 2, 5, 5))  # running statistics away from 0 / 1, so freezing them is visible
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("kind", ["frozen", "batch", "ghost"])
+def test_replace_norm_keeps_the_activation_of_a_batch_norm_act_layer(kind):
+    model = act_model()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    options = {"ghost_batch_size": 6} if kind == "ghost" else {}
+    replaced = nd.replace_norm(model, kind, **options)
+    assert isinstance(model[1], BatchNormAct2d)  # not in place
+    assert isinstance(replaced[1], torch.nn.Sequential) and isinstance(replaced[1][-1], torch.nn.ReLU)
+    torch.testing.assert_close(replaced(x), model(x))  # eval: running statistics, then the ReLU
+    assert replaced(x).ne(model[3].bias).any()
+    if kind != "frozen":  # train mode: batch statistics (ghost batch = whole batch), then the ReLU
+        torch.testing.assert_close(replaced.train()(x), model.train()(x))
+
+
+def test_remove_norm_keeps_the_activation_and_freezing_needs_statistics():
+    model = act_model()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    removed = nd.remove_norm(model)
+    assert isinstance(removed[1][-1], torch.nn.ReLU) and not any(map(nd.surgery._is_norm, removed.modules()))
+    torch.testing.assert_close(removed(x), model[3](model[2](torch.relu(model[0](x)))))
+    untracked = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="without running statistics"):
+        nd.replace_norm(untracked, "frozen")
+
+
+def test_surgery_refuses_a_batch_norm_subclass_it_cannot_reproduce():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), ScaledBatchNorm2d(4))
+    for operation in (lambda m: nd.remove_norm(m), lambda m: nd.replace_norm(m, "frozen")):
+        with pytest.raises(ValueError, match="ScaledBatchNorm2d subclasses a batch norm but does not compute"):
+            operation(model)
+
+
+def test_convert_frozen_batchnorm_copies_unless_inplace_and_keeps_activations():
+    model = act_model()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    expected = model(x)
+    frozen = nd.convert_frozen_batchnorm(model)
+    assert frozen is not model and type(model[1]) is BatchNormAct2d  # the argument is untouched
+    assert isinstance(frozen[1][0], nd.FrozenBatchNorm2d) and isinstance(frozen[1][-1], torch.nn.ReLU)
+    torch.testing.assert_close(frozen.train()(x), expected)  # frozen: train mode computes what eval did
+    same = nd.convert_frozen_batchnorm(model, inplace=True)
+    assert same is model and isinstance(model[1][0], nd.FrozenBatchNorm2d)
+
+
+def test_frozen_batch_norm_with_trainable_affine_learns_gamma_beta_and_keeps_statistics():
+    torch.manual_seed(1)
+    bn = torch.nn.BatchNorm2d(3).double()
+    bn(torch.randn(8, 3, 4, 4, dtype=torch.float64) * 3 + 1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    frozen = nd.convert_frozen_batchnorm(bn, trainable_affine=True).train()
+    assert isinstance(frozen, nd.FrozenBatchNorm2d) and "trainable_affine=True" in repr(frozen)
+    assert {name for name, _ in frozen.named_parameters()} == {"weight", "bias"}
+    statistics = (frozen.running_mean.clone(), frozen.running_var.clone())
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    oracle = bn.eval()  # torch's BN on running statistics is the same affine map, with trainable gamma, beta
+    frozen(x).pow(2).sum().backward()
+    oracle(x_ref).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(frozen.weight.grad, oracle.weight.grad)
+    torch.testing.assert_close(frozen.bias.grad, oracle.bias.grad)
+    torch.optim.SGD(frozen.parameters(), lr=0.1).step()
+    assert not torch.equal(frozen.weight, oracle.weight)
+    torch.testing.assert_close((frozen.running_mean, frozen.running_var), statistics)
+    assert not list(nd.convert_frozen_batchnorm(bn).parameters())  # default: everything frozen

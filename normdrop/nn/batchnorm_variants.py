@@ -33,7 +33,6 @@ __all__ = [
     "FrozenBatchNorm3d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
-    "convert_frozen_batchnorm",
     "ghost_batch_sizes",
 ]
 
@@ -369,22 +368,3 @@ _FROZEN_FOR = {
     torch.nn.BatchNorm2d: FrozenBatchNorm2d,
     torch.nn.BatchNorm3d: FrozenBatchNorm3d,
 }
-
-
-def convert_frozen_batchnorm(
-    module: torch.nn.Module, *, inplace: bool = False, trainable_affine: bool = False
-) -> torch.nn.Module:
-    """Replace every BatchNorm{1,2,3}d (torch's, normdrop's or a variant) in ``module`` by a frozen copy.
-
-    Works on a copy of ``module`` unless ``inplace=True`` (like every surgery function) and returns the result.
-    ``trainable_affine=True`` freezes only the statistics (gamma and beta stay trainable parameters). A BatchNorm
-    subclass with a built-in activation (or other child modules, as timm's ``BatchNormAct2d``) keeps them: it
-    becomes ``nn.Sequential(frozen, *children)``, checked to compute what the original did (see
-    :func:`normdrop.nn.surgery.replace_norm`). A BatchNorm without running statistics raises a ValueError.
-    """
-    from normdrop.nn.surgery import replace_norm  # surgery builds on this module
-
-    def is_batch_norm(_name: str, candidate: torch.nn.Module) -> bool:
-        return isinstance(candidate, tuple(_FROZEN_FOR))
-
-    return replace_norm(module, "frozen", is_batch_norm, inplace=inplace, trainable_affine=trainable_affine)

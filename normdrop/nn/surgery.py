@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normdrop.nn import batchnorm, dropout
 from normdrop.nn.batchnorm_variants import (
+    _FROZEN_FOR,
     BatchRenorm1d,
     BatchRenorm2d,
     FrozenBatchNorm1d,
@@ -467,3 +468,21 @@ def replace_dropout(
         return make_dropout(kind, rate, spatial, **kwargs).train(module.training)
 
     return _rebuild(model, where, candidate, build, inplace)
+
+
+def convert_frozen_batchnorm(
+    module: torch.nn.Module, *, inplace: bool = False, trainable_affine: bool = False
+) -> torch.nn.Module:
+    """Replace every BatchNorm{1,2,3}d (torch's, normdrop's or a variant) in ``module`` by a frozen copy.
+
+    Works on a copy of ``module`` unless ``inplace=True`` (like every surgery function) and returns the result.
+    ``trainable_affine=True`` freezes only the statistics (gamma and beta stay trainable parameters). A BatchNorm
+    subclass with a built-in activation (or other child modules, as timm's ``BatchNormAct2d``) keeps them: it
+    becomes ``nn.Sequential(frozen, *children)``, checked to compute what the original did (see
+    :func:`replace_norm`). A BatchNorm without running statistics raises a ValueError.
+    """
+
+    def is_batch_norm(_name: str, candidate: torch.nn.Module) -> bool:
+        return isinstance(candidate, tuple(_FROZEN_FOR))
+
+    return replace_norm(module, "frozen", is_batch_norm, inplace=inplace, trainable_affine=trainable_affine)

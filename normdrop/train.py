@@ -16,7 +16,7 @@ learning rate :func:`learning_rate` ``(spec, t)``. The run records, in long form
   parameters together.
 
 Divergence: if a batch loss is non-finite or above ``spec.diverge_loss`` at step ``t``, training stops there and the
-run is ``"diverged"`` with ``diverged_step = t``. Any exception makes the run ``"failed"`` with the error's text;
+run is ``"diverged"`` with ``diverged_step = t``. Any exception makes the run ``"failed"`` with its traceback as the error;
 :func:`run` never raises for a bad run (the sweep counts it instead).
 
 Reproducibility: weights are drawn from ``derive_seed(seed, "init")``, the batch order from ``"batch_order"`` (a
@@ -296,12 +296,12 @@ def run(
     try:
         with _reproducible(spec.seed, num_threads), _ProgressBar(spec, progress) as bar:
             diverged_step, summary = _train(spec, list(hooks or []), data_root, metrics, probe_records, bar)
-    except Exception as error:
+    except Exception:
         return RunResult(
             run_id=spec.run_id,
             spec=spec,
             status="failed",
-            error="".join(traceback.format_exception_only(error)).strip(),
+            error=traceback.format_exc().strip(),  # the whole traceback: `normdrop runs show RUN_ID` prints it
             metrics=metrics,
             probe_records=probe_records,
             summary={"diverged": False},

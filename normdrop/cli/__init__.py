@@ -16,6 +16,7 @@ from normdrop.cli import lab  # noqa: E402
 app.command()(lab.sweep)
 app.command()(lab.runs)
 app.command()(lab.export)
+app.command()(lab.check)
 
 from normdrop.cli import train  # noqa: E402
 

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.text import Text
 
 from normdrop.claims.base import StudySetting
+from normdrop.cli.errors import fail, one_line_errors
+from normdrop.cli.lab import check_out_dir
 from normdrop.store import DEFAULT_STORE_FILENAME, STORE_ENV_VAR, StoreError
 from normdrop.study import DEFAULT_OUT_DIR, StudyOutcome, run_study
 from normdrop.sweep import ExecutorName
@@ -36,6 +38,7 @@ def _check_dataset(dataset: str) -> str:
     return dataset
 
 
+@one_line_errors
 def study(
     quick: Annotated[
         bool, typer.Option("--quick", help="Short runs and thinned grids (about a minute on 2 cores).")
@@ -55,6 +58,7 @@ def study(
 ) -> None:
     """Test every claim: train the runs the store lacks, analyse them, write the report (HTML, JSON, Markdown)."""
     setting = StudySetting.create(quick=quick, dataset=_check_dataset(dataset), seeds=seeds)
+    check_out_dir(out, "--out")
     try:
         outcome = run_study(
             setting, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
@@ -64,6 +68,7 @@ def study(
     _finish(outcome, out, quiet)
 
 
+@one_line_errors
 def report(
     out: OutOption = DEFAULT_OUT_DIR,
     store: StoreOption = Path(DEFAULT_STORE_FILENAME),
@@ -85,6 +90,7 @@ def report(
 
     if not store.exists():
         _fail(f"{store}: no run store here (run `normdrop study` first, or pass --store / ${STORE_ENV_VAR})")
+    check_out_dir(out, "--out")
     recorded = read_setting(out) or {}
     if not recorded and not quiet:
         _stderr.print(f"note: no study recorded in {out}; reporting the default study unless flags say otherwise")
@@ -114,5 +120,4 @@ def _finish(outcome: StudyOutcome, out: Path, quiet: bool) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    _stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
-    raise typer.Exit(2)
+    fail(message)

@@ -165,9 +165,18 @@ class Store:
     Args:
         path: the SQLite file. Missing or empty: a new store is created there.
         busy_timeout: seconds a write waits for another process's write to finish before giving up.
+        readonly: open for reading only (a read-only connection: nothing is ever written, and a read-only file
+            or file system is fine); the file must already be a store.
+        quick_check: run SQLite's ``PRAGMA quick_check`` on an existing file and refuse it if damaged (it reads
+            every page: about 0.1 s per 100 MB on a warm page cache, see the README).
+
+    Before anything is written the file is inspected through a read-only connection: SQLite's header, the
+    application id ("NDRS"), the schema version and the tables' columns. A file that fails is never modified.
 
     Raises:
-        StoreError: the file is not SQLite, is corrupt, or is a SQLite file of another application.
+        StoreError: the path cannot hold a store; the file is not SQLite, is damaged, is a SQLite file of another
+            application or another schema; or (for writing) the file, its directory or its file system is
+            read-only.
     """
 
     def __init__(
@@ -192,6 +201,13 @@ class Store:
                 self._connection = sqlite3.connect(
                     f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout, isolation_level=None
                 )
+            try:
+                with self._reporting_corruption():
+                    if quick_check:
+                        self._quick_check()
+            except BaseException:
+                self._connection.close()
+                raise
             return
         self._check_writable()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,19 +420,31 @@ class Store:
         return {"metric_rows": metrics, "probe_records": records, "artifacts": names}
 
     def readable_ids(self) -> list[str]:
-        """Ids of the runs that read back whole (row, metrics, probe records) from a possibly damaged file.
+        """Ids of the runs that read back whole (row, metrics, probe records) from a possibly damaged file: each
+        run is read through the indexes and, where that fails (a damaged index page), by scanning the tables.
 
         Raises:
             StoreError: not even the list of run ids can be read.
         """
-        readable = []
-        for (run_id,) in self._query("SELECT run_id FROM runs ORDER BY rowid"):
+        try:
+            run_ids = [run_id for (run_id,) in self._query("SELECT run_id FROM runs ORDER BY rowid")]
+        except StoreError:
+            run_ids = [run_id for (run_id,) in self._query("SELECT run_id FROM runs NOT INDEXED ORDER BY rowid")]
+        return [run_id for run_id in run_ids if self._reads_whole(run_id)]
+
+    def _reads_whole(self, run_id: str) -> bool:
+        """Whether the run's rows read back and decode, through the indexes or, failing that, by table scans."""
+        for hint in ("", "NOT INDEXED"):
             try:
-                self.result(run_id)
-            except (StoreError, ValueError):  # a damaged page, or a row whose JSON no longer parses
+                rows = self._query(f"SELECT * FROM runs {hint} WHERE run_id = ?", (run_id,))
+                RunSpec.model_validate(_stored_run(rows[0]).spec)
+                self._query(f"SELECT step, name, value FROM metrics {hint} WHERE run_id = ?", (run_id,))
+                for (record,) in self._query(f"SELECT record FROM probe_records {hint} WHERE run_id = ?", (run_id,)):
+                    json.loads(record)
+            except (StoreError, ValueError, IndexError):
                 continue
-            readable.append(run_id)
-        return readable
+            return True
+        return False
 
     def check(self) -> None:
         """Run SQLite's full integrity check (reads the whole file).
@@ -441,25 +469,8 @@ class Store:
 
         A spec field whose value is a list or mapping is written as its JSON text.
         """
-        rows = []
         keep = None if run_ids is None else set(run_ids)
-        for run in self.runs(status, **spec_filters):
-            if keep is not None and run.run_id not in keep:
-                continue
-            row: dict[str, Any] = {
-                "run_id": run.run_id,
-                "status": run.status,
-                "diverged_step": run.diverged_step,
-                "error": run.error,
-                "wall_time": run.wall_time,
-                "started_at": run.started_at,
-                "finished_at": run.finished_at,
-                "host": run.host,
-            }
-            for prefix, fields in (("spec", run.spec), ("summary", run.summary), ("versions", run.versions)):
-                for key, value in fields.items():
-                    row[f"{prefix}.{key}"] = _dumps(value) if isinstance(value, list | dict) else value
-            rows.append(row)
+        rows = [_flat_run(run) for run in self.runs(status, **spec_filters) if keep is None or run.run_id in keep]
         return pd.DataFrame(rows)
 
     def probe_records_frame(self, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -488,12 +499,7 @@ class Store:
         if file_format == "parquet" and importlib.util.find_spec("pyarrow") is None:
             raise ImportError("Parquet export needs pyarrow: pip install 'normdrop[parquet]'")
         if salvage:
-            readable = self.readable_ids()
-            frames = {
-                "runs": self.runs_frame(run_ids=readable),
-                "metrics": self.metrics(run_ids=readable),
-                "probe_records": self.probe_records_frame(run_ids=readable),
-            }
+            frames = self._salvaged_frames()
         else:
             frames = {
                 "runs": self.runs_frame(),
@@ -513,6 +519,35 @@ class Store:
         return written
 
     # ---- internals -----------------------------------------------------------------------------------
+
+    def _salvaged_frames(self) -> dict[str, pd.DataFrame]:
+        """The export tables of the runs that still read whole (see :meth:`readable_ids`), read run by run."""
+        readable = self.readable_ids()
+        runs, metrics, records = [], [], []
+        for run_id in readable:
+            for hint in ("", "NOT INDEXED"):
+                try:
+                    row = self._query(f"SELECT * FROM runs {hint} WHERE run_id = ?", (run_id,))[0]
+                    run_metrics = self._query(
+                        f"SELECT run_id, step, name, value FROM metrics {hint} WHERE run_id = ? ORDER BY name, step",
+                        (run_id,),
+                    )
+                    run_records = self._query(
+                        f"SELECT run_id, probe, step, record FROM probe_records {hint} WHERE run_id = ? "
+                        "ORDER BY probe, step, rowid",
+                        (run_id,),
+                    )
+                except StoreError:
+                    continue
+                runs.append(_flat_run(_stored_run(row)))
+                metrics += run_metrics
+                records += run_records
+                break
+        return {
+            "runs": pd.DataFrame(runs),
+            "metrics": pd.DataFrame(metrics, columns=["run_id", "step", "name", "value"]),
+            "probe_records": pd.DataFrame(records, columns=["run_id", "probe", "step", "record"]),
+        }
 
     def _check_path(self) -> None:
         """Refuse a path that cannot hold a store file: a directory, a parent that is a file, or a non-empty file
@@ -756,7 +791,7 @@ def check_store(path: str | Path) -> CheckReport:
     Raises:
         StoreError: the file is not a normdrop store at all (not SQLite, foreign, another schema).
     """
-    with Store(path, readonly=True) as store:
+    with Store(path, readonly=True, quick_check=False) as store:
         problems = []
         try:
             problems += [message for (message,) in store._query("PRAGMA integrity_check") if message != "ok"]
@@ -765,17 +800,39 @@ def check_store(path: str | Path) -> CheckReport:
                 for table, rowid, *_ in store._query("PRAGMA foreign_key_check")
             ]
         except StoreError as error:
-            problems.append(str(error))
+            # integrity_check stops at some damage that quick_check (no index checks) reports page by page
+            with contextlib.suppress(StoreError):
+                problems += [message for (message,) in store._query("PRAGMA quick_check") if message != "ok"]
+            if not problems:
+                problems.append(str(error).removeprefix(f"{store.path}: "))
         total = readable = None
         try:
             total = store._query("SELECT count(*) FROM runs")[0][0]
             readable = len(store.readable_ids())
         except StoreError as error:
             if not problems:
-                problems.append(str(error))
+                problems.append(str(error).removeprefix(f"{store.path}: "))
         if total is not None and readable is not None and readable < total and not problems:
             problems.append(f"{total - readable} runs do not read back whole")
         return CheckReport(Path(path), problems, total, readable)
+
+
+def _flat_run(run: StoredRun) -> dict[str, Any]:
+    """One run as a flat export row: spec, summary and versions fields as ``spec.<field>`` etc. columns."""
+    row: dict[str, Any] = {
+        "run_id": run.run_id,
+        "status": run.status,
+        "diverged_step": run.diverged_step,
+        "error": run.error,
+        "wall_time": run.wall_time,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "host": run.host,
+    }
+    for prefix, fields in (("spec", run.spec), ("summary", run.summary), ("versions", run.versions)):
+        for key, value in fields.items():
+            row[f"{prefix}.{key}"] = _dumps(value) if isinstance(value, list | dict) else value
+    return row
 
 
 def _iso_utc(timestamp: float) -> str:

@@ -16,8 +16,8 @@ learning rate :func:`learning_rate` ``(spec, t)``. The run records, in long form
   parameters together.
 
 Divergence: if a batch loss is non-finite or above ``spec.diverge_loss`` at step ``t``, training stops there and the
-run is ``"diverged"`` with ``diverged_step = t``. Any exception makes the run ``"failed"`` with its traceback as the error;
-:func:`run` never raises for a bad run (the sweep counts it instead).
+run is ``"diverged"`` with ``diverged_step = t``. Any exception makes the run ``"failed"`` with its traceback as the
+error; :func:`run` never raises for a bad run (the sweep counts it instead).
 
 Reproducibility: weights are drawn from ``derive_seed(seed, "init")``, the batch order from ``"batch_order"`` (a
 private ``torch.Generator``: epochs are random permutations, the last incomplete batch of an epoch is dropped) and

@@ -124,7 +124,7 @@ def export(
     """Export the runs, metrics and probe-record tables of the store, one file each."""
     check_out_dir(out, "--out")
     try:
-        with _open_existing(store) as opened:
+        with _open_existing(store, quick_check=not salvage) as opened:
             written = opened.export(out, file_format, salvage=salvage)
     except ImportError as error:
         _fail(str(error))
@@ -132,12 +132,12 @@ def export(
         _stdout.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 
-def _open_existing(path: Path) -> Store:
+def _open_existing(path: Path, quick_check: bool = True) -> Store:
     """Open a store for reading only; a missing file is an error rather than a new empty store."""
     if not path.exists():
         _fail(f"{path}: no run store here (run `normdrop sweep` first, or pass --store / ${STORE_ENV_VAR})")
     try:
-        return Store(path, readonly=True)
+        return Store(path, readonly=True, quick_check=quick_check)
     except StoreError as error:
         _fail(str(error))
 

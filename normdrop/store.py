@@ -168,7 +168,7 @@ class Store:
         readonly: open for reading only (a read-only connection: nothing is ever written, and a read-only file
             or file system is fine); the file must already be a store.
         quick_check: run SQLite's ``PRAGMA quick_check`` on an existing file and refuse it if damaged (it reads
-            every page: about 0.1 s per 100 MB on a warm page cache, see the README).
+            every page: 0.7 s on a 127 MB store, against 3.0 s for the full integrity_check, on 2 busy cores).
 
     Before anything is written the file is inspected through a read-only connection: SQLite's header, the
     application id ("NDRS"), the schema version and the tables' columns. A file that fails is never modified.
@@ -191,6 +191,8 @@ class Store:
         self.busy_timeout = busy_timeout
         self.readonly = readonly
         self._check_path()
+        if not readonly:
+            self._check_writable()
         # Nothing is written to the file before it is known to be a normdrop store (or empty): its header and
         # schema are read through a read-only connection first.
         is_new = self._inspect()
@@ -199,7 +201,7 @@ class Store:
                 raise StoreError(f"{self.path}: no run store here (an empty or missing file)")
             with self._reporting_corruption():
                 self._connection = sqlite3.connect(
-                    f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout, isolation_level=None
+                    self._read_only_uri(), uri=True, timeout=busy_timeout, isolation_level=None
                 )
             try:
                 with self._reporting_corruption():
@@ -209,7 +211,6 @@ class Store:
                 self._connection.close()
                 raise
             return
-        self._check_writable()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._reporting_corruption():
             # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE.
@@ -578,7 +579,7 @@ class Store:
             return True
         with self._reporting_corruption():
             connection = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=self.busy_timeout, isolation_level=None
+                self._read_only_uri(), uri=True, timeout=self.busy_timeout, isolation_level=None
             )
             try:
                 application_id, schema_version, has_tables = self._retrying(
@@ -604,6 +605,17 @@ class Store:
             finally:
                 connection.close()
         return False
+
+    def _read_only_uri(self) -> str:
+        """A read-only connection's URI; on a read-only file system also ``immutable=1``, since SQLite cannot
+        create a WAL store's -shm file there (and nobody can change the file meanwhile)."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            if os.statvfs(self.path.parent).f_flag & os.ST_RDONLY:
+                uri += "&immutable=1"
+        except OSError:
+            pass
+        return uri
 
     def _check_writable(self) -> None:
         """Refuse, before any work, a store that cannot be written: a read-only file, directory or file system.

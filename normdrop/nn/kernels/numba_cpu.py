@@ -45,6 +45,26 @@ from torch import Tensor
 from normdrop.nn.kernels import composite
 from normdrop.nn.rng import MIX_MULTIPLIER_1, MIX_MULTIPLIER_2, drop_threshold, round_keys
 
+NUMBA_CACHE_ENV = "NORMDROP_NUMBA_CACHE_DIR"
+
+
+def numba_cache_dir() -> str:
+    """Where numba's ``cache=True`` keeps the compiled kernels: ``$NUMBA_CACHE_DIR`` if the user set numba's own
+    variable, else ``$NORMDROP_NUMBA_CACHE_DIR``, else ``<user cache dir>/normdrop/numba`` -- never the installed
+    package's ``__pycache__``, which a read-only install (site-packages owned by root, a container image) cannot
+    be written to."""
+    import platformdirs
+
+    return (
+        os.environ.get("NUMBA_CACHE_DIR")
+        or os.environ.get(NUMBA_CACHE_ENV)
+        or os.path.join(platformdirs.user_cache_dir("normdrop"), "numba")
+    )
+
+
+# numba reads its cache directory when a cached function is defined (below), so set it first.
+numba.config.CACHE_DIR = numba_cache_dir()
+
 __all__ = [
     "PARALLEL_MIN_NUMEL",
     "batch_norm_backward",

@@ -131,12 +131,42 @@ class RunProvenance:
             "python": platform.python_version(),
             "training_semantics": TRAINING_SEMANTICS_VERSION,
         }
-        for package in ("normdrop", "torch", "numpy"):
+        for package in ("normdrop", "torch", "numpy", "numba"):
             try:
                 versions[package] = importlib.metadata.version(package)
             except importlib.metadata.PackageNotFoundError:
                 versions[package] = None
+        versions["numeric_path"] = numeric_path()
         return cls(socket.gethostname(), versions, _iso_utc(started), _iso_utc(finished))
+
+
+def numeric_path() -> dict[str, Any]:
+    """Which code computed this process's layer calls: the backends and the fast path agree only to rounding, so
+    two runs of one spec are bitwise equal only on the same path. ``backend``: the backend asked for (auto,
+    composite, numba); ``numba``: whether numba imports; ``fastpath``: whether the C++ fast path is enabled and,
+    if this process has loaded it, whether it was built (None: not tried yet); ``torch_threads``."""
+    import sys
+
+    import torch
+
+    path: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    kernels = sys.modules.get("normdrop.nn.kernels")
+    if kernels is None:  # no normdrop layer was used in this process
+        path.update(backend=os.environ.get("NORMDROP_BACKEND") or "auto", numba=None, fastpath=None)
+        return path
+    try:
+        path["backend"] = kernels.requested_backend()
+    except ValueError:
+        path["backend"] = os.environ.get("NORMDROP_BACKEND")
+    path["numba"] = kernels._numba_module.cache_info().currsize > 0 and kernels._numba_module() is not None
+    fastpath = sys.modules.get("normdrop.nn.kernels.fastpath")
+    if fastpath is None or not fastpath.enabled():
+        path["fastpath"] = False if fastpath is not None else None
+    elif fastpath.extension.cache_info().currsize:
+        path["fastpath"] = fastpath.extension() is not None
+    else:
+        path["fastpath"] = None
+    return path
 
 
 @dataclass(frozen=True)

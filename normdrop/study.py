@@ -173,7 +173,8 @@ def run_study(
         trained=train,
         versions=versions(),
     )
-    with Store(store_path, readonly=not train) as store:
+    # report only reads: a read-only connection (a read-only store works); a missing store is created empty as before
+    with Store(store_path, readonly=not train and Path(store_path).exists()) as store:
         all_specs = [spec for plan in plans for spec in plan.specs]
         if train and all_specs:
             sweep_started = time.perf_counter()

@@ -19,7 +19,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _ENVIRONMENT_CHOICES: dict[str, tuple[str, ...]] = {
     "NORMDROP_BACKEND": ("auto", "composite", "numba"),
     "NORMDROP_FASTPATH": ("0", "1"),
-    "NORMDROP_STRICT_PATH": ("0", "1"),
 }
 
 

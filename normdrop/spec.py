@@ -35,6 +35,11 @@ Schedule = Literal["constant", "step", "cosine"]
 RunStatus = Literal["finished", "diverged", "failed"]
 
 _CONV_MODELS = ("cnn1d", "cnn2d", "resnet")
+# Spatial dims of the layers each model builds (normdrop.models): the dims its norm and dropout layers are made for.
+_MODEL_SPATIAL_DIMS = {"mlp": 0, "cnn1d": 1, "cnn2d": 2, "resnet": 2}
+
+MAX_STEPS: int = 100_000_000
+"""Upper bound of ``RunSpec.steps``: a run of more steps is a typo (10**12 steps would not finish in a lifetime)."""
 _PROBE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -45,7 +50,9 @@ class RunSpec(BaseModel):
     Adam with learning rate 1e-2, batches of 100 (the paper trains for 6000 steps; the default here is shorter).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float field (and every option value) must be finite; inf/NaN would also make the
+    # run id, a hash of the spec's JSON, impossible to compute.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # data
     dataset: str = Field("mnist1d", description="dataset name (normdrop.data.DATASET_NAMES)")
@@ -107,7 +114,7 @@ class RunSpec(BaseModel):
     lr_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: decay factor")
     lr_min: float = Field(0.0, ge=0.0, description="cosine schedule: final learning rate")
     batch_size: int = Field(100, ge=1, description="examples per optimizer step")
-    steps: int = Field(2000, ge=1, description="optimizer steps")
+    steps: int = Field(2000, ge=1, le=MAX_STEPS, description="optimizer steps")
     eval_every: int = Field(250, ge=1, description="evaluate on the full train and test sets every this many steps")
     seed: int = Field(0, ge=0, description="seed of weight init, batch order and dropout masks")
     diverge_loss: float = Field(
@@ -226,6 +233,8 @@ class RunSpec(BaseModel):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
         if self.schedule == "cosine" and self.lr_min > self.lr:
             raise ValueError(f"lr_min={self.lr_min} must not exceed lr={self.lr}")
+        _check_dataset_options(self)
+        _check_layer_options(self)
         return self
 
     @property
@@ -241,6 +250,50 @@ class RunSpec(BaseModel):
         payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": fields}
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _check_dataset_options(spec: RunSpec) -> None:
+    """The dataset's own check of its options (names it knows, value ranges), run when the spec is made."""
+    from normdrop.data import check_dataset_options
+
+    check_dataset_options(spec.dataset, dict(spec.dataset_options))
+
+
+def _check_layer_options(spec: RunSpec) -> None:
+    """Build the spec's norm and dropout layers once, on one feature, with the keyword arguments the model builder
+    (``normdrop.models``) will pass: an unknown option, a missing required one (``ghost`` without
+    ``ghost_batch_size``) or a value the layer rejects fails here, with the layer's own message, not mid-run."""
+    from normdrop.nn.factory import make_dropout, make_norm
+
+    dims = _MODEL_SPATIAL_DIMS[spec.model]
+    norm_options = dict(spec.norm_options)
+    if spec.norm == "none":
+        if norm_options:
+            raise ValueError(f"norm='none' takes no norm_options, got {norm_options}")
+    else:
+        kwargs = dict(norm_options)
+        if spec.norm != "frozen":  # as normdrop.models._norm: frozen BN has no momentum
+            kwargs.setdefault("momentum", spec.norm_momentum)
+        kwargs.setdefault("eps", spec.norm_eps)
+        try:
+            make_norm(spec.norm, 1, dims, layers=spec.layers, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"norm={spec.norm!r} with norm_options={norm_options}: {error}") from error
+    dropout_options = dict(spec.dropout_options)
+    if spec.dropout_kind == "none":
+        if dropout_options:
+            raise ValueError(f"dropout_kind='none' takes no dropout_options, got {dropout_options}")
+        return
+    dropout_dims = 0 if spec.dropout_position == "before_head" else dims
+    # dropout=0 builds no layer, but a grid over p often includes 0 beside options for the others: check the options
+    # with a rate the layer accepts.
+    rate = spec.dropout if spec.dropout > 0 else 0.5
+    try:
+        make_dropout(spec.dropout_kind, rate, dropout_dims, layers=spec.layers, **dropout_options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"dropout_kind={spec.dropout_kind!r} with dropout_options={dropout_options}: {error}"
+        ) from error
 
 
 @dataclass

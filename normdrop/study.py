@@ -157,7 +157,8 @@ def run_study(
         trained=train,
         versions=versions(),
     )
-    with Store(store_path) as store:
+    # report only reads: a read-only connection (a read-only store works); a missing store is created empty as before
+    with Store(store_path, readonly=not train and Path(store_path).exists()) as store:
         all_specs = [spec for plan in plans for spec in plan.specs]
         if train and all_specs:
             sweep_started = time.perf_counter()
@@ -247,7 +248,7 @@ class _ClaimProgress:
         self._progress.stop()
 
     def _poll(self) -> None:
-        with Store(self._store_path) as store:
+        with Store(self._store_path, readonly=True) as store:
             while True:
                 done = store.completed_ids()
                 done |= {run.run_id for run in store.runs(status="failed") if run.finished_at >= self._since}

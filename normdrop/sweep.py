@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from normdrop.spec import RunResult, RunSpec
-from normdrop.store import RunProvenance, Store
+from normdrop.store import RunProvenance, Store, StoreError
 
 ExecutorName = Literal["local", "ray"]
 RunFunction = Callable[[RunSpec], RunResult]
@@ -293,7 +293,14 @@ def run_sweep(
             results = _ray_results(pending, run_fn, ray_address, quiet=not progress)
         with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
             for result, provenance in results:
-                if store.save(result, provenance):
+                try:
+                    saved = store.save(result, provenance)
+                except StoreError as error:  # disk full, file gone read-only or damaged: say what was kept
+                    raise StoreError(
+                        f"{error}; {report.executed} runs of this sweep were saved before it "
+                        f"({report.reused} were already there); re-run the sweep to resume"
+                    ) from error
+                if saved:
                     setattr(report, result.status, getattr(report, result.status) + 1)
                     if result.status == "failed":
                         report.failed_ids.append(result.run_id)

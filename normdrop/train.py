@@ -16,8 +16,8 @@ learning rate :func:`learning_rate` ``(spec, t)``. The run records, in long form
   parameters together.
 
 Divergence: if a batch loss is non-finite or above ``spec.diverge_loss`` at step ``t``, training stops there and the
-run is ``"diverged"`` with ``diverged_step = t``. Any exception makes the run ``"failed"`` with the error's text;
-:func:`run` never raises for a bad run (the sweep counts it instead).
+run is ``"diverged"`` with ``diverged_step = t``. Any exception makes the run ``"failed"`` with its traceback as the
+error; :func:`run` never raises for a bad run (the sweep counts it instead).
 
 Reproducibility: weights are drawn from ``derive_seed(seed, "init")``, the batch order from ``"batch_order"`` (a
 private ``torch.Generator``: epochs are random permutations, the last incomplete batch of an epoch is dropped) and
@@ -305,12 +305,12 @@ def run(
         with _reproducible(spec.seed, num_threads), _ProgressBar(spec, progress) as bar:
             all_hooks = [*(hooks or []), *(probe_hooks or [])]
             diverged_step, summary = _train(spec, all_hooks, data_root, metrics, probe_records, artifacts, bar)
-    except Exception as error:
+    except Exception:
         return RunResult(
             run_id=spec.run_id,
             spec=spec,
             status="failed",
-            error="".join(traceback.format_exception_only(error)).strip(),
+            error=traceback.format_exc().strip(),  # the whole traceback: `normdrop runs show RUN_ID` prints it
             metrics=metrics,
             probe_records=probe_records,
             summary={"diverged": False},

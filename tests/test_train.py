@@ -90,6 +90,20 @@ def test_spec_defaults_are_valid_and_frozen() -> None:
         ({"schedule": "cosine", "lr": 0.1, "lr_min": 0.2}, "lr_min"),
         ({"probes": ("Bad Name",)}, "lower_snake_case"),
         ({"dataset_options": (("noise", 1.0), ("noise", 2.0))}, "unique"),
+        ({"dataset": "blobs", "dataset_options": {"noise": -1.0}}, "noise must be a finite number"),
+        ({"dataset": "blobs", "dataset_options": {"nosie": 1.0}}, "unknown option.*nosie"),
+        ({"dataset": "mnist1d", "dataset_options": {"noise": 1.0}}, "takes no options"),
+        ({"lr": float("inf")}, "(?s)lr.*finite number"),
+        ({"lr": float("nan")}, "(?s)lr.*finite number"),
+        ({"diverge_loss": float("inf")}, "(?s)diverge_loss.*finite number"),
+        ({"norm_options": {"ghost_batch_size": float("inf")}}, "finite number"),
+        ({"steps": 10**12}, "(?s)steps.*less than or equal to 100000000"),
+        ({"norm": "ghost"}, "ghost_batch_size"),
+        ({"norm": "batch", "norm_options": {"ghost_batch_size": 10}}, "ghost_batch_size"),
+        ({"norm": "none", "norm_options": {"eps": 0.1}}, "takes no norm_options"),
+        ({"norm": "ghost", "layers": "torch", "norm_options": {"ghost_batch_size": 10}}, "no torch implementation"),
+        ({"dropout": 0.1, "dropout_kind": "gaussian", "dropout_options": {"block_size": 3}}, "block_size"),
+        ({"dropout_kind": "none", "dropout_options": {"block_size": 3}}, "takes no dropout_options"),
     ],
 )
 def test_bad_spec_values_raise_errors_that_name_the_field(fields: dict[str, Any], message: str) -> None:
@@ -280,7 +294,6 @@ def test_the_divergence_bound_applies_to_finite_losses() -> None:
     ("fields", "message"),
     [
         ({"batch_size": 5000}, "batch_size=5000 exceeds the 1000 training examples"),
-        ({"dataset_options": {"noise": -1.0}}, "noise"),
         ({"model": "cnn2d"}, "needs inputs of shape"),
     ],
 )

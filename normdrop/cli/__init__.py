@@ -31,6 +31,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "export",
         "Export the runs, metrics and probe-record tables of the store, one file each.",
     ),
+    "check": (
+        "normdrop.cli.lab",
+        "check",
+        "Run SQLite's full integrity check on the store; if it is damaged, say what and which runs still read (and "
+        "export those with `normdrop export`, which reads run by run).",
+    ),
     "train": (
         "normdrop.cli.train",
         "train",

@@ -14,7 +14,7 @@ def build_fastpath() -> None:
     """Build (or find already built) the C++ fast path for small batch-norm and dropout calls.
 
     The first build takes about 30 s and needs a C++ compiler; later calls only check it is up to date. Exits with
-    status 1 if it cannot be built (normdrop then runs small layers through Python, with the same results).
+    status 1 if it cannot be built (normdrop then runs small layers through Python: slower, equal only to rounding).
     """
     from normdrop.nn.kernels import fastpath
 

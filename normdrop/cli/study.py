@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from normdrop.cli.errors import fail, one_line_errors
+from normdrop.cli.lab import check_out_dir
 from normdrop.store import DEFAULT_STORE_FILENAME, STORE_ENV_VAR, StoreError
 from normdrop.sweep import ExecutorName
 
@@ -40,6 +42,7 @@ def _check_dataset(dataset: str) -> str:
     return dataset
 
 
+@one_line_errors
 def study(
     quick: Annotated[
         bool,
@@ -65,6 +68,7 @@ def study(
     from normdrop.study import run_study
 
     setting = StudySetting.create(quick=quick, dataset=_check_dataset(dataset), seeds=seeds)
+    check_out_dir(out, "--out")
     try:
         outcome = run_study(
             setting, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
@@ -74,6 +78,7 @@ def study(
     _finish(outcome, out, quiet)
 
 
+@one_line_errors
 def report(
     out: OutOption = DEFAULT_OUT_DIR,
     store: StoreOption = Path(DEFAULT_STORE_FILENAME),
@@ -97,6 +102,7 @@ def report(
 
     if not store.exists():
         _fail(f"{store}: no run store here (run `normdrop study` first, or pass --store / ${STORE_ENV_VAR})")
+    check_out_dir(out, "--out")
     recorded = read_setting(out) or {}
     if not recorded and not quiet:
         _stderr.print(f"note: no study recorded in {out}; reporting the default study unless flags say otherwise")
@@ -126,5 +132,4 @@ def _finish(outcome: StudyOutcome, out: Path, quiet: bool) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    _stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
-    raise typer.Exit(2)
+    fail(message)

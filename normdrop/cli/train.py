@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
+from normdrop.cli.errors import fail, one_line_errors
 from normdrop.spec import RunResult, RunSpec
 
 _stdout = Console()
@@ -36,6 +37,10 @@ _COMMAND_OPTIONS = {
         typer.Option(None, help="Directory of real dataset files (mnist, fashion-mnist, cifar10)."),
     ),
     "threads": (int, typer.Option(1, min=1, help="torch threads for the run (results depend on it bitwise).")),
+    "store": (
+        Path | None,
+        typer.Option(None, "--store", help="Save the run into this run store (listed later by `normdrop runs`)."),
+    ),
 }
 
 
@@ -89,7 +94,11 @@ def _parse_number(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
 
 
 def _spec_value(name: str, text: str) -> Any:
@@ -97,12 +106,12 @@ def _spec_value(name: str, text: str) -> Any:
     field = RunSpec.model_fields[name]
     if typing.get_origin(field.annotation) is tuple:
         items = [item.strip() for item in text.split(",") if item.strip()]
-        if name != "dataset_options":
+        if typing.get_args(field.annotation)[0] is str:  # a tuple of names (probes)
             return tuple(items)
         pairs = []
         for item in items:
             key, separator, value = item.partition("=")
-            if not separator:
+            if not separator or not key.strip():
                 raise ValueError(f"expected KEY=VALUE, got {item!r}")
             pairs.append((key.strip(), _parse_number(value.strip())))
         return tuple(pairs)
@@ -112,8 +121,7 @@ def _spec_value(name: str, text: str) -> Any:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    _stderr.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+    fail(message, code)
 
 
 def _spec_from_flags(given: dict[str, Any]) -> RunSpec:
@@ -136,7 +144,7 @@ def _spec_from_flags(given: dict[str, Any]) -> RunSpec:
                 lines.append(f"{_flag(name)}={given.get(name)!r}: {problem['msg']}")
             else:
                 lines.append(problem["msg"])
-        _fail("invalid run spec\n  " + "\n  ".join(lines), code=2)
+        _fail("invalid run spec: " + "; ".join(lines), code=2)
 
 
 def _json_safe(value: Any) -> Any:
@@ -172,20 +180,37 @@ def _print_table(result: RunResult) -> None:
 
 
 def train(**options: Any) -> None:
-    """Train one model from flags and print its final metrics (exit 1 if the run failed, 2 on a bad flag)."""
+    """Train one model from flags and print its final metrics (exit 1 if the run failed, 2 on a bad flag).
+    With --store the run is saved there (a run already stored as finished or diverged is kept)."""
+    import time
+
     from normdrop.lab import run_spec  # lazy: keeps `normdrop --help` fast
+    from normdrop.store import RunProvenance, Store
 
     json_output, quiet = options.pop("json_output"), options.pop("quiet")
     data_root, threads = options.pop("data_root"), options.pop("threads")
+    store_path = options.pop("store")
     spec = _spec_from_flags(options)
+    if data_root is not None and not data_root.is_dir():
+        _fail(f"--data-root {data_root}: not a directory", code=2)
+    # Open (and check) the store before training: a bad, damaged or read-only store fails now, not after the run.
+    store = Store(store_path) if store_path is not None else None
     show_progress = not (quiet or json_output) and sys.stderr.isatty()
-    result = run_spec(spec, progress=show_progress, data_root=data_root, num_threads=threads)
+    try:
+        started = time.time()
+        result = run_spec(spec, progress=show_progress, data_root=data_root, num_threads=threads)
+        if store is not None:
+            store.save(result, RunProvenance.collect(started, time.time()))
+    finally:
+        if store is not None:
+            store.close()
     if json_output:
         print(json.dumps(_result_object(result), allow_nan=False))
     elif not quiet:
         _print_table(result)
     if result.status == "failed":
-        _fail(f"run {result.run_id} failed: {result.error}", code=1)
+        last_line = [line for line in (result.error or "").splitlines() if line.strip()][-1:]
+        _fail(f"run {result.run_id} failed: {''.join(last_line)}", code=1)
 
 
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -198,3 +223,4 @@ train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     ]
 )
 train.__annotations__ = {parameter.name: parameter.annotation for parameter in train.__signature__.parameters.values()}
+train = one_line_errors(train)

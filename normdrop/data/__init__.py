@@ -71,6 +71,7 @@ from normdrop.data.options import (
     _check_seed,
     _check_train_size,
     _standardize,
+    check_dataset_options,
     flip_labels,
     stratified_subset,
 )
@@ -177,6 +178,7 @@ __all__ = [
     "DatasetCacheWarning",
     "DatasetFileError",
     "cache_dir",
+    "check_dataset_options",
     "flip_labels",
     "load_dataset",
     "read_idx",

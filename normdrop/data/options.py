@@ -118,6 +118,15 @@ def _check_train_size(train_size: int, name: str, available: int, num_classes: i
         raise ValueError(f"train_size={train_size} is smaller than the {num_classes} classes of {name!r}; {expected}")
 
 
+def check_dataset_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError (naming the option and what is expected) unless ``load_dataset(name, **options)`` accepts
+    ``options``: the synthetic sets' knobs of ``SYNTHETIC_DEFAULTS``, none for the other sets."""
+    if name in SYNTHETIC_DEFAULTS:
+        _resolve_options(name, options)
+    else:
+        _check_no_options(name, options)
+
+
 def _check_no_options(name: str, options: Mapping[str, Any]) -> None:
     if options:
         given = ", ".join(f"{key}={value!r}" for key, value in options.items())

@@ -328,7 +328,7 @@ def test_dropout_fast_path_inplace_and_reproducible(numba_backend):
 
 def test_a_corrupt_library_and_a_failed_build_warn_and_fall_back(tmp_path):
     """A library that does not import is reported and rebuilt; with no working compiler the rebuild fails with one
-    RuntimeWarning naming the cause, and every call takes the Python path with the same results."""
+    RuntimeWarning naming the cause, and every call takes the Python path with results equal to tolerance."""
     script = """
 import warnings, torch
 import normdrop.nn as nd

@@ -12,7 +12,8 @@ The extension is compiled with ``torch.utils.cpp_extension`` on first use (about
 compiler, and ninja, which the ``ninja`` package provides) into ``$NORMDROP_EXT_DIR`` (default: the user cache dir's
 ``ext/``), keyed by the source's hash and the torch and Python versions, and loaded from there afterwards (about
 0.5 s per process). ``normdrop build-fastpath`` builds it ahead of time (``make`` does).
-Where it cannot be built, one warning says why and every call takes the Python path (same results, slower).
+Where it cannot be built, one warning says why and every call takes the Python path (slower, and equal to the fast path
+only to rounding, not bitwise; each stored run records which path computed it).
 
 It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
 numba backend, CPU float32/float64 contiguous inputs small enough that the kernels would run serially anyway
@@ -107,7 +108,8 @@ def extension() -> ModuleType | None:
     except Exception as error:  # no compiler, no headers, a failed build: the Python path still works
         warnings.warn(
             f"normdrop: the C++ fast path could not be built ({type(error).__name__}: {error}); small layers run "
-            f"through Python autograd.Functions instead (same results, more overhead per call). "
+            f"through Python autograd.Functions instead (more overhead per call, and results that agree with the fast "
+            f"path only to rounding, not bitwise). "
             f"Set {FASTPATH_ENV}=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=2,

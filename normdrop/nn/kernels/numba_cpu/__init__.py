@@ -34,6 +34,8 @@ entry points of the fast path, :mod:`~normdrop.nn.kernels.numba_cpu.entries`; th
 
 from __future__ import annotations
 
+# first: numba reads its cache directory when the kernels below are defined
+from normdrop.nn.kernels.numba_cpu.cache import NUMBA_CACHE_ENV, numba_cache_dir  # isort: skip
 from normdrop.nn.kernels.numba_cpu.batchnorm import batch_norm_backward, batch_norm_forward
 from normdrop.nn.kernels.numba_cpu.dropout import _dropout_constants as _dropout_constants
 from normdrop.nn.kernels.numba_cpu.dropout import dropout_forward, multiplicative_noise, uniform
@@ -42,6 +44,7 @@ from normdrop.nn.kernels.numba_cpu.memory import PARALLEL_BLOCK, PARALLEL_MIN_NU
 from normdrop.nn.kernels.numba_cpu.memory import _parallel as _parallel
 
 __all__ = [
+    "NUMBA_CACHE_ENV",
     "PARALLEL_BLOCK",
     "PARALLEL_MIN_NUMEL",
     "batch_norm_backward",
@@ -49,6 +52,7 @@ __all__ = [
     "dropout_forward",
     "entry_points",
     "multiplicative_noise",
+    "numba_cache_dir",
     "supports",
     "uniform",
 ]

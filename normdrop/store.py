@@ -566,6 +566,8 @@ class Store:
 
     def _salvaged_frames(self) -> dict[str, pd.DataFrame]:
         """The export tables of the runs that still read whole (see :meth:`readable_ids`), read run by run."""
+        import pandas as pd
+
         readable = self.readable_ids()
         runs, metrics, records = [], [], []
         for run_id in readable:

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "runs": (
         "normdrop.cli.lab",
         "runs",
-        "List stored runs: their status, the spec fields that differ between them, and final metrics.",
+        "List stored runs: their status, the spec fields that differ between them, final metrics and the error of a "
+        "failed run; `normdrop runs show RUN_ID` prints one run whole.",
     ),
     "export": (
         "normdrop.cli.lab",

@@ -232,7 +232,7 @@ CASES: list[tuple[str, list[str], dict[str, str], str]] = [
     ("sweep-store-under-file", ["sweep", "{study_ok}", "--store", "{file}/s.sqlite"], {}, r"is a file, not a dir"),
     ("sweep-workers", ["sweep", "{study_ok}", "--store", "{good}", "--workers", "0"], {}, r"--workers"),
     ("sweep-executor", ["sweep", "{study_ok}", "--store", "{good}", "--executor", "slurm"], {}, r"--executor"),
-    ("sweep-no-study", ["sweep", "--store", "{good}"], {}, r"Missing argument 'study'"),
+    ("sweep-no-study", ["sweep", "--store", "{good}"], {}, r"Missing argument 'sweep_file'"),
     # ---- runs
     ("runs-missing", ["runs", "--store", "{tmp}/nowhere.sqlite"], {}, r"no run store here"),
     ("runs-foreign", ["runs", "--store", "{foreign}"], {}, r"not a normdrop run store"),

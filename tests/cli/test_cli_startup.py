@@ -82,7 +82,7 @@ def test_study_default_out_dir_is_the_studys():
     assert cli_study.DEFAULT_OUT_DIR == DEFAULT_OUT_DIR
 
 
-def test_sweep_with_nothing_left_to_run_imports_no_torch(tmp_path):
+def test_sweep_with_nothing_left_to_run_imports_no_trainer_stack(tmp_path):
     from normdrop.spec import RunResult
     from normdrop.store import RunProvenance, Store
     from normdrop.sweep import load_study
@@ -97,4 +97,6 @@ def test_sweep_with_nothing_left_to_run_imports_no_torch(tmp_path):
     code, heavy, out = imported_after(["sweep", str(study), "--store", str(store_path)], cwd=tmp_path)
     assert code == 0, out
     assert "4 already in the store" in out
-    assert "torch" not in heavy, heavy
+    # Validating a spec builds its norm and dropout layer once (unknown options fail when the spec is made), so
+    # torch is imported; the trainer's and the analysis's imports are not.
+    assert not {"pandas", "scipy", "matplotlib"} & set(heavy), heavy

@@ -387,24 +387,11 @@ def _train(
     call_hooks_at(0)
     for step in range(spec.steps):
         step_start = time.perf_counter()
-        lr = learning_rate(spec, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         indices = next(batches)
-        loss = F.cross_entropy(model(x_train[indices]), y_train[indices])
-        loss_value = loss.item()
-        metrics.append((step, "batch_loss", loss_value))
-        if not math.isfinite(loss_value) or loss_value > spec.diverge_loss:
-            train_time += time.perf_counter() - step_start
-            return step, _diverged_summary(step, train_time)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step % spec.eval_every == 0:
-            metrics.append((step, "lr", lr))
-            _step_with_diagnostics(step, optimizer, parameters, metrics)
-        else:
-            optimizer.step()
+        updated = _update(spec, step, model, optimizer, parameters, x_train[indices], y_train[indices], metrics)
         train_time += time.perf_counter() - step_start
+        if not updated:
+            return step, _diverged_summary(step, train_time)
         done = step + 1
         if done % spec.eval_every == 0 or done == spec.steps:
             evaluate_at(done)
@@ -417,6 +404,38 @@ def _train(
         torch.save(model.state_dict(), buffer)
         artifacts["final_weights"] = buffer.getvalue()
     return None, summary
+
+
+def _update(
+    spec: Any,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parameters: list[torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    metrics: list[tuple[int, str, float]],
+) -> bool:
+    """One optimizer update at ``step``: the scheduled learning rate, the cross-entropy of the batch (recorded as
+    ``batch_loss``), backward and the step (with the gradient diagnostics every ``eval_every`` steps). False, with
+    nothing updated, when the loss is not finite or above ``spec.diverge_loss`` (the run diverged at ``step``).
+    Shared by :func:`run` and :func:`fit`, so both train by the same rule."""
+    lr = learning_rate(spec, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = F.cross_entropy(model(inputs), targets)
+    loss_value = loss.item()
+    metrics.append((step, "batch_loss", loss_value))
+    if not math.isfinite(loss_value) or loss_value > spec.diverge_loss:
+        return False
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if step % spec.eval_every == 0:
+        metrics.append((step, "lr", lr))
+        _step_with_diagnostics(step, optimizer, parameters, metrics)
+    else:
+        optimizer.step()
+    return True
 
 
 def _step_with_diagnostics(
@@ -595,25 +614,12 @@ def _fit(
     batch = first_batch
     for step in range(spec.steps):
         step_start = time.perf_counter()
-        lr = learning_rate(spec, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         if step > 0:
             batch = next(batches)
-        loss = F.cross_entropy(model(batch[0]), batch[1])
-        loss_value = loss.item()
-        metrics.append((step, "batch_loss", loss_value))
-        if not math.isfinite(loss_value) or loss_value > spec.diverge_loss:
-            train_time += time.perf_counter() - step_start
-            return step, _diverged_summary(step, train_time)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step % spec.eval_every == 0:
-            metrics.append((step, "lr", lr))
-            _step_with_diagnostics(step, optimizer, parameters, metrics)
-        else:
-            optimizer.step()
+        updated = _update(spec, step, model, optimizer, parameters, batch[0], batch[1], metrics)
         train_time += time.perf_counter() - step_start
+        if not updated:
+            return step, _diverged_summary(step, train_time)
         done = step + 1
         if done % spec.eval_every == 0 or done == spec.steps:
             evaluate_at(done)

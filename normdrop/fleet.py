@@ -160,6 +160,42 @@ class _FleetLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+_EXACT_SHAPES: dict[tuple[int, int, int, int, bool, int], bool] = {}
+
+
+def batched_linear_exact(rows: int, members: int, in_features: int, out_features: int, bias: bool) -> bool:
+    """Whether :class:`_FleetLinear` on this shape gives, member by member, the solo ``F.linear``'s forward and
+    gradients bit for bit. torch picks its gemm kernel by shape, and ``bmm`` and ``mm`` do not always pick the same
+    one (e.g. 50 x 37 -> 10 rounds differently): the answer is measured once per shape and process on random data
+    (a different kernel shows up as a difference there), and a shape that fails runs member by member."""
+    key = (rows, members, in_features, out_features, bias, torch.get_num_threads())
+    if key not in _EXACT_SHAPES:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, members, in_features, generator=generator)
+        weight = torch.randn(members, out_features, in_features, generator=generator)
+        b = torch.randn(members, out_features, generator=generator) if bias else None
+        grad = torch.randn(rows, members, out_features, generator=generator)
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        bs = None if b is None else b.clone().requires_grad_()
+        with torch.enable_grad():
+            y = _FleetLinear.apply(xs, ws, bs)
+            y.backward(grad)
+        exact = True
+        for k in range(members):
+            xk, wk = x[:, k].contiguous().requires_grad_(), weight[k].clone().requires_grad_()
+            bk = None if b is None else b[k].clone().requires_grad_()
+            with torch.enable_grad():
+                yk = F.linear(xk, wk, bk)
+                yk.backward(grad[:, k].contiguous())
+            exact &= (
+                torch.equal(yk, y[:, k]) and torch.equal(xk.grad, xs.grad[:, k]) and torch.equal(wk.grad, ws.grad[k])
+            )
+            if bk is not None:
+                exact &= torch.equal(bk.grad, bs.grad[k])
+        _EXACT_SHAPES[key] = bool(exact)
+    return _EXACT_SHAPES[key]
+
+
 @njit(cache=True, parallel=False)
 def _fleet_mask(out, rows, members, channels, keys, thresholds, keep_scales, drop_scales):
     """out[b, k, c] = keep_scale_k if bits(seed_k, b * channels + c) >= threshold_k else drop_scale_k."""
@@ -302,15 +338,16 @@ class Fleet:
         return self._linear(h, "classifier.", training)
 
     def _linear(self, h: Tensor, prefix: str, training: bool) -> Tensor:
-        """One linear layer: batched in training; in eval (no autograd, long chunks, where torch's bmm and mm take
-        different kernels and round differently) member by member with the solo call ``F.linear``."""
+        """One linear layer: batched where torch's bmm rounds as its mm does for this shape (:func:`batched_linear_exact`),
+        else member by member with the solo call ``F.linear`` (always so in eval: long chunks take other kernels)."""
         weight, bias = self.params[prefix + "weight"], self.params.get(prefix + "bias")
-        if training:
+        rows, members, in_features = h.shape
+        if training and batched_linear_exact(rows, members, in_features, weight.shape[1], bias is not None):
             return _FleetLinear.apply(h, weight, bias)
         shared = h.stride(1) == 0  # the eval input: one chunk seen by every member
         outputs = [
             F.linear(h[:, 0] if shared else h[:, k].contiguous(), weight[k], None if bias is None else bias[k])
-            for k in range(self.size)
+            for k in range(members)
         ]
         return torch.stack(outputs, dim=1)
 

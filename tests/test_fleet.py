@@ -1,0 +1,156 @@
+"""Fleet training: every member bit for bit its solo run (the oracle is normdrop.train.run on the member's spec)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normdrop.fleet import Fleet, fleet_dropout_multiplier, fleet_key, group_specs, run_fleet
+from normdrop.nn import functional as ndF
+from normdrop.spec import RunSpec
+from normdrop.train import run
+
+BASE = {"dataset": "mnist1d", "train_size": 400, "steps": 12, "eval_every": 5, "batch_size": 50}
+
+
+def _comparable(result):
+    """Everything a stored run holds except wall-clock times."""
+    metrics = [(step, name, value) for step, name, value in result.metrics if name != "train_time"]
+    summary = {key: value for key, value in result.summary.items() if key != "train_time"}
+    return result.run_id, result.status, result.diverged_step, result.error, metrics, summary, result.probe_records
+
+
+def _assert_members_equal_solo(specs):
+    fleet_results = run_fleet(specs)
+    for spec, fleet_result in zip(specs, fleet_results, strict=True):
+        solo = run(spec)
+        assert solo.status != "failed", solo.error
+        assert _comparable(fleet_result) == _comparable(solo), spec
+    return fleet_results
+
+
+OPTIMIZERS = {
+    "sgd": {"optimizer": "sgd", "lr": 0.05},
+    "sgd_momentum_wd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+    "nesterov": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.8, "nesterov": True},
+    "adam": {"optimizer": "adam", "lr": 0.01},
+    "adamw": {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.05},
+}
+LAYERS = {
+    "plain": {},
+    "bn": {"norm": "batch"},
+    "dropout": {"dropout": 0.2},
+    "bn_dropout": {"norm": "batch", "dropout": 0.1, "dropout_position": "before_norm", "warmup_steps": 3},
+}
+
+
+@pytest.mark.parametrize("layers", list(LAYERS))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_members_equal_solo_runs(optimizer, layers):
+    # width 37 is not a multiple of 16 (vector tails move with K); per-member lr, seed, init and dropout p
+    options = {**BASE, **OPTIMIZERS[optimizer], **LAYERS[layers], "width": 37, "depth": 2}
+    lr = options.pop("lr")
+    specs = []
+    for k in range(2):
+        member = dict(options, seed=k, lr=lr * (1 + 0.5 * k))
+        if k == 1:
+            member.update(init="kaiming", schedule="cosine")
+            if member.get("dropout"):
+                member["dropout"] = 0.3
+        specs.append(RunSpec(**member))
+    _assert_members_equal_solo(specs)
+
+
+@pytest.mark.parametrize(("members", "width", "depth"), [(1, 48, 2), (7, 64, 3), (7, 100, 1)])
+def test_fleet_sizes_and_widths(members, width, depth):
+    specs = [
+        RunSpec(**BASE, width=width, depth=depth, norm="batch", dropout=0.1, seed=k, lr=0.005 * (k + 1))
+        for k in range(members)
+    ]
+    _assert_members_equal_solo(specs)
+
+
+def test_forty_members_few_steps():
+    options = {**BASE, "steps": 3, "eval_every": 3, "width": 20, "norm": "batch", "dropout": 0.2}
+    specs = [RunSpec(**options, seed=k, lr=0.001 * (k + 1), optimizer="sgd", momentum=0.5) for k in range(40)]
+    _assert_members_equal_solo(specs)
+
+
+def test_members_diverge_at_their_own_steps():
+    options = {**BASE, "steps": 20, "eval_every": 4, "optimizer": "sgd", "momentum": 0.9, "width": 24}
+    specs = [
+        RunSpec(**options, seed=k, lr=lr, diverge_loss=limit)
+        for k, (lr, limit) in enumerate([(0.01, 100.0), (3.0, 100.0), (8.0, 100.0), (0.05, 2.2), (30.0, 100.0)])
+    ]
+    results = _assert_members_equal_solo(specs)
+    steps = {result.diverged_step for result in results if result.status == "diverged"}
+    assert len(steps) >= 2, [(r.status, r.diverged_step) for r in results]  # diverging at different steps
+    assert any(result.status == "finished" for result in results)
+
+
+def test_member_masks_equal_solo_masks():
+    seeds, ps = [11, 2**61 + 5, 0], [0.1, 0.5, 0.9]
+    multiplier = fleet_dropout_multiplier((30, 3, 37), seeds, ps)
+    for k, (seed, p) in enumerate(zip(seeds, ps)):
+        # the solo layer draws its seed from torch's default generator: find the seed state that draws `seed`
+        ones = torch.ones(30, 37)
+        solo = _dropout_with_seed(ones, p, seed)
+        assert torch.equal(multiplier[:, k], solo)
+
+
+def _dropout_with_seed(x, p, seed):
+    import normdrop.nn.functional as functional_module
+
+    original = functional_module.draw_seed
+    functional_module.draw_seed = lambda generator=None: seed
+    try:
+        return ndF.dropout(x, p, training=True)
+    finally:
+        functional_module.draw_seed = original
+
+
+def test_probe_records_equal_solo_runs():
+    options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.2, "probes": ("layer_inputs",), "probe_every": 3}
+    specs = [RunSpec(**options, seed=k, lr=0.01 * (k + 1)) for k in range(2)]
+    results = _assert_members_equal_solo(specs)
+    assert all(result.probe_records for result in results)
+
+
+def test_member_model_is_the_solo_model():
+    specs = [RunSpec(**BASE, norm="batch", seed=k) for k in range(3)]
+    fleet = Fleet(specs, (40,), 10)
+    model, optimizer = fleet.member_model(1)
+    from normdrop.models import build_model
+
+    solo = build_model(specs[1], (40,), 10)
+    for (name, value), (solo_name, solo_value) in zip(model.state_dict().items(), solo.state_dict().items()):
+        assert name == solo_name and torch.equal(value, solo_value)
+    assert isinstance(optimizer, torch.optim.Adam)
+
+
+def test_grouping():
+    a = RunSpec(**BASE, seed=0)
+    b = RunSpec(**BASE, seed=1, lr=0.1)
+    c = RunSpec(**BASE, seed=0, width=50)
+    cnn = RunSpec(**BASE, model="cnn1d")
+    gelu = RunSpec(**BASE, activation="gelu")
+    assert fleet_key(a) == fleet_key(b) != fleet_key(c)
+    assert fleet_key(cnn) is None and fleet_key(gelu) is None
+    assert fleet_key(RunSpec(**BASE, momentum=0.5, optimizer="sgd")) != fleet_key(RunSpec(**BASE, optimizer="sgd"))
+    fleets, solo = group_specs([a, b, c, cnn])
+    assert fleets == [[a, b]] and solo == [cnn, c]
+
+
+def test_mixed_specs_are_refused():
+    with pytest.raises(ValueError, match="fleet_key"):
+        Fleet([RunSpec(**BASE), RunSpec(**BASE, width=7)], (40,), 10)
+
+
+def test_failure_marks_every_member_failed():
+    specs = [RunSpec(**{**BASE, "batch_size": 1000}, seed=k) for k in range(2)]
+    results = run_fleet(specs)
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert all("batch_size=1000" in r.error for r in results)
+    assert all(not math.isnan(r.wall_time) for r in results)

@@ -11,10 +11,12 @@ members still training). What makes it hold:
 
 - **layout**: hidden activations are (B, K, C) contiguous, so batch norm is normdrop's own kernel over a
   (B, K*C) input: channel (k, c) is reduced over the B rows exactly as the solo run reduces channel c;
-- **linear layers** are batched matmuls of the solo formulas on contiguous (K, B, in) copies (a strided operand, e.g. the
-  (B, K, in) layout seen through a transpose, takes another gemm kernel for 10 outputs and rounds differently) (custom backward): ``y_k = b_k + x_k W_k^T``
-  (``baddbmm``), ``dx_k = g_k W_k``, ``dW_k = g_k^T x_k`` (torch's mm backward of a transposed weight) and
-  ``db_k = sum_b g_k`` over a contiguous (K, B, C) copy;
+- **linear layers** are batched matmuls of the solo formulas (custom backward) on contiguous (K, B, in) copies:
+  ``y_k = b_k + x_k W_k^T`` (``baddbmm``), ``dx_k = g_k W_k``, ``dW_k = g_k^T x_k`` (torch's mm backward of a
+  transposed weight) and ``db_k = sum_b g_k`` over a contiguous (K, B, C) copy. torch picks its gemm kernel by
+  shape and stride, and bmm does not always pick mm's (a strided operand, or 50 x 37 -> 10, rounds otherwise), so
+  each layer shape is checked once per process (:func:`batched_linear_exact`) and runs member by member with the
+  solo ``F.linear`` where the batched form would differ; evaluation (long chunks) always runs member by member;
 - **dropout** masks from a kernel that takes one key per member: member k's element (b, c) is kept iff
   ``bits(seed_k, b C + c) >= threshold(p_k)`` (:mod:`normdrop.nn.rng`), with ``seed_k`` drawn from the member's own
   dropout stream (``derive_seed(seed, "dropout")``) once per dropout layer and step, as its solo run draws it;
@@ -338,8 +340,8 @@ class Fleet:
         return self._linear(h, "classifier.", training)
 
     def _linear(self, h: Tensor, prefix: str, training: bool) -> Tensor:
-        """One linear layer: batched where torch's bmm rounds as its mm does for this shape (:func:`batched_linear_exact`),
-        else member by member with the solo call ``F.linear`` (always so in eval: long chunks take other kernels)."""
+        """One linear layer: batched where torch's bmm rounds as its mm does (:func:`batched_linear_exact`), else
+        member by member with the solo call ``F.linear`` (always so in eval: long chunks take other kernels)."""
         weight, bias = self.params[prefix + "weight"], self.params.get(prefix + "bias")
         rows, members, in_features = h.shape
         if training and batched_linear_exact(rows, members, in_features, weight.shape[1], bias is not None):
@@ -402,7 +404,7 @@ class Fleet:
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 if specs[0].weight_decay > 0:
                     if decoupled:
-                        param.mul_(_column([1 - lr * s.weight_decay for lr, s in zip(lrs, specs)], ndim))
+                        param.mul_(_column([1 - lr * s.weight_decay for lr, s in zip(lrs, specs, strict=False)], ndim))
                     else:
                         grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -443,7 +445,7 @@ class Fleet:
                 buffers[name].copy_(self.buffers[name][k])
         parameters = [named[name] for name in self.param_names]
         optimizer = make_optimizer(spec, parameters)
-        for name, parameter in zip(self.param_names, parameters):
+        for name, parameter in zip(self.param_names, parameters, strict=False):
             state = self.state[name]
             if not state:
                 continue
@@ -533,7 +535,7 @@ def _train_fleet(
 
     def evaluate_at(step: int) -> None:
         results = [_fleet_evaluate(fleet, flat_x_train, y_train), _fleet_evaluate(fleet, data.x_test, data.y_test)]
-        for position, k in zip(alive, range(fleet.size)):
+        for position, k in zip(alive, range(fleet.size), strict=False):
             member = everyone[position]
             (train_loss, train_accuracy), (test_loss, test_accuracy) = results[0][k], results[1][k]
             evaluation = {
@@ -598,7 +600,7 @@ def _train_fleet(
                 member = everyone[alive[k]]
                 member.metrics.append((step, "lr", lrs[k]))
                 _record_diagnostics(step, fleet, before, k, member.metrics)
-        for k, position in enumerate(alive):
+        for position in alive:
             member = everyone[position]
             member.train_time += elapsed
             if member.diverged_step is not None:

@@ -69,6 +69,13 @@ def study_run(spec: RunSpec) -> RunResult:
     return run(spec, hooks=[FinalStateHook()] if keeps_weights(spec) else None)
 
 
+def study_fleet(specs: Sequence[RunSpec]) -> list[RunResult]:
+    """The fleet twin of :func:`study_run` (:func:`normdrop.fleet.run_fleet` with the same final-state hooks)."""
+    from normdrop.fleet import run_fleet
+
+    return run_fleet(specs, hooks_factory=lambda spec: [FinalStateHook()] if keeps_weights(spec) else [])
+
+
 @dataclass
 class ClaimPlan:
     """A claim with its experiment, or the reasons it cannot be measured (missing probes)."""
@@ -141,6 +148,7 @@ def run_study(
     progress: bool = True,
     run_fn: Callable[[RunSpec], RunResult] | None = None,
     console: Console | None = None,
+    fleet: bool = True,
 ) -> StudyOutcome:
     """Run the study: missing runs into the store (unless ``train=False``), then every claim's analysis.
 
@@ -153,6 +161,8 @@ def run_study(
         progress: progress bars with ETA per claim on stderr.
         run_fn: trains one spec (default :func:`study_run`); must be a module-level function.
         console: where progress goes (default: stderr).
+        fleet: train runs that share a shape as fleets (see :func:`normdrop.sweep.run_sweep`; with the default
+            ``run_fn`` only).
     """
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -178,7 +188,17 @@ def run_study(
         if train and all_specs:
             sweep_started = time.perf_counter()
             outcome.sweep = _sweep(
-                plans, all_specs, store, executor, workers, ray_address, progress, run_fn or study_run, console, outcome
+                plans,
+                all_specs,
+                store,
+                executor,
+                workers,
+                ray_address,
+                progress,
+                run_fn or study_run,
+                console,
+                outcome,
+                fleet_fn=study_fleet if fleet and run_fn is None else None,
             )
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
@@ -205,12 +225,21 @@ def _sweep(
     run_fn: Callable[[RunSpec], RunResult],
     console: Console,
     outcome: StudyOutcome,
+    fleet_fn: Callable[[Sequence[RunSpec]], list[RunResult]] | None = None,
 ) -> dict[str, int]:
     """Run the missing specs in one sweep (claim by claim in submission order), with a bar per claim."""
     with _ClaimProgress(plans, store.path, console, enabled=progress):
         try:
             report = run_sweep(
-                specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=False, run_fn=run_fn
+                specs,
+                store,
+                executor=executor,
+                workers=workers,
+                ray_address=ray_address,
+                progress=False,
+                run_fn=run_fn,
+                fleet=fleet_fn is not None,
+                fleet_fn=fleet_fn,
             )
         except SweepError as error:
             outcome.notes.append(f"the sweep stopped early: {error}")

@@ -93,7 +93,7 @@ def test_members_diverge_at_their_own_steps():
 def test_member_masks_equal_solo_masks():
     seeds, ps = [11, 2**61 + 5, 0], [0.1, 0.5, 0.9]
     multiplier = fleet_dropout_multiplier((30, 3, 37), seeds, ps)
-    for k, (seed, p) in enumerate(zip(seeds, ps)):
+    for k, (seed, p) in enumerate(zip(seeds, ps, strict=False)):
         # the solo layer draws its seed from torch's default generator: find the seed state that draws `seed`
         ones = torch.ones(30, 37)
         solo = _dropout_with_seed(ones, p, seed)
@@ -125,7 +125,9 @@ def test_member_model_is_the_solo_model():
     from normdrop.models import build_model
 
     solo = build_model(specs[1], (40,), 10)
-    for (name, value), (solo_name, solo_value) in zip(model.state_dict().items(), solo.state_dict().items()):
+    for (name, value), (solo_name, solo_value) in zip(
+        model.state_dict().items(), solo.state_dict().items(), strict=False
+    ):
         assert name == solo_name and torch.equal(value, solo_value)
     assert isinstance(optimizer, torch.optim.Adam)
 
@@ -154,3 +156,29 @@ def test_failure_marks_every_member_failed():
     assert [r.status for r in results] == ["failed", "failed"]
     assert all("batch_size=1000" in r.error for r in results)
     assert all(not math.isnan(r.wall_time) for r in results)
+
+
+def test_sweep_with_and_without_fleet_stores_the_same_runs(tmp_path):
+    from normdrop.store import Store
+    from normdrop.sweep import plan_tasks, run_sweep
+
+    options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.1}
+    specs = [RunSpec(**options, seed=k, lr=0.01 * (k + 1)) for k in range(3)]
+    specs += [RunSpec(**options, seed=0, width=50), RunSpec(**{**options, "model": "cnn1d", "width": 8})]
+    assert [len(task) if isinstance(task, tuple) else 1 for task in plan_tasks(specs, workers=1)] == [3, 1, 1]
+    stored = {}
+    for fleet in (True, False):
+        path = tmp_path / f"fleet_{fleet}.sqlite"
+        report = run_sweep(specs, path, workers=1, progress=False, fleet=fleet)
+        assert report.finished == len(specs)
+        with Store(path) as store:
+            results = {spec.run_id: store.result(spec.run_id) for spec in specs}
+            fleets = {run.run_id: run.versions.get("fleet") for run in store.runs()}
+        stored[fleet] = {run_id: _comparable(result) for run_id, result in results.items()}
+        members = [fleets[spec.run_id] for spec in specs[:3]]
+        if fleet:
+            assert {m["size"] for m in members} == {3} and len({m["id"] for m in members}) == 1
+            assert fleets[specs[3].run_id] is None and fleets[specs[4].run_id] is None
+        else:
+            assert all(m is None for m in members)
+    assert stored[True] == stored[False]

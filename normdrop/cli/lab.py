@@ -50,12 +50,15 @@ def sweep(
         int | None, typer.Option(min=1, help="Parallel runs of the local executor (default: one per core).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")] = False,
+    fleet: Annotated[
+        bool, typer.Option("--fleet/--no-fleet", help="Train MLP runs that share a shape as batched fleets.")
+    ] = True,
 ) -> None:
     """Run every run of a study that the store does not hold yet; exit status 1 if any run failed."""
     try:
         specs = load_study(study)
         report = run_sweep(
-            specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
+            specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet, fleet=fleet
         )
     except (StudyError, StoreError, SweepError, ImportError) as error:
         _fail(str(error))

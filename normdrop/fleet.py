@@ -45,6 +45,7 @@ different code paths in the solo run, so they go to different fleets).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -60,8 +61,8 @@ from torch import Tensor, nn
 
 from normdrop.models import _unit, build_model
 from normdrop.nn import functional as ndF
-from normdrop.nn.kernels import numba_cpu
-from normdrop.nn.rng import SEED_BOUND, drop_threshold, round_keys
+from normdrop.nn.kernels import composite, numba_cpu
+from normdrop.nn.rng import MASK32, SEED_BOUND, drop_threshold, round_keys
 from normdrop.spec import RunResult, RunSpec, derive_seed
 from normdrop.train import (
     EVAL_CHUNK,
@@ -212,6 +213,32 @@ def _fleet_mask(out, rows, members, channels, keys, thresholds, keep_scales, dro
                 row[c] = keep_scale if keep else drop_scale
 
 
+def _torch_multiplier(
+    shape: tuple[int, int, int],
+    keys: np.ndarray,
+    thresholds: np.ndarray,
+    keep_scales: np.ndarray,
+    drop_scales: np.ndarray,
+    device: torch.device,
+) -> Tensor:
+    """:func:`fleet_dropout_multiplier` in torch ops on ``device``: h = mix(mix(mix(lo(c) ^ k0) ^ hi(c) ^ k1) ^ k2)
+    per counter c = b C + c' with member k's round keys (:mod:`normdrop.nn.rng`), broadcast over (B, K, C)."""
+    rows, members, channels = shape
+
+    def column(values: np.ndarray, dtype: torch.dtype) -> Tensor:
+        return torch.from_numpy(values).to(device=device, dtype=dtype).view(1, members, 1)
+
+    k = torch.from_numpy(keys).to(device)
+    k0, k1, k2 = (k[:, i].view(1, members, 1) for i in range(3))
+    counter = torch.arange(rows * channels, dtype=torch.int64, device=device).view(rows, 1, channels)
+    high = counter >> 32
+    h = composite._mix32_((counter & MASK32) ^ k0)
+    h = composite._mix32_(h ^ high ^ k1)
+    h = composite._mix32_(h ^ k2)
+    keep = h >= column(thresholds, torch.int64)
+    return torch.where(keep, column(keep_scales, torch.float32), column(drop_scales, torch.float32))
+
+
 class _FleetDropout(torch.autograd.Function):
     """y = x * m with m[b, k, c] the member's scaled keep mask; backward multiplies by the same m."""
 
@@ -226,15 +253,21 @@ class _FleetDropout(torch.autograd.Function):
         return grad * multiplier, None
 
 
-def fleet_dropout_multiplier(shape: tuple[int, int, int], seeds: Sequence[int], ps: Sequence[float]) -> Tensor:
+def fleet_dropout_multiplier(
+    shape: tuple[int, int, int], seeds: Sequence[int], ps: Sequence[float], device: torch.device | str = "cpu"
+) -> Tensor:
     """The (B, K, C) float32 multiplier of one dropout layer: member k's keep mask for seed ``seeds[k]`` and
-    probability ``ps[k]``, scaled as normdrop's kernels scale it (keep: ``float32(1 / (1 - p))``, drop: 0)."""
+    probability ``ps[k]``, scaled as normdrop's kernels scale it (keep: ``float32(1 / (1 - p))``, drop: 0).
+
+    On CPU a numba kernel; on other devices the same counter hash in torch int64 ops (:func:`_torch_multiplier`)."""
     rows, members, channels = shape
     keys = np.array([round_keys(seed) for seed in seeds], dtype=np.int64).reshape(members, 3)
     thresholds = np.array([drop_threshold(p) for p in ps], dtype=np.int64)
     constants = [numba_cpu._dropout_constants(p, False, True, torch.float32) for p in ps]
     drop_scales = np.array([c[1][0] for c in constants], dtype=np.float32)
     keep_scales = np.array([c[1][1] for c in constants], dtype=np.float32)
+    if torch.device(device).type != "cpu":
+        return _torch_multiplier(shape, keys, thresholds, keep_scales, drop_scales, torch.device(device))
     out = np.empty((rows, members, channels), dtype=np.float32)
     _fleet_mask(out, rows, members, channels, keys, thresholds, keep_scales, drop_scales)
     return torch.from_numpy(out)
@@ -255,32 +288,44 @@ class _Member:
     train_time: float = 0.0
 
 
-def _column(values: Sequence[float], ndim: int) -> Tensor:
+def _column(values: Sequence[float], ndim: int, device: torch.device) -> Tensor:
     """Per-member scalars as a float32 (K, 1, ..., 1) tensor of ``ndim`` dims (each value rounded to float32, as
     torch rounds a Python scalar against a float32 tensor)."""
-    return torch.tensor(list(values), dtype=torch.float64).to(torch.float32).view(-1, *([1] * (ndim - 1)))
+    column = torch.tensor(list(values), dtype=torch.float64).to(torch.float32).view(-1, *([1] * (ndim - 1)))
+    return column.to(device)
 
 
 class Fleet:
     """K MLP members as stacked tensors: ``params[name]`` is (K, *shape) for each parameter name of the solo model
     (in the solo model's order), ``buffers[name]`` likewise for batch-norm statistics."""
 
-    def __init__(self, specs: Sequence[RunSpec], input_shape: Sequence[int], num_classes: int) -> None:
+    def __init__(
+        self,
+        specs: Sequence[RunSpec],
+        input_shape: Sequence[int],
+        num_classes: int,
+        device: torch.device | str = "cpu",
+        exact: bool | None = None,
+    ) -> None:
         keys = {fleet_key(spec) for spec in specs}
         if len(keys) != 1 or None in keys:
             raise ValueError("a fleet needs specs with one (non-None) fleet_key; use group_specs to form fleets")
         self.specs = list(specs)
         self.template = specs[0]
+        self.device = torch.device(device)
+        # the bitwise contract (and its costs: per-shape checks, per-member losses) on CPU; exact=False forces the
+        # batched, tolerance-only path that other devices take (a CPU test of the GPU path)
+        self.exact = self.device.type == "cpu" if exact is None else exact
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         models = [build_model(spec, input_shape, num_classes) for spec in specs]
         self.param_names = [name for name, p in models[0].named_parameters() if p.requires_grad]
         self.params = {
-            name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
+            name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(device).requires_grad_()
             for name in self.param_names
         }
         self.buffer_names = [name for name, _ in models[0].named_buffers()]
         self.buffers = {
-            name: torch.stack([dict(m.named_buffers())[name] for m in models]) for name in self.buffer_names
+            name: torch.stack([dict(m.named_buffers())[name] for m in models]).to(device) for name in self.buffer_names
         }
         self.unit = [name for name, _ in _unit(self.template, self.template.width, 0)]
         self.state: dict[str, dict[str, Tensor]] = {name: {} for name in self.param_names}
@@ -294,7 +339,7 @@ class Fleet:
     def _dropout(self, h: Tensor, seeds: Sequence[int] | None) -> Tensor:
         if seeds is None:  # eval: identity
             return h
-        multiplier = fleet_dropout_multiplier(tuple(h.shape), seeds, [s.dropout for s in self.specs])
+        multiplier = fleet_dropout_multiplier(tuple(h.shape), seeds, [s.dropout for s in self.specs], h.device)
         return _FleetDropout.apply(h, multiplier)
 
     def _norm(self, h: Tensor, index: int, training: bool) -> Tensor:
@@ -344,7 +389,9 @@ class Fleet:
         member by member with the solo call ``F.linear`` (always so in eval: long chunks take other kernels)."""
         weight, bias = self.params[prefix + "weight"], self.params.get(prefix + "bias")
         rows, members, in_features = h.shape
-        if training and batched_linear_exact(rows, members, in_features, weight.shape[1], bias is not None):
+        if not self.exact or (
+            training and batched_linear_exact(rows, members, in_features, weight.shape[1], bias is not None)
+        ):
             return _FleetLinear.apply(h, weight, bias)
         shared = h.stride(1) == 0  # the eval input: one chunk seen by every member
         outputs = [
@@ -372,9 +419,9 @@ class Fleet:
                     continue
                 ndim = param.ndim
                 if specs[0].weight_decay > 0:
-                    grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim))
+                    grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim, param.device))
                 if specs[0].momentum > 0:
-                    momenta = _column([s.momentum for s in specs], ndim)
+                    momenta = _column([s.momentum for s in specs], ndim, param.device)
                     buf = self.state[name].get("momentum_buffer")
                     if buf is None:
                         buf = grad.detach().clone()
@@ -382,7 +429,7 @@ class Fleet:
                     else:
                         buf.mul_(momenta).add_(grad, alpha=1)
                     grad = grad.addcmul(buf, momenta) if specs[0].nesterov else buf
-                param.addcmul_(grad, _column([-lr for lr in lrs], ndim))
+                param.addcmul_(grad, _column([-lr for lr in lrs], ndim, param.device))
 
     def _adam(self, lrs: Sequence[float], decoupled: bool) -> None:
         specs = self.specs
@@ -404,20 +451,24 @@ class Fleet:
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 if specs[0].weight_decay > 0:
                     if decoupled:
-                        param.mul_(_column([1 - lr * s.weight_decay for lr, s in zip(lrs, specs, strict=False)], ndim))
+                        param.mul_(
+                            _column(
+                                [1 - lr * s.weight_decay for lr, s in zip(lrs, specs, strict=False)], ndim, param.device
+                            )
+                        )
                     else:
-                        grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim))
+                        grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim, param.device))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-                step_size = _column([-lr / bias_correction1 for lr in lrs], ndim)
+                step_size = _column([-lr / bias_correction1 for lr in lrs], ndim, param.device)
                 param.add_((exp_avg * step_size).div_(denom))
 
     # ---- membership
     def keep(self, indices: Sequence[int]) -> None:
         """Compact the fleet to the members at ``indices`` (in order); the others stop costing compute."""
-        index = torch.tensor(list(indices), dtype=torch.int64)
+        index = torch.tensor(list(indices), dtype=torch.int64, device=self.device)
         self.specs = [self.specs[i] for i in indices]
         with torch.no_grad():
             for name in self.param_names:
@@ -439,7 +490,7 @@ class Fleet:
             for name in self.param_names:
                 named[name].copy_(self.params[name][k])
                 grad = self.params[name].grad
-                named[name].grad = None if grad is None else grad[k].clone()
+                named[name].grad = None if grad is None else grad[k].cpu().clone()
             buffers = dict(model.named_buffers())
             for name in self.buffer_names:
                 buffers[name].copy_(self.buffers[name][k])
@@ -450,12 +501,12 @@ class Fleet:
             if not state:
                 continue
             if spec.optimizer == "sgd":
-                optimizer.state[parameter] = {"momentum_buffer": state["momentum_buffer"][k].clone()}
+                optimizer.state[parameter] = {"momentum_buffer": state["momentum_buffer"][k].cpu().clone()}
             else:
                 optimizer.state[parameter] = {
                     "step": torch.tensor(self.adam_step, dtype=torch.float32),
-                    "exp_avg": state["exp_avg"][k].clone(),
-                    "exp_avg_sq": state["exp_avg_sq"][k].clone(),
+                    "exp_avg": state["exp_avg"][k].cpu().clone(),
+                    "exp_avg_sq": state["exp_avg_sq"][k].cpu().clone(),
                 }
         model.train()
         return model, optimizer
@@ -470,19 +521,26 @@ def run_fleet(
     data_root: str | None = None,
     num_threads: int | None = 1,
     hooks_factory: Callable[[RunSpec], list[Any]] | None = None,
+    device: torch.device | str = "cpu",
+    exact: bool | None = None,
 ) -> list[RunResult]:
     """Train the specs of one fleet together; one :class:`RunResult` per spec, in order, each equal to
     :func:`normdrop.train.run` of that spec (metrics bit for bit; see the module docstring).
 
     ``hooks_factory(spec)`` gives extra hooks per member (besides ``spec.probes``). A failure of the fleet as a
-    whole (e.g. a bad dataset) makes every member ``"failed"`` with the error's text; run never raises."""
+    whole (e.g. a bad dataset) makes every member ``"failed"`` with the error's text; run never raises.
+
+    ``device``: where the fleet trains. Off CPU (e.g. CUDA, through normdrop's composite backend) losses and
+    evaluation are batched over members too and the bitwise contract does not hold: members match their solo runs
+    to rounding (the solo run's reduction orders are CPU kernels'), a tolerance, not bit for bit."""
     start = time.perf_counter()
     specs = list(specs)
     if not specs:
         return []
     try:
-        with _reproducible(specs[0].seed, num_threads):
-            members = _train_fleet(specs, data_root, hooks_factory)
+        on_cpu = torch.device(device).type == "cpu"
+        with _reproducible(specs[0].seed, num_threads) if on_cpu else contextlib.nullcontext():
+            members = _train_fleet(specs, data_root, hooks_factory, torch.device(device), exact)
     except Exception as error:
         text = "".join(traceback.format_exception_only(error)).strip()
         wall = time.perf_counter() - start
@@ -507,14 +565,19 @@ def run_fleet(
 
 
 def _train_fleet(
-    specs: list[RunSpec], data_root: str | None, hooks_factory: Callable[[RunSpec], list[Any]] | None
+    specs: list[RunSpec],
+    data_root: str | None,
+    hooks_factory: Callable[[RunSpec], list[Any]] | None,
+    device: torch.device,
+    exact: bool | None = None,
 ) -> list[_Member]:
     template = specs[0]
     data = load_run_dataset(template, data_root)
-    x_train, y_train = data.x_train, data.y_train
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     if template.batch_size > len(y_train):
         raise ValueError(f"batch_size={template.batch_size} exceeds the {len(y_train)} training examples")
-    fleet = Fleet(specs, data.input_shape, data.num_classes)
+    fleet = Fleet(specs, data.input_shape, data.num_classes, device, exact)
     everyone = [
         _Member(
             spec=s,
@@ -531,10 +594,10 @@ def _train_fleet(
     hooks = [(hooks_factory(s) if hooks_factory else []) + _probe_hooks(s) for s in specs]
     alive = list(range(len(specs)))  # positions in `everyone` of the fleet's members, in fleet order
     flat_x_train = x_train.reshape(len(y_train), -1)
-    probe_batch = (x_train[: template.probe_batch_size], y_train[: template.probe_batch_size])
+    probe_batch = (data.x_train[: template.probe_batch_size], data.y_train[: template.probe_batch_size])
 
     def evaluate_at(step: int) -> None:
-        results = [_fleet_evaluate(fleet, flat_x_train, y_train), _fleet_evaluate(fleet, data.x_test, data.y_test)]
+        results = [_fleet_evaluate(fleet, flat_x_train, y_train), _fleet_evaluate(fleet, x_test, y_test)]
         for position, k in zip(alive, range(fleet.size), strict=False):
             member = everyone[position]
             (train_loss, train_accuracy), (test_loss, test_accuracy) = results[0][k], results[1][k]
@@ -573,11 +636,15 @@ def _train_fleet(
     for step in range(template.steps):
         step_start = time.perf_counter()
         lrs = [learning_rate(everyone[p].spec, step) for p in alive]
-        indices = torch.stack([next(everyone[p].batches) for p in alive], dim=1)  # (B, K)
+        indices = torch.stack([next(everyone[p].batches) for p in alive], dim=1).to(device)  # (B, K)
         x = x_train[indices].reshape(indices.shape[0], len(alive), -1)
         logits = fleet.forward(x, draw_seeds)
         labels = y_train[indices]
-        losses = [F.cross_entropy(logits[:, k], labels[:, k]) for k in range(len(alive))]
+        if fleet.exact:  # each member's loss as its solo run computes it
+            losses = list(torch.stack([F.cross_entropy(logits[:, k], labels[:, k]) for k in range(len(alive))]))
+        else:  # one batched reduction (off CPU: a tolerance, not bit for bit)
+            per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+            losses = list(per_example.view(labels.shape).mean(0))
         loss_values = torch.stack([loss.detach() for loss in losses]).tolist()
         survivors: list[int] = []
         for k, position in enumerate(alive):
@@ -645,12 +712,23 @@ def _fleet_evaluate(fleet: Fleet, inputs: Tensor, labels: Tensor) -> list[tuple[
     totals = [0.0] * members
     correct = [0] * members
     flat = inputs.reshape(len(labels), -1)
+    batched_totals = torch.zeros(members, dtype=torch.float64, device=flat.device)
+    batched_correct = torch.zeros(members, dtype=torch.int64, device=flat.device)
     for start in range(0, len(labels), EVAL_CHUNK):
         chunk = flat[start : start + EVAL_CHUNK]
         chunk_labels = labels[start : start + EVAL_CHUNK]
         logits = fleet.forward(chunk.unsqueeze(1).expand(len(chunk), members, chunk.shape[1]), None)
+        if not fleet.exact:  # off CPU: all members in one reduction, one device sync per evaluation
+            repeated = chunk_labels.unsqueeze(1).expand(len(chunk), members)
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            losses = F.cross_entropy(flat_logits, repeated.reshape(-1), reduction="none").view(len(chunk), members)
+            batched_totals += losses.double().sum(0)
+            batched_correct += (logits.argmax(dim=2) == repeated).sum(0)
+            continue
         for k in range(members):
             member_logits = logits[:, k]
             totals[k] += F.cross_entropy(member_logits, chunk_labels, reduction="sum").item()
             correct[k] += int((member_logits.argmax(dim=1) == chunk_labels).sum())
+    if not fleet.exact:
+        totals, correct = batched_totals.tolist(), batched_correct.tolist()
     return [(totals[k] / len(labels), correct[k] / len(labels)) for k in range(members)]

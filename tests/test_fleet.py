@@ -182,3 +182,34 @@ def test_sweep_with_and_without_fleet_stores_the_same_runs(tmp_path):
         else:
             assert all(m is None for m in members)
     assert stored[True] == stored[False]
+
+
+def test_torch_mask_kernel_equals_the_numba_kernel():
+    # the GPU path hashes in torch int64 ops; on CPU it must give the numba kernel's multiplier
+    import numpy as np
+
+    from normdrop.fleet import _torch_multiplier
+    from normdrop.nn.kernels import numba_cpu
+    from normdrop.nn.rng import drop_threshold, round_keys
+
+    seeds, ps = [3, 2**62 - 1, 99], [0.2, 0.5, 0.7]
+    constants = [numba_cpu._dropout_constants(p, False, True, torch.float32)[1] for p in ps]
+    by_torch = _torch_multiplier(
+        (20, 3, 33),
+        np.array([round_keys(s) for s in seeds], dtype=np.int64),
+        np.array([drop_threshold(p) for p in ps], dtype=np.int64),
+        np.array([c[1] for c in constants], dtype=np.float32),
+        np.array([c[0] for c in constants], dtype=np.float32),
+        torch.device("cpu"),
+    )
+    assert torch.equal(by_torch, fleet_dropout_multiplier((20, 3, 33), seeds, ps))
+
+
+def test_batched_path_of_other_devices_matches_solo_to_tolerance():
+    # exact=False is the path a CUDA fleet takes (batched losses and evaluation): close to solo, not bitwise
+    specs = [RunSpec(**BASE, norm="batch", dropout=0.1, seed=k, lr=0.01 * (k + 1)) for k in range(3)]
+    for spec, result in zip(specs, run_fleet(specs, exact=False), strict=True):
+        solo = run(spec)
+        assert result.status == solo.status == "finished"
+        for name in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+            assert result.summary[name] == pytest.approx(solo.summary[name], rel=1e-3, abs=5e-3), name

@@ -46,6 +46,7 @@ different code paths in the solo run, so they go to different fleets).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import traceback
@@ -120,10 +121,24 @@ def fleet_key(spec: RunSpec) -> tuple[Any, ...] | None:
     return (tuple(sorted((name, repr(value)) for name, value in fields.items())), flags)
 
 
+def bitwise_backend() -> bool:
+    """Whether this process's CPU kernels are the ones the bitwise contract was established with: normdrop's numba
+    kernels (and their C++ fast path). With ``NORMDROP_BACKEND=composite`` batch norm runs as torch ops over the
+    (B, K*C) input, whose vectorized and scalar tails fall on other channels as K changes: members then differ
+    from their solo runs by rounding."""
+    from normdrop.nn import kernels
+
+    return kernels.backend_for_device(torch.device("cpu")) is numba_cpu
+
+
 def group_specs(specs: Sequence[RunSpec]) -> tuple[list[list[RunSpec]], list[RunSpec]]:
-    """Split specs into fleets (groups of >= 2 with one :func:`fleet_key`, in first-seen order) and solo runs."""
+    """Split specs into fleets (groups of >= 2 with one :func:`fleet_key`, in first-seen order) and solo runs.
+
+    No fleets at all when :func:`bitwise_backend` is false: a fleet must store what the solo runs would."""
     groups: dict[tuple[Any, ...], list[RunSpec]] = {}
     solo: list[RunSpec] = []
+    if not bitwise_backend():
+        return [], list(specs)
     for spec in specs:
         key = fleet_key(spec)
         if key is None:
@@ -253,6 +268,13 @@ class _FleetDropout(torch.autograd.Function):
         return grad * multiplier, None
 
 
+@functools.lru_cache(maxsize=1024)
+def _scales(p: float) -> tuple[int, np.ndarray]:
+    """normdrop's float32 dropout constants for ``p`` (cached: building them costs tensor ops, once per member
+    and layer call otherwise)."""
+    return numba_cpu._dropout_constants(p, False, True, torch.float32)
+
+
 def fleet_dropout_multiplier(
     shape: tuple[int, int, int], seeds: Sequence[int], ps: Sequence[float], device: torch.device | str = "cpu"
 ) -> Tensor:
@@ -263,7 +285,7 @@ def fleet_dropout_multiplier(
     rows, members, channels = shape
     keys = np.array([round_keys(seed) for seed in seeds], dtype=np.int64).reshape(members, 3)
     thresholds = np.array([drop_threshold(p) for p in ps], dtype=np.int64)
-    constants = [numba_cpu._dropout_constants(p, False, True, torch.float32) for p in ps]
+    constants = [_scales(p) for p in ps]
     drop_scales = np.array([c[1][0] for c in constants], dtype=np.float32)
     keep_scales = np.array([c[1][1] for c in constants], dtype=np.float32)
     if torch.device(device).type != "cpu":

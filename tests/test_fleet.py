@@ -213,3 +213,15 @@ def test_batched_path_of_other_devices_matches_solo_to_tolerance():
         assert result.status == solo.status == "finished"
         for name in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
             assert result.summary[name] == pytest.approx(solo.summary[name], rel=1e-3, abs=5e-3), name
+
+
+def test_no_fleets_under_the_composite_backend():
+    from normdrop.nn import kernels
+
+    specs = [RunSpec(**BASE, seed=k) for k in range(3)]
+    assert group_specs(specs) == ([specs], [])
+    kernels.set_backend("composite")
+    try:
+        assert group_specs(specs) == ([], specs)
+    finally:
+        kernels.set_backend(None)

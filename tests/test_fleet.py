@@ -225,3 +225,26 @@ def test_no_fleets_under_the_composite_backend():
         assert group_specs(specs) == ([], specs)
     finally:
         kernels.set_backend(None)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_per_member_momentum_and_weight_decay(optimizer):
+    extra = {"momentum": 0.9, "nesterov": True} if optimizer == "sgd" else {}
+    specs = [
+        RunSpec(
+            **{**BASE, "steps": 8},
+            optimizer=optimizer,
+            width=37,
+            norm="batch",
+            seed=k,
+            lr=0.02,
+            weight_decay=wd,
+            warmup_steps=2,
+            schedule="step",
+            lr_step_size=3,
+            lr_gamma=0.5,
+            **({**extra, "momentum": momentum} if extra else {}),
+        )
+        for k, (momentum, wd) in enumerate([(0.9, 1e-3), (0.5, 3e-2), (0.99, 1e-4)])
+    ]
+    _assert_members_equal_solo(specs)

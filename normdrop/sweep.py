@@ -278,6 +278,13 @@ def plan_tasks(specs: Sequence[RunSpec], workers: int) -> list[Task]:
     return tasks + list(solo)
 
 
+def _is_the_trainer(run_fn: RunFunction) -> bool:
+    """Whether ``run_fn`` is :func:`normdrop.train.run` itself, whose fleet twin is :func:`normdrop.fleet.run_fleet`."""
+    from normdrop.train import run
+
+    return run_fn is run
+
+
 def _task_specs(task: Task) -> tuple[RunSpec, ...]:
     return task if isinstance(task, tuple) else (task,)
 
@@ -343,7 +350,7 @@ def run_sweep(
         if not pending:
             return report
         tasks: list[Task] = list(pending)
-        if fleet and (fleet_fn is not None or run_fn is default_run_function()):
+        if fleet and (fleet_fn is not None or _is_the_trainer(run_fn)):
             fleet_fn = fleet_fn or default_fleet_function()
             tasks = plan_tasks(pending, workers or available_cores())
         if executor == "local":

@@ -1,2 +1,2 @@
-"""normdrop's speed measurements. ``normdrop bench`` runs ``bench_layers`` and ``bench_models``; every module also
-runs on its own (``python -m benchmarks.<module> --help``)."""
+"""Ad-hoc speed measurements, run from the repository root (``python -m benchmarks.<module> --help``); not
+installed. The measurements ``normdrop bench`` runs live in :mod:`normdrop.bench`."""

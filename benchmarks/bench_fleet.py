@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_models import MATMUL_SIZE, QUICK_MATMUL_SIZE, matmul_peak
-from normdrop.claims.base import FAMILIES
+from normdrop.bench.models import MATMUL_SIZE, QUICK_MATMUL_SIZE, matmul_peak
+from normdrop.claims.setting import FAMILIES
 from normdrop.fleet import run_fleet
 from normdrop.spec import RunSpec
 from normdrop.train import run

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as TF
 
-from benchmarks.timing import CLOCKS, time_round_robin
+from normdrop.bench.timing import CLOCKS, time_round_robin
 from normdrop.nn import functional as NF
 from normdrop.nn import kernels
 from normdrop.nn.kernels import composite, numba_cpu

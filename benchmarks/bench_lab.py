@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from normdrop.models import build_model
-from normdrop.spec import RunSpec, derive_seed
+from normdrop.seeds import derive_seed
+from normdrop.spec import RunSpec
 from normdrop.sweep import available_cores, run_sweep
 from normdrop.train import evaluate, load_run_dataset, make_optimizer, run
 

@@ -1,5 +1,5 @@
 """Dropout variants, forward + backward, against torch.nn's layer where it has one and a plain torch formulation
-where it does not, on the same tensors, in one process (``benchmarks.timing``: interleaved rounds, best kept).
+where it does not, on the same tensors, in one process (``normdrop.bench.timing``: interleaved rounds, best kept).
 
 =====================  =======================================  ==============================================
 variant                normdrop                                 reference
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 import normdrop.nn as nd
-from benchmarks.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
+from normdrop.bench.timing import CLOCKS, ROUND_SECONDS, num_threads, time_round_robin
 
 SHAPES = {"large": (128, 64, 32, 32), "tiny": (64, 32, 2, 2)}
 QUICK_SHAPES = {"medium": (16, 32, 16, 16), "tiny": (64, 32, 2, 2)}

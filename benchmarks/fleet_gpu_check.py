@@ -42,7 +42,7 @@ def solo_gpu_run(spec, device) -> tuple[dict[str, float], float]:
     import torch.nn.functional as F
 
     from normdrop.models import build_model
-    from normdrop.spec import derive_seed
+    from normdrop.seeds import derive_seed
     from normdrop.train import _batch_indices, evaluate, learning_rate, load_run_dataset, make_optimizer
 
     data = load_run_dataset(spec)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fleet_gpu_check: no CUDA device here (torch.cuda.is_available() is False): skipped")
         return 0
-    from normdrop.claims.base import FAMILIES
+    from normdrop.claims.setting import FAMILIES
     from normdrop.fleet import run_fleet
     from normdrop.spec import RunSpec
     from normdrop.train import run

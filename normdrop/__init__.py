@@ -6,3 +6,12 @@
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``normdrop.ablate`` (the function) without importing torch when ``normdrop`` is imported."""
+    if name == "ablate":
+        from normdrop.ablation import ablate
+
+        return ablate
+    raise AttributeError(f"module 'normdrop' has no attribute {name!r}")

@@ -32,7 +32,11 @@ members still training). What makes it hold:
 - **evaluation** of all members in one pass per chunk of ``EVAL_CHUNK`` examples, the solo chunking;
 - **hooks and probes** run on a member extracted as the ordinary ``nn.Module`` of its spec (:meth:`Fleet.member_model`)
   with its exact weights, buffers, gradients, a ``torch.optim`` optimizer holding its state, and the global RNG
-  set to its dropout stream, so every probe works unchanged and records what it records in the solo run.
+  set to its dropout stream, so every probe works unchanged and records what it records in the solo run. As the
+  trainer, the fleet knows no probe registry: each member's probe hooks come in ``probe_hooks`` (built by
+  :func:`normdrop.lab.run_fleet_specs`, as :func:`normdrop.lab.run_spec` builds a solo run's);
+- **what a run keeps** (``spec.keep``): ``"final_weights"`` stores ``torch.save`` of a finished member's state dict
+  (that of :meth:`Fleet.member_model`) in ``RunResult.artifacts``, the bytes the solo run stores.
 
 Not fleeted (:func:`fleet_key` returns None, and the sweep trains them solo): CNNs and ResNets (the prototype
 measured grouped convolutions no faster per member at this size, and a grouped conv does not reduce as the solo conv
@@ -47,11 +51,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,17 +68,19 @@ from torch import Tensor, nn
 from normdrop.models import _unit, build_model
 from normdrop.nn import functional as ndF
 from normdrop.nn.kernels import composite, numba_cpu
+from normdrop.nn.kernels.numba_cpu.dropout import _counter_bits
 from normdrop.nn.rng import MASK32, SEED_BOUND, drop_threshold, round_keys
-from normdrop.spec import RunResult, RunSpec, derive_seed
+from normdrop.seeds import derive_seed
+from normdrop.spec import RunResult, RunSpec
+from normdrop.tensors import global_norm
 from normdrop.train import (
     EVAL_CHUNK,
+    Hook,
     HookContext,
     _batch_indices,
     _call_hook,
     _diverged_summary,
     _due,
-    _global_norm,
-    _probe_hooks,
     _reproducible,
     learning_rate,
     load_run_dataset,
@@ -224,7 +231,7 @@ def _fleet_mask(out, rows, members, channels, keys, thresholds, keep_scales, dro
             keep_scale, drop_scale = keep_scales[k], drop_scales[k]
             row = out[b, k]
             for c in range(channels):
-                keep = numba_cpu._counter_bits(np.int64(b * channels + c), k0, k1, k2) >= bound
+                keep = _counter_bits(np.int64(b * channels + c), k0, k1, k2) >= bound
                 row[c] = keep_scale if keep else drop_scale
 
 
@@ -308,6 +315,7 @@ class _Member:
     summary: dict[str, float | bool | None]
     diverged_step: int | None = None
     train_time: float = 0.0
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
 def _column(values: Sequence[float], ndim: int, device: torch.device) -> Tensor:
@@ -542,27 +550,48 @@ def run_fleet(
     *,
     data_root: str | None = None,
     num_threads: int | None = 1,
-    hooks_factory: Callable[[RunSpec], list[Any]] | None = None,
+    hooks_factory: Callable[[RunSpec], Sequence[Hook]] | None = None,
+    probe_hooks: Sequence[Sequence[Hook]] | None = None,
     device: torch.device | str = "cpu",
     exact: bool | None = None,
 ) -> list[RunResult]:
     """Train the specs of one fleet together; one :class:`RunResult` per spec, in order, each equal to
-    :func:`normdrop.train.run` of that spec (metrics bit for bit; see the module docstring).
+    :func:`normdrop.train.run` of that spec (metrics bit for bit; see the module docstring), ``spec.keep`` honoured
+    as there (``"final_weights"``: ``torch.save`` of a finished member's state dict in ``RunResult.artifacts``).
 
-    ``hooks_factory(spec)`` gives extra hooks per member (besides ``spec.probes``). A failure of the fleet as a
-    whole (e.g. a bad dataset) makes every member ``"failed"`` with the error's text; run never raises.
+    ``hooks_factory(spec)`` gives extra hooks per member (``hooks`` of :func:`normdrop.train.run`);
+    ``probe_hooks[k]`` are the hooks of ``specs[k].probes`` (``probe_hooks`` of :func:`normdrop.train.run`; one list
+    per member, built by :func:`normdrop.lab.run_fleet_specs`), called after the extra ones. A failure of the fleet
+    as a whole (e.g. a bad dataset) makes every member ``"failed"`` with the error's text.
 
     ``device``: where the fleet trains. Off CPU (e.g. CUDA, through normdrop's composite backend) losses and
     evaluation are batched over members too and the bitwise contract does not hold: members match their solo runs
-    to rounding (the solo run's reduction orders are CPU kernels'), a tolerance, not bit for bit."""
-    start = time.perf_counter()
+    to rounding (the solo run's reduction orders are CPU kernels'), a tolerance, not bit for bit.
+
+    Raises:
+        ValueError: a member lists probes and no ``probe_hooks`` came with the fleet, or ``probe_hooks`` does not
+            have one list per spec (before any training, as :func:`normdrop.train.run` refuses).
+    """
     specs = list(specs)
+    if probe_hooks is not None and len(probe_hooks) != len(specs):
+        raise ValueError(f"probe_hooks has {len(probe_hooks)} lists for {len(specs)} specs; expected one per spec")
+    with_probes = [s for s in specs if s.probes]
+    if with_probes and probe_hooks is None:
+        raise ValueError(
+            f"spec.probes={list(with_probes[0].probes)} needs the probes' hooks: run the fleet with "
+            "normdrop.lab.run_fleet_specs (or pass probe_hooks=[normdrop.probes.make_probes(s) for s in specs])"
+        )
+    start = time.perf_counter()
     if not specs:
         return []
+    hooks = [
+        [*(hooks_factory(s) if hooks_factory else []), *(probe_hooks[k] if probe_hooks is not None else [])]
+        for k, s in enumerate(specs)
+    ]
     try:
         on_cpu = torch.device(device).type == "cpu"
         with _reproducible(specs[0].seed, num_threads) if on_cpu else contextlib.nullcontext():
-            members = _train_fleet(specs, data_root, hooks_factory, torch.device(device), exact)
+            members = _train_fleet(specs, data_root, hooks, torch.device(device), exact)
     except Exception as error:
         text = "".join(traceback.format_exception_only(error)).strip()
         wall = time.perf_counter() - start
@@ -581,6 +610,7 @@ def run_fleet(
             probe_records=m.probe_records,
             summary=m.summary,
             wall_time=wall,
+            artifacts=m.artifacts,
         )
         for m in members
     ]
@@ -589,10 +619,13 @@ def run_fleet(
 def _train_fleet(
     specs: list[RunSpec],
     data_root: str | None,
-    hooks_factory: Callable[[RunSpec], list[Any]] | None,
+    hooks: list[list[Hook]],
     device: torch.device,
     exact: bool | None = None,
 ) -> list[_Member]:
+    for hook in (hook for member_hooks in hooks for hook in member_hooks):
+        if not isinstance(hook.every, int) or hook.every < 0:
+            raise ValueError(f"hook {hook!r}: every must be an integer >= 0, got {hook.every!r}")
     template = specs[0]
     data = load_run_dataset(template, data_root)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
@@ -613,7 +646,6 @@ def _train_fleet(
         )
         for s in specs
     ]
-    hooks = [(hooks_factory(s) if hooks_factory else []) + _probe_hooks(s) for s in specs]
     alive = list(range(len(specs)))  # positions in `everyone` of the fleet's members, in fleet order
     flat_x_train = x_train.reshape(len(y_train), -1)
     probe_batch = (data.x_train[: template.probe_batch_size], data.y_train[: template.probe_batch_size])
@@ -642,7 +674,9 @@ def _train_fleet(
             model, optimizer = fleet.member_model(k)
             lr = learning_rate(member.spec, min(step, member.spec.steps - 1))
             for hook in due:
-                ctx = HookContext(member.spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data)
+                ctx = HookContext(
+                    member.spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data, member.metrics
+                )
                 with torch.random.fork_rng(devices=[]):
                     torch.set_rng_state(member.dropout_rng.get_state())
                     member.probe_records.extend(_call_hook(hook, ctx))
@@ -703,9 +737,13 @@ def _train_fleet(
         if done % template.eval_every == 0 or done == template.steps:
             evaluate_at(done)
         call_hooks_at(done)
-    for position in alive:
+    for k, position in enumerate(alive):
         member = everyone[position]
         member.summary.update(diverged=False, steps_completed=template.steps, train_time=member.train_time)
+        if "final_weights" in member.spec.keep:  # as normdrop.train.run keeps them
+            buffer = io.BytesIO()
+            torch.save(fleet.member_model(k)[0].state_dict(), buffer)
+            member.artifacts["final_weights"] = buffer.getvalue()
     return everyone
 
 
@@ -714,10 +752,12 @@ def _record_diagnostics(
 ) -> None:
     """||g_t||, ||w_t|| and ||w_{t+1} - w_t|| / ||w_t|| of member k, computed as the solo run computes them."""
     grads = [fleet.params[n].grad[k] for n in fleet.param_names if fleet.params[n].grad is not None]
-    grad_norm = _global_norm(grads) if grads else 0.0
+    grad_norm = float(global_norm(grads))
     previous = [before[n][k] for n in fleet.param_names]
-    weight_norm = _global_norm(previous)
-    update_norm = _global_norm(torch._foreach_sub([fleet.params[n].detach()[k] for n in fleet.param_names], previous))
+    weight_norm = float(global_norm(previous))
+    update_norm = float(
+        global_norm(torch._foreach_sub([fleet.params[n].detach()[k] for n in fleet.param_names], previous))
+    )
     metrics.extend(
         [
             (step, "grad_norm", grad_norm),

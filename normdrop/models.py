@@ -33,33 +33,22 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from normdrop.nn.factory import make_dropout, make_norm
-from normdrop.spec import RunSpec, derive_seed
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "selu": nn.SELU,
-    "elu": nn.ELU,
-    "identity": nn.Identity,
-}
+from normdrop.nn.factory import ACTIVATIONS, make_dropout, make_norm, norm_defaults
+from normdrop.seeds import derive_seed
+from normdrop.spec import RunSpec
 
 
 def _norm(spec: RunSpec, num_features: int, spatial_dims: int) -> list[tuple[str, nn.Module]]:
     """The spec's norm layer from ``normdrop.nn.factory`` (the one registry of norm kinds), or none."""
     if spec.norm == "none":
         return []
-    options = dict(spec.norm_options)
-    if spec.norm != "frozen":  # frozen BN has fixed statistics: no momentum
-        options.setdefault("momentum", spec.norm_momentum)
-    options.setdefault("eps", spec.norm_eps)
+    options = {**norm_defaults(spec.norm, momentum=spec.norm_momentum, eps=spec.norm_eps), **dict(spec.norm_options)}
     return [("norm", make_norm(spec.norm, num_features, spatial_dims, layers=spec.layers, **options))]
 
 

@@ -10,6 +10,7 @@ torch threads) are deliberately *not* spec fields.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -19,31 +20,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from normdrop.probe_catalog import DEFAULT_EVERY, KEEPABLE, expand_probes, kept_by_default
+
 TRAINING_SEMANTICS_VERSION: int = 1
 """Bump whenever the trainer or the builders change what a given spec computes; it is part of every run id."""
 
 ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet"]
 DropoutPosition = Literal["after_norm", "before_norm", "before_head"]
 NormPosition = Literal["before_act", "after_act"]
-Activation = Literal["relu", "gelu", "tanh", "selu", "elu", "identity"]
 Init = Literal["default", "kaiming", "xavier", "lecun", "orthogonal"]
-Layers = Literal["normdrop", "torch"]
+Keepable = Literal[KEEPABLE]  # type: ignore[valid-type]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
 RunStatus = Literal["finished", "diverged", "failed"]
 
 _CONV_MODELS = ("cnn1d", "cnn2d", "resnet")
 _PROBE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def derive_seed(seed: int, stream: str) -> int:
-    """An independent 63-bit seed for one random stream of a run (``"init"``, ``"batch_order"``, ``"dropout"``).
-
-    One user-facing ``seed`` feeds several generators; hashing it with the stream's name keeps, say, the dropout
-    masks from replaying the random numbers that drew the initial weights.
-    """
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class RunSpec(BaseModel):
@@ -71,7 +63,7 @@ class RunSpec(BaseModel):
         2, ge=1, le=64, description="mlp: hidden layers; cnn: conv layers; resnet: residual blocks per stage"
     )
     width: int = Field(100, ge=1, le=4096, description="hidden units (mlp) or channels of the first stage (cnn)")
-    activation: Activation = Field("relu", description="nonlinearity of every hidden layer")
+    activation: str = Field("relu", description="nonlinearity of every hidden layer (normdrop.nn.factory.ACTIVATIONS)")
     init: Init = Field("default", description="weight init: default (torch's), kaiming, xavier, lecun, orthogonal")
     norm: str = Field(
         "none", description="normalization layer: none, batch, ghost, renorm, frozen, ... (normdrop.nn.factory)"
@@ -97,7 +89,9 @@ class RunSpec(BaseModel):
         "after_norm",
         description="in every hidden layer after the norm, before the norm, or only once before the classifier",
     )
-    layers: Layers = Field("normdrop", description="take BatchNorm/Dropout from normdrop.nn or from torch.nn")
+    layers: str = Field(
+        "normdrop", description="take BatchNorm/Dropout from normdrop.nn or from torch.nn (nn.factory.LAYER_SOURCES)"
+    )
 
     # optimization
     optimizer: OptimizerName = Field("adam", description="sgd, adam or adamw")
@@ -121,14 +115,34 @@ class RunSpec(BaseModel):
     )
 
     # instruments
-    probes: tuple[str, ...] = Field((), description="names of probes to attach (normdrop.probes)")
-    probe_every: int = Field(100, ge=1, description="run the probes every this many steps")
+    probes: tuple[str, ...] = Field((), description="names of probes to attach (normdrop.probe_catalog.PROBES)")
+    probe_every: int = Field(DEFAULT_EVERY, ge=1, description="run the probes every this many steps")
     probe_batch_size: int = Field(256, ge=1, description="size of the fixed probe batch given to probes and hooks")
+    keep: tuple[Keepable, ...] = Field(
+        (),
+        description="what the store keeps of the run besides metrics and probe records: final_weights; "
+        "when not given, what its probes need (normdrop.probe_catalog.KEPT_WITH)",
+    )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_keep(cls, data: Any) -> Any:
+        # A spec that does not say what it keeps keeps what its probes need, so the same run id always stores the
+        # same things, whoever runs it (unknown probe names are left to the probes validator to report).
+        if isinstance(data, Mapping) and data.get("keep") is None:
+            try:
+                probes = expand_probes(data.get("probes", ()))
+            except (TypeError, ValueError):
+                return data
+            return {**data, "keep": kept_by_default(probes)}
+        return data
+
+    # The name tables live with what they name (datasets, layers); they are imported when a spec is validated, not
+    # when this module is, so that a process that only parses flags (normdrop --help) does not import torch.
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        from normdrop.data import DATASET_NAMES  # lazy: keeps importing the spec light
+        from normdrop.data import DATASET_NAMES
 
         if value not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {value!r}; expected one of {', '.join(DATASET_NAMES)}")
@@ -137,7 +151,7 @@ class RunSpec(BaseModel):
     @field_validator("norm")
     @classmethod
     def _known_norm(cls, value: str) -> str:
-        from normdrop.nn.factory import norm_names  # lazy: importing the layers imports torch
+        from normdrop.nn.factory import norm_names
 
         if value not in norm_names():
             raise ValueError(f"unknown norm {value!r}; expected one of {sorted(norm_names())}")
@@ -152,6 +166,24 @@ class RunSpec(BaseModel):
             raise ValueError(f"unknown dropout kind {value!r}; expected one of {sorted(dropout_names())}")
         return value
 
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        from normdrop.nn.factory import ACTIVATIONS
+
+        if value not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {value!r}; expected one of {', '.join(ACTIVATIONS)}")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _known_layers(cls, value: str) -> str:
+        from normdrop.nn.factory import LAYER_SOURCES
+
+        if value not in LAYER_SOURCES:
+            raise ValueError(f"unknown layer source {value!r}; expected one of {', '.join(LAYER_SOURCES)}")
+        return value
+
     @field_validator("dataset_options", "norm_options", "dropout_options", mode="before")
     @classmethod
     def _options_as_pairs(cls, value: Any) -> Any:
@@ -160,11 +192,14 @@ class RunSpec(BaseModel):
         pairs = value.items() if isinstance(value, Mapping) else value
         return tuple(sorted((str(key), option) for key, option in pairs))
 
+    @field_validator("keep")
+    @classmethod
+    def _canonical_keep(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(set(value)))
+
     @field_validator("probes")
     @classmethod
     def _canonical_probes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from normdrop.probes import expand_probes  # lazy: the registry imports the trainer's dependencies
-
         for name in value:
             if not _PROBE_NAME.match(name):
                 raise ValueError(f"probe name {name!r} must be lower_snake_case")
@@ -195,8 +230,15 @@ class RunSpec(BaseModel):
 
     @property
     def run_id(self) -> str:
-        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields + semantics version)."""
-        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": self.model_dump(mode="json")}
+        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields + semantics version).
+
+        ``keep`` enters the hash only when it differs from what the spec's probes keep by default, so the ids of
+        specs written before the field existed are unchanged (and they stored exactly that default).
+        """
+        fields = self.model_dump(mode="json")
+        if self.keep == kept_by_default(self.probes):
+            del fields["keep"]
+        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": fields}
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -210,7 +252,7 @@ class RunResult:
     """
 
     run_id: str
-    spec: RunSpec
+    spec: RunSpec | UserRunSpec
     status: RunStatus
     diverged_step: int | None = None
     error: str | None = None
@@ -218,18 +260,119 @@ class RunResult:
     probe_records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, float | bool | None] = field(default_factory=dict)
     wall_time: float = 0.0
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain-dict form (the spec as a dict of its fields); non-finite floats are kept as Python floats."""
+        """A plain-dict form (the spec as a dict of its fields, artifacts base64); non-finite floats are kept as
+        Python floats."""
         data = asdict(self)
         data["spec"] = self.spec.model_dump(mode="json")
         data["metrics"] = [list(row) for row in self.metrics]
+        data["artifacts"] = {name: base64.b64encode(blob).decode("ascii") for name, blob in self.artifacts.items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         """Inverse of :meth:`to_dict`."""
         fields = dict(data)
-        fields["spec"] = RunSpec.model_validate(fields["spec"])
+        fields["spec"] = parse_spec(fields["spec"])
         fields["metrics"] = [(int(step), str(name), float(value)) for step, name, value in fields["metrics"]]
+        fields["artifacts"] = {name: base64.b64decode(text) for name, text in fields.get("artifacts", {}).items()}
         return cls(**fields)
+
+
+def parse_spec(data: Mapping[str, Any]) -> RunSpec | UserRunSpec:
+    """A stored spec's fields back as a spec: a :class:`UserRunSpec` (a run of a user's model,
+    ``kind == "user"``) or a :class:`RunSpec`."""
+    if data.get("kind") == "user":
+        return UserRunSpec.model_validate(data)
+    return RunSpec.model_validate(data)
+
+
+# ---- a run of a user's model on the user's data (normdrop ablate) -------------------------------------------
+
+# What one run of a *user's* model on the user's data is (``normdrop ablate``): :class:`UserRunSpec`.
+#
+# A :class:`~normdrop.spec.RunSpec` names a built-in model and dataset; a user's model and data cannot be named, so a
+# user run is identified by fingerprints instead (computed by :mod:`normdrop.ablation.inputs`):
+#
+# - ``model_fingerprint``: sha256 of the model as ``model_fn()`` returns it: its module tree (``repr``), the name,
+#   shape and dtype of every parameter and buffer, and the source code of every module class not defined by torch or
+#   normdrop (so editing ``forward`` changes it);
+# - ``init_fingerprint``: sha256 of the initial parameter and buffer values, ``model_fn()`` called with torch's
+#   generator seeded from ``derive_seed(seed, "init")`` (the initial-state recipe: a changed init changes it);
+# - ``data_fingerprint``: sha256 of the data (every array's dtype, shape and bytes, train and test);
+# - ``arm``: the surgery applied to the model (e.g. ``"remove_bn+remove_dropout"``), and the training settings.
+#
+# Its :attr:`UserRunSpec.run_id` hashes all of these, so the store reuses a run exactly when all of them are equal.
+# The training fields are those of :class:`~normdrop.spec.RunSpec`, with the same meaning, bounds and defaults.
+
+USER_RUN_KIND = "user"
+"""Value of ``UserRunSpec.kind``: how a stored spec says it is a user run (``normdrop.spec.parse_spec``)."""
+
+TRAINING_FIELDS: tuple[str, ...] = (
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "warmup_steps",
+    "lr_step_size",
+    "lr_gamma",
+    "lr_min",
+    "steps",
+    "eval_every",
+    "seed",
+    "diverge_loss",
+)
+"""Fields a user run shares with :class:`RunSpec` (one definition: they are RunSpec's own fields)."""
+
+_FIELDS = RunSpec.model_fields
+
+
+class UserRunSpec(BaseModel):
+    """Every input of one run of a user's model (see the module docstring). Frozen and strict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["user"] = USER_RUN_KIND
+    model: str = Field(description="how the user named the model (e.g. 'model.py:build'); not in the run id")
+    model_fingerprint: str = Field(min_length=1, description="sha256 of the model's structure and classes' source")
+    init_fingerprint: str = Field(min_length=1, description="sha256 of the initial state for this seed")
+    data_fingerprint: str = Field(min_length=1, description="sha256 of the training and test data")
+    arm: str = Field("given", description="surgery applied to the model, knobs joined by '+' ('given': none)")
+    probes: tuple[str, ...] = Field((), description="end-of-training measurements (normdrop.ablation.arms)")
+    batch_size: int | None = Field(
+        None, ge=1, description="examples per step (None: the batches of the user's DataLoader)"
+    )
+    optimizer: Any = _FIELDS["optimizer"]
+    lr: Any = _FIELDS["lr"]
+    momentum: Any = _FIELDS["momentum"]
+    nesterov: Any = _FIELDS["nesterov"]
+    weight_decay: Any = _FIELDS["weight_decay"]
+    schedule: Any = _FIELDS["schedule"]
+    warmup_steps: Any = _FIELDS["warmup_steps"]
+    lr_step_size: Any = _FIELDS["lr_step_size"]
+    lr_gamma: Any = _FIELDS["lr_gamma"]
+    lr_min: Any = _FIELDS["lr_min"]
+    steps: Any = _FIELDS["steps"]
+    eval_every: Any = _FIELDS["eval_every"]
+    seed: Any = _FIELDS["seed"]
+    diverge_loss: Any = _FIELDS["diverge_loss"]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UserRunSpec:
+        # The same cross-field rules as RunSpec: validate the training fields through it.
+        RunSpec(**{name: getattr(self, name) for name in TRAINING_FIELDS})
+        return self
+
+    @property
+    def run_id(self) -> str:
+        """Stable identity: the first 16 hex digits of sha256(canonical JSON of all fields but ``model``, the name,
+        + the semantics version). The same model named differently (``build`` in Python, ``model.py:build`` on the
+        command line) is the same run."""
+        fields = self.model_dump(mode="json", exclude={"model"})
+        payload = {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "user_spec": fields}
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -136,9 +136,11 @@ def paired(a: Mapping[int, float | None], b: Mapping[int, float | None]) -> list
     return pairs
 
 
-def paired_difference(a: Mapping[int, float | None], b: Mapping[int, float | None]) -> dict[int, float]:
-    """Per seed, ``a - b`` where both are finite."""
-    return {seed: x - y for seed, x, y in paired(a, b)}
+def paired_difference(
+    a: Mapping[int, float | None], b: Mapping[int, float | None], *, scale: float = 1.0
+) -> dict[int, float]:
+    """Per seed, ``scale * (a - b)`` where both are finite (``scale=100`` turns fractions into percentage points)."""
+    return {seed: scale * (x - y) for seed, x, y in paired(a, b)}
 
 
 def paired_log_ratio(

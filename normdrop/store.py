@@ -23,7 +23,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import random
 import socket
 import sqlite3
@@ -32,11 +31,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a table is built: it costs ~0.5 s, and the CLI's --help needs none
+    import pandas as pd
 
-from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus
+from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, RunStatus, parse_spec
+from normdrop.versions import RUN_PACKAGES, package_versions
 
 DEFAULT_STORE_FILENAME = "normdrop-runs.sqlite"
 """The store a command uses when neither ``--store`` nor ``$NORMDROP_STORE`` names one."""
@@ -127,15 +128,7 @@ class RunProvenance:
     @classmethod
     def collect(cls, started: float, finished: float) -> RunProvenance:
         """Provenance of a run in this process that ran from ``started`` to ``finished`` (Unix seconds)."""
-        versions: dict[str, Any] = {
-            "python": platform.python_version(),
-            "training_semantics": TRAINING_SEMANTICS_VERSION,
-        }
-        for package in ("normdrop", "torch", "numpy"):
-            try:
-                versions[package] = importlib.metadata.version(package)
-            except importlib.metadata.PackageNotFoundError:
-                versions[package] = None
+        versions: dict[str, Any] = {**package_versions(RUN_PACKAGES), "training_semantics": TRAINING_SEMANTICS_VERSION}
         return cls(socket.gethostname(), versions, _iso_utc(started), _iso_utc(finished))
 
 
@@ -214,7 +207,8 @@ class Store:
         Args:
             result: the run's result.
             provenance: where and when it ran; default: this process, finishing now.
-            artifacts: files of the run by name: ``bytes`` are stored inline, a ``Path`` by reference.
+            artifacts: files of the run by name: ``bytes`` are stored inline, a ``Path`` by reference; saved with
+                what the run kept (``result.artifacts``, e.g. its final weights, inline).
 
         Returns:
             whether ``result`` was written (False: a completed run with this id was already there).
@@ -248,7 +242,7 @@ class Store:
             (result.run_id, name, None, str(item.resolve()))
             if isinstance(item, Path)
             else (result.run_id, name, bytes(item), None)
-            for name, item in (artifacts or {}).items()
+            for name, item in {**result.artifacts, **(artifacts or {})}.items()
         ]
 
         def write() -> bool:
@@ -309,7 +303,8 @@ class Store:
         return [_stored_run(row) for row in rows]
 
     def result(self, run_id: str) -> RunResult:
-        """The stored run rebuilt as the :class:`~normdrop.spec.RunResult` that was saved.
+        """The stored run rebuilt as the :class:`~normdrop.spec.RunResult` that was saved, with the artifacts its spec
+        keeps (``spec.keep``; others are read with :meth:`artifact`).
 
         Raises:
             KeyError: no run with this id.
@@ -320,9 +315,15 @@ class Store:
         run = _stored_run(rows[0])
         metrics = self._query("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY rowid", (run_id,))
         records = self._query("SELECT record FROM probe_records WHERE run_id = ? ORDER BY rowid", (run_id,))
+        spec = parse_spec(run.spec)
+        keep = tuple(getattr(spec, "keep", ()))  # a user-model run (normdrop ablate) keeps nothing
+        kept = self._query(
+            f"SELECT name, data FROM artifacts WHERE run_id = ? AND name IN ({', '.join('?' * len(keep))})",
+            (run_id, *keep),
+        )
         return RunResult(
             run_id=run.run_id,
-            spec=RunSpec.model_validate(run.spec),
+            spec=spec,
             status=run.status,
             diverged_step=run.diverged_step,
             error=run.error,
@@ -330,6 +331,7 @@ class Store:
             probe_records=[json.loads(record) for (record,) in records],
             summary=run.summary,
             wall_time=run.wall_time,
+            artifacts={name: bytes(data) for name, data in kept},
         )
 
     def metrics(self, run_ids: Iterable[str] | None = None, names: Iterable[str] | None = None) -> pd.DataFrame:
@@ -343,6 +345,8 @@ class Store:
         rows = self._query(
             f"SELECT run_id, step, name, value FROM metrics {where} ORDER BY run_id, name, step", parameters
         )
+        import pandas as pd
+
         frame = pd.DataFrame(rows, columns=["run_id", "step", "name", "value"])
         return frame.astype({"run_id": str, "step": "int64", "name": str, "value": "float64"})
 
@@ -361,6 +365,11 @@ class Store:
             f"SELECT run_id, record FROM probe_records {where} ORDER BY run_id, probe, step, rowid", parameters
         )
         return [{"run_id": run_id, **json.loads(record)} for run_id, record in rows]
+
+    def artifact_names(self, run_id: str) -> list[str]:
+        """The names of a run's saved artifacts, sorted (none: an empty list)."""
+        rows = self._query("SELECT name FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,))
+        return [name for (name,) in rows]
 
     def artifact(self, run_id: str, name: str) -> bytes | Path:
         """A saved artifact: its bytes, or the path it was saved by reference.
@@ -411,6 +420,8 @@ class Store:
                 for key, value in fields.items():
                     row[f"{prefix}.{key}"] = _dumps(value) if isinstance(value, list | dict) else value
             rows.append(row)
+        import pandas as pd
+
         return pd.DataFrame(rows)
 
     def probe_records_frame(self, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -420,6 +431,8 @@ class Store:
             f"SELECT run_id, probe, step, record FROM probe_records {where} ORDER BY run_id, probe, step, rowid",
             parameters,
         )
+        import pandas as pd
+
         return pd.DataFrame(rows, columns=["run_id", "probe", "step", "record"]).astype({"step": "int64"})
 
     def export(self, out_dir: str | Path, file_format: ExportFormat) -> list[Path]:

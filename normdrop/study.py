@@ -6,7 +6,8 @@ store and hands each claim its runs to analyse. The engine never trains by hand 
 specs and results. Nothing here depends on which claims exist.
 
 - Runs shared by several claims (same spec, same run id) run once.
-- A claim whose probes are missing from ``normdrop.probes`` is not measurable, with the reason, and asks for no runs.
+- A claim naming probes outside ``normdrop.probe_catalog.PROBES`` is not measurable, with the reason, and asks for
+  no runs.
 - Failed and diverged runs never stop the study: claims see them as such; an analysis that raises makes its claim
   not measurable with the error, and the report still renders.
 - A re-run finds every run in the store and only analyses (``train=False`` does not even try to run missing ones:
@@ -16,8 +17,6 @@ specs and results. Nothing here depends on which claims exist.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import platform
 import threading
 import time
 import traceback
@@ -38,42 +37,21 @@ from rich.progress import (
 )
 
 from normdrop.claims import all_claims
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    ClaimResult,
-    Experiment,
-    FinalStateHook,
-    RunCounts,
-    StudySetting,
-    keeps_weights,
-    not_measurable,
-    probe_problem,
-)
+from normdrop.claims.base import Claim, ClaimData, ClaimResult
+from normdrop.claims.experiment import Experiment
+from normdrop.claims.figures import message_figure
+from normdrop.claims.results import Analysis, RunCounts, not_measurable
+from normdrop.claims.setting import StudySetting
+from normdrop.probe_catalog import PROBES
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import Store
 from normdrop.sweep import ExecutorName, SweepError, run_sweep
+from normdrop.versions import STUDY_PACKAGES, package_versions
 
 DEFAULT_OUT_DIR = Path("normdrop-report")
 """Where ``normdrop study`` and ``normdrop report`` write the report."""
 
 POLL_SECONDS = 0.5
-
-
-def study_run(spec: RunSpec) -> RunResult:
-    """The run function of the study's sweeps: :func:`normdrop.train.run`, keeping the final weights of runs whose
-    claim evaluates the trained network again (see :func:`normdrop.claims.base.keeps_weights`)."""
-    from normdrop.train import run
-
-    return run(spec, hooks=[FinalStateHook()] if keeps_weights(spec) else None)
-
-
-def study_fleet(specs: Sequence[RunSpec]) -> list[RunResult]:
-    """The fleet twin of :func:`study_run` (:func:`normdrop.fleet.run_fleet` with the same final-state hooks)."""
-    from normdrop.fleet import run_fleet
-
-    return run_fleet(specs, hooks_factory=lambda spec: [FinalStateHook()] if keeps_weights(spec) else [])
 
 
 @dataclass
@@ -109,20 +87,18 @@ class StudyOutcome:
 
 def versions() -> dict[str, str | None]:
     """Versions of Python and the packages the numbers depend on."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("normdrop", "torch", "numpy", "scipy", "matplotlib"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    return package_versions(STUDY_PACKAGES)
 
 
 def plan_study(setting: StudySetting, claims: Sequence[Claim] | None = None) -> list[ClaimPlan]:
-    """Each claim's experiment on ``setting``, with the probes it needs that ``normdrop.probes`` lacks."""
+    """Each claim's experiment on ``setting``, with the probes it names that the catalogue lacks."""
     plans = []
     for claim in all_claims() if claims is None else claims:
-        missing = {name: reason for name in claim.probes if (reason := probe_problem(name)) is not None}
+        missing = {
+            name: f"the probe {name!r} is not in normdrop.probe_catalog.PROBES ({', '.join(sorted(PROBES))})"
+            for name in claim.probes
+            if name not in PROBES
+        }
         plans.append(ClaimPlan(claim, claim.experiment(setting), missing))
     return plans
 
@@ -159,10 +135,11 @@ def run_study(
         executor, workers, ray_address: where runs execute (see :func:`normdrop.sweep.run_sweep`).
         train: run the missing runs; False only analyses what the store holds (``normdrop report``).
         progress: progress bars with ETA per claim on stderr.
-        run_fn: trains one spec (default :func:`study_run`); must be a module-level function.
+        run_fn: trains one spec (default :func:`normdrop.lab.run_spec`, the sweep's); must be a module-level
+            function.
         console: where progress goes (default: stderr).
         fleet: train runs that share a shape as fleets (see :func:`normdrop.sweep.run_sweep`; with the default
-            ``run_fn`` only).
+            ``run_fn`` only, whose fleet twin is :func:`normdrop.lab.run_fleet_specs`).
     """
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -195,10 +172,10 @@ def run_study(
                 workers,
                 ray_address,
                 progress,
-                run_fn or study_run,
+                run_fn,
                 console,
                 outcome,
-                fleet_fn=study_fleet if fleet and run_fn is None else None,
+                fleet=fleet,
             )
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
@@ -222,10 +199,10 @@ def _sweep(
     workers: int | None,
     ray_address: str | None,
     progress: bool,
-    run_fn: Callable[[RunSpec], RunResult],
+    run_fn: Callable[[RunSpec], RunResult] | None,
     console: Console,
     outcome: StudyOutcome,
-    fleet_fn: Callable[[Sequence[RunSpec]], list[RunResult]] | None = None,
+    fleet: bool = True,
 ) -> dict[str, int]:
     """Run the missing specs in one sweep (claim by claim in submission order), with a bar per claim."""
     with _ClaimProgress(plans, store.path, console, enabled=progress):
@@ -238,8 +215,7 @@ def _sweep(
                 ray_address=ray_address,
                 progress=False,
                 run_fn=run_fn,
-                fleet=fleet_fn is not None,
-                fleet_fn=fleet_fn,
+                fleet=fleet,
             )
         except SweepError as error:
             outcome.notes.append(f"the sweep stopped early: {error}")
@@ -372,8 +348,6 @@ def analyze_claim(
 
 
 def _unmeasurable(claim: Claim, reason: str) -> Analysis:
-    from normdrop.report.figures import message_figure
-
     return Analysis(
         primary=not_measurable("primary effect", "not measured", "increase", reason),
         figures=[message_figure(claim.title, reason)],

@@ -1,6 +1,6 @@
-"""Sweeps: a study file becomes a list of run specs; an executor runs the missing ones into the store.
+"""Sweeps: a sweep file becomes a list of run specs; an executor runs the missing ones into the store.
 
-A study file is TOML::
+A sweep file is TOML::
 
     seeds = 3                    # or a list: seeds = [0, 1, 2]; top-level keys come before any [table]
     name = "bn-vs-lr"            # optional
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import pickle
 import signal
@@ -31,6 +32,7 @@ import threading
 import time
 import tomllib
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -53,12 +55,12 @@ FleetFunction = Callable[[Sequence[RunSpec]], list[RunResult]]
 Task = RunSpec | tuple[RunSpec, ...]  # one run, or a fleet of runs trained together (normdrop.fleet)
 MAX_FLEET = 64  # members per fleet task: bounds a task's memory and keeps the pool busy near the end of a sweep
 
-_STUDY_KEYS = ("name", "description", "seeds", "fixed", "grid")
+_SWEEP_FILE_KEYS = ("name", "description", "seeds", "fixed", "grid")
 _PARENT_POLL_S = 1.0
 
 
-class StudyError(ValueError):
-    """A study file that cannot be turned into specs; the message names the file, key and value."""
+class SweepFileError(ValueError):
+    """A sweep file that cannot be turned into specs; the message names the file, key and value."""
 
 
 class SweepError(RuntimeError):
@@ -82,62 +84,63 @@ class SweepReport:
         return self.finished + self.diverged + self.failed
 
 
-# ---- study files ---------------------------------------------------------------------------------------
+# ---- sweep files ---------------------------------------------------------------------------------------
 
 
-def load_study(path: str | Path) -> list[RunSpec]:
-    """Read a study file and expand it into run specs: grid product (in file order) times seeds.
+def load_sweep_file(path: str | Path) -> list[RunSpec]:
+    """Read a sweep file and expand it into run specs: grid product (in file order) times seeds.
 
     Raises:
-        StudyError: unreadable or invalid TOML, an unknown key, a malformed grid or seeds, or a spec value
+        SweepFileError: unreadable or invalid TOML, an unknown key, a malformed grid or seeds, or a spec value
             the spec rejects; the message names the file, the key and the value.
     """
     path = Path(path)
     try:
-        study = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_text())
     except OSError as error:
-        raise StudyError(f"{path}: cannot read the study file ({error.strerror})") from error
+        raise SweepFileError(f"{path}: cannot read the sweep file ({error.strerror})") from error
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise StudyError(f"{path}: not valid TOML ({error})") from error
-    return expand_study(study, source=str(path))
+        raise SweepFileError(f"{path}: not valid TOML ({error})") from error
+    return expand_sweep_file(document, source=str(path))
 
 
-def expand_study(study: Mapping[str, Any], source: str = "<study>") -> list[RunSpec]:
-    """Expand a parsed study (the TOML document as a mapping) into run specs; see :func:`load_study`.
+def expand_sweep_file(document: Mapping[str, Any], source: str = "<sweep file>") -> list[RunSpec]:
+    """Expand a parsed sweep file (the TOML document as a mapping) into run specs; see :func:`load_sweep_file`.
 
     Args:
-        study: mapping with optional keys ``name``, ``description``, ``seeds``, ``fixed``, ``grid``.
-        source: how error messages name the study, usually its file.
+        document: mapping with optional keys ``name``, ``description``, ``seeds``, ``fixed``, ``grid``.
+        source: how error messages name the sweep file, usually its path.
     """
-    unknown = [key for key in study if key not in _STUDY_KEYS]
+    unknown = [key for key in document if key not in _SWEEP_FILE_KEYS]
     if unknown:
-        raise StudyError(
-            f"{source}: {unknown[0]} = {study[unknown[0]]!r}: unknown top-level key; expected some of {_STUDY_KEYS}"
+        raise SweepFileError(
+            f"{source}: {unknown[0]} = {document[unknown[0]]!r}: unknown top-level key; "
+            f"expected some of {_SWEEP_FILE_KEYS}"
         )
-    fixed = _table(study, "fixed", source)
-    grid = _table(study, "grid", source)
+    fixed = _table(document, "fixed", source)
+    grid = _table(document, "grid", source)
     if "seeds" in grid or "seeds" in fixed:
         section = "grid" if "seeds" in grid else "fixed"
-        raise StudyError(
+        raise SweepFileError(
             f"{source}: [{section}] seeds: `seeds` is a top-level key; write it before any [table] in the file"
         )
     for section, table in (("fixed", fixed), ("grid", grid)):
         for key in table:
             if key not in RunSpec.model_fields:
-                raise StudyError(
+                raise SweepFileError(
                     f"{source}: [{section}] {key} = {table[key]!r}: unknown spec field; "
                     f"spec fields are {', '.join(sorted(RunSpec.model_fields))}"
                 )
     both = sorted(fixed.keys() & grid.keys())
     if both:
-        raise StudyError(f"{source}: {both[0]!r} is both in [fixed] and in [grid]; keep one")
+        raise SweepFileError(f"{source}: {both[0]!r} is both in [fixed] and in [grid]; keep one")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise StudyError(f"{source}: [grid] {key} = {values!r}: a grid axis must be a non-empty list of values")
+            raise SweepFileError(f"{source}: [grid] {key} = {values!r}: a grid axis must be a non-empty list of values")
         for value in values:
             if values.count(value) > 1:
-                raise StudyError(f"{source}: [grid] {key} = {values!r}: the value {value!r} is listed twice")
-    seeds = _seeds(study, fixed, grid, source)
+                raise SweepFileError(f"{source}: [grid] {key} = {values!r}: the value {value!r} is listed twice")
+    seeds = _seeds(document, fixed, grid, source)
 
     specs = []
     for combination in itertools.product(*grid.values()):
@@ -147,34 +150,34 @@ def expand_study(study: Mapping[str, Any], source: str = "<study>") -> list[RunS
             try:
                 specs.append(RunSpec(**fields))
             except ValidationError as error:
-                raise StudyError(_describe_validation_error(error, source, fixed, point)) from error
+                raise SweepFileError(_describe_validation_error(error, source, fixed, point)) from error
     return specs
 
 
-def _table(study: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
-    table = study.get(key, {})
+def _table(document: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    table = document.get(key, {})
     if not isinstance(table, dict):
-        raise StudyError(f"{source}: {key} = {table!r}: expected a table [{key}]")
+        raise SweepFileError(f"{source}: {key} = {table!r}: expected a table [{key}]")
     return table
 
 
-def _seeds(study: Mapping[str, Any], fixed: dict[str, Any], grid: dict[str, Any], source: str) -> list[int | None]:
-    """The seeds each grid point runs with; ``[None]`` when the study leaves the seed to [fixed], [grid] or
+def _seeds(document: Mapping[str, Any], fixed: dict[str, Any], grid: dict[str, Any], source: str) -> list[int | None]:
+    """The seeds each grid point runs with; ``[None]`` when the sweep file leaves the seed to [fixed], [grid] or
     the spec's default."""
-    if "seeds" not in study:
+    if "seeds" not in document:
         return [None]
-    seeds = study["seeds"]
+    seeds = document["seeds"]
     if "seed" in fixed or "seed" in grid:
-        raise StudyError(f"{source}: seeds = {seeds!r} and a `seed` spec field both set the seed; keep one")
+        raise SweepFileError(f"{source}: seeds = {seeds!r} and a `seed` spec field both set the seed; keep one")
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
-            raise StudyError(f"{source}: seeds = {seeds!r}: a number of seeds must be at least 1")
+            raise SweepFileError(f"{source}: seeds = {seeds!r}: a number of seeds must be at least 1")
         return list(range(seeds))
     if isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         if len(set(seeds)) < len(seeds):
-            raise StudyError(f"{source}: seeds = {seeds!r}: a seed is listed twice")
+            raise SweepFileError(f"{source}: seeds = {seeds!r}: a seed is listed twice")
         return list(seeds)
-    raise StudyError(f"{source}: seeds = {seeds!r}: expected a number of seeds or a non-empty list of integers")
+    raise SweepFileError(f"{source}: seeds = {seeds!r}: expected a number of seeds or a non-empty list of integers")
 
 
 def _describe_validation_error(
@@ -207,10 +210,11 @@ def available_cores() -> int:
 
 
 def default_run_function() -> RunFunction:
-    """The trainer, :func:`normdrop.train.run`."""
-    from normdrop.train import run
+    """A spec's run with its probes, :func:`normdrop.lab.run_spec` (imported here: importing the trainer imports
+    torch, which a sweep with nothing left to run never needs)."""
+    from normdrop.lab import run_spec
 
-    return run
+    return run_spec
 
 
 def execute_run(spec: RunSpec, run_fn: RunFunction) -> tuple[RunResult, RunProvenance]:
@@ -231,11 +235,16 @@ def execute_run(spec: RunSpec, run_fn: RunFunction) -> tuple[RunResult, RunProve
     return result, RunProvenance.collect(started, time.time())
 
 
-def default_fleet_function() -> FleetFunction:
-    """The fleet trainer, :func:`normdrop.fleet.run_fleet` (the fleet twin of :func:`default_run_function`)."""
+def fleet_twin(run_fn: RunFunction) -> FleetFunction | None:
+    """The fleet function whose members are the runs ``run_fn`` trains: :func:`normdrop.lab.run_fleet_specs` for
+    :func:`normdrop.lab.run_spec`, :func:`normdrop.fleet.run_fleet` for :func:`normdrop.train.run`; None for any other
+    function (a custom or patched run function is not the trainer, so its runs are trained one by one)."""
     from normdrop.fleet import run_fleet
+    from normdrop.lab import run_fleet_specs, run_spec
+    from normdrop.train import run
 
-    return run_fleet
+    twins: dict[Any, FleetFunction] = {run_spec: run_fleet_specs, run: run_fleet}
+    return twins.get(run_fn)
 
 
 def execute_fleet(specs: tuple[RunSpec, ...], fleet_fn: FleetFunction) -> list[tuple[RunResult, RunProvenance]]:
@@ -278,13 +287,6 @@ def plan_tasks(specs: Sequence[RunSpec], workers: int) -> list[Task]:
     return tasks + list(solo)
 
 
-def _is_the_trainer(run_fn: RunFunction) -> bool:
-    """Whether ``run_fn`` is :func:`normdrop.train.run` itself, whose fleet twin is :func:`normdrop.fleet.run_fleet`."""
-    from normdrop.train import run
-
-    return run_fn is run
-
-
 def _task_specs(task: Task) -> tuple[RunSpec, ...]:
     return task if isinstance(task, tuple) else (task,)
 
@@ -317,7 +319,7 @@ def run_sweep(
     raises never stops the sweep.
 
     Args:
-        specs: the runs of the study (see :func:`load_study`).
+        specs: the runs of the sweep (see :func:`load_sweep_file`).
         store: a :class:`~normdrop.store.Store` or the path of its file.
         executor: ``"local"``: a process pool on this machine; ``"ray"``: tasks on a Ray cluster.
         workers: parallel runs (local: processes, default one per core; ray: ignored, the cluster's CPUs
@@ -325,7 +327,7 @@ def run_sweep(
         ray_address: Ray cluster to join (default ``$RAY_ADDRESS``; neither: start a local Ray instance
             with one CPU per core and shut it down afterwards).
         progress: show a progress bar with ETA on stderr.
-        run_fn: trains one spec (default :func:`normdrop.train.run`); must be picklable by reference
+        run_fn: trains one spec (default :func:`normdrop.lab.run_spec`); must be picklable by reference
             (a module-level function) for the process pool.
         fleet: train specs that share a shape as fleets (:mod:`normdrop.fleet`, one task each; the stored runs are
             the same bit for bit, the fleet is noted in their provenance). Used with the default ``run_fn``, or
@@ -339,7 +341,6 @@ def run_sweep(
         raise ValueError(f"executor must be one of {get_args(ExecutorName)}, got {executor!r}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    run_fn = run_fn or default_run_function()
     owns_store = not isinstance(store, Store)
     store = Store(store) if owns_store else store
     try:
@@ -349,14 +350,18 @@ def run_sweep(
         report = SweepReport(total=len(unique), reused=len(unique) - len(pending))
         if not pending:
             return report
+        run_fn = run_fn or default_run_function()  # imports the trainer (torch): only when there is a run to train
         tasks: list[Task] = list(pending)
-        if fleet and (fleet_fn is not None or _is_the_trainer(run_fn)):
-            fleet_fn = fleet_fn or default_fleet_function()
+        if fleet and fleet_fn is None:
+            fleet_fn = fleet_twin(run_fn)
+        if fleet and fleet_fn is not None:
             tasks = plan_tasks(pending, workers or available_cores())
+        else:
+            fleet_fn = None
         if executor == "local":
             results = _local_results(tasks, run_fn, workers or available_cores(), fleet_fn)
         else:
-            results = _ray_results(tasks, run_fn, ray_address, fleet_fn)
+            results = _ray_results(tasks, run_fn, ray_address, fleet_fn, quiet=not progress)
         with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
             for result, provenance in results:
                 if store.save(result, provenance):
@@ -474,9 +479,14 @@ def _start_worker(parent_pid: int) -> None:
 
 
 def _ray_results(
-    specs: Sequence[Task], run_fn: RunFunction, address: str | None, fleet_fn: FleetFunction | None = None
+    specs: Sequence[Task],
+    run_fn: RunFunction,
+    address: str | None,
+    fleet_fn: FleetFunction | None = None,
+    quiet: bool = False,
 ) -> Iterator[tuple[RunResult, RunProvenance]]:
-    """Run specs as Ray tasks (one CPU each); yield each result as it completes."""
+    """Run specs as Ray tasks (one CPU each); yield each result as it completes. ``quiet`` (the sweep without a
+    progress bar: the CLI's ``-q``) silences Ray's own output too: its log lines below errors and its warnings."""
     try:
         import ray
     except ImportError as error:
@@ -484,10 +494,16 @@ def _ray_results(
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
+        options: dict[str, Any] = {"log_to_driver": False}
+        if quiet:
+            options["logging_level"] = logging.ERROR
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=available_cores(), include_dashboard=False, **options)
     running: dict[Any, Task] = {}  # object ref -> spec or fleet
     try:
         remote_run = ray.remote(num_cpus=1)(execute_run)
@@ -510,3 +526,9 @@ def _ray_results(
             ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+
+
+# The names of the sweep-file API before "study" was kept for the claims study (normdrop.study) alone.
+StudyError = SweepFileError
+load_study = load_sweep_file
+expand_study = expand_sweep_file

@@ -33,31 +33,38 @@ called at steps ``t = 0, every, 2 every, ...`` up to ``steps`` (``every = 0``: o
 step's evaluation. Its records go to ``RunResult.probe_records`` with ``"probe"`` (the hook's ``name`` attribute,
 else its class name) and ``"step"`` filled in unless the hook set them. Hooks observe and never steer: the
 model's parameters and buffers, the optimizer state, train mode and the global RNG are restored after each call, so
-a run with hooks trains exactly like one without. ``spec.probes`` are turned into hooks by
-``normdrop.probes.make_probe(name, every=spec.probe_every)``.
+a run with hooks trains exactly like one without.
+
+The trainer knows no probe registry: the hooks of ``spec.probes`` come in as ``probe_hooks`` (built by
+:func:`normdrop.lab.run_spec`, which is how a spec with probes is run); a spec that lists probes and gets no probe
+hooks is refused before training, rather than run without its instruments.
+
+What a run keeps: with ``"final_weights"`` in ``spec.keep``, a finished run's ``RunResult.artifacts`` holds
+``torch.save`` of the trained network's state dict under that name (the store saves it among the run's artifacts).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import io
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normdrop.data import Dataset, load_dataset
 from normdrop.models import build_model
-from normdrop.spec import RunResult, RunSpec, derive_seed
-
-if TYPE_CHECKING:
-    from normdrop.data import Dataset
+from normdrop.seeds import derive_seed
+from normdrop.spec import RunResult, RunSpec
+from normdrop.tensors import global_norm
 
 EVAL_CHUNK = 4096  # examples per forward pass during evaluation, to bound memory on large test sets
 DATASET_CACHE_SIZE = 4  # datasets kept in memory per process; runs of a sweep mostly share a few
@@ -69,7 +76,8 @@ class HookContext:
 
     ``lr`` is the learning rate of the next update (of the last one at the final step); ``probe_batch`` is the first
     ``spec.probe_batch_size`` training examples, the same at every step; ``loss_fn(logits, labels)`` is the mean
-    cross-entropy the run minimizes.
+    cross-entropy the run minimizes; ``metrics`` is the run's list of ``(step, name, value)`` recorded so far (the
+    trainer's own list: read it, never change it).
     """
 
     spec: RunSpec
@@ -80,6 +88,7 @@ class HookContext:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     probe_batch: tuple[Tensor, Tensor]
     dataset: Dataset
+    metrics: Sequence[tuple[int, str, float]] = ()
 
 
 class Hook(Protocol):
@@ -138,8 +147,6 @@ def _cached_dataset(
     options: tuple[tuple[str, int | float], ...],
     root: str | None,
 ) -> Dataset:
-    from normdrop.data import load_dataset  # lazy: only runs need the data module and its dependencies
-
     return load_dataset(
         name,
         root=root,
@@ -187,11 +194,6 @@ def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[float, f
     return total_loss / len(labels), correct / len(labels)
 
 
-def _global_norm(tensors: Sequence[Tensor]) -> float:
-    """sqrt(sum_i ||x_i||^2) over a list of tensors."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors)))).item()
-
-
 @contextmanager
 def _reproducible(seed: int, num_threads: int | None) -> Iterator[None]:
     """Deterministic algorithms on, the thread count fixed, the default RNG forked and seeded; all restored."""
@@ -208,16 +210,6 @@ def _reproducible(seed: int, num_threads: int | None) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
         torch.set_num_threads(previous_threads)
-
-
-def _probe_hooks(spec: RunSpec) -> list[Hook]:
-    if not spec.probes:
-        return []
-    try:
-        from normdrop.probes import make_probe
-    except ImportError as error:
-        raise RuntimeError(f"spec.probes={spec.probes} but normdrop.probes is not available: {error}") from error
-    return [make_probe(name, every=spec.probe_every) for name in spec.probes]
 
 
 def _due(hook: Hook, step: int, final_step: int) -> bool:
@@ -244,6 +236,7 @@ class _ProgressBar:
     def __init__(self, spec: RunSpec, enabled: bool):
         self._enabled = enabled
         self._every = max(1, spec.steps // 100)
+        self._last = 0
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -264,9 +257,12 @@ class _ProgressBar:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._enabled:
+            # The last frame shows the last step reached (N/N for a finished run), not the last refreshed one.
+            self._progress.update(self._task, completed=self._last)
             self._progress.stop()
 
     def update(self, step: int, description: str | None = None) -> None:
+        self._last = step
         if self._enabled and (step % self._every == 0 or description is not None):
             self._progress.update(self._task, completed=step, description=description)
 
@@ -278,24 +274,37 @@ def run(
     progress: bool = False,
     data_root: str | None = None,
     num_threads: int | None = 1,
+    probe_hooks: Sequence[Hook] | None = None,
 ) -> RunResult:
     """Train the model a spec describes and return everything recorded (see the module docstring).
 
     Args:
         spec: the run.
-        hooks: instruments called during training, in addition to those named by ``spec.probes``.
+        hooks: instruments called during training, besides those of ``spec.probes``.
         progress: show a progress bar with ETA on stderr.
         data_root: directory of real dataset files (MNIST, CIFAR-10); not part of the run's identity.
         num_threads: torch threads during the run (restored after). One thread is fastest for the lab's small
             models and makes results identical across machines with different core counts; None keeps the
             current setting.
+        probe_hooks: the hooks of ``spec.probes`` (:func:`normdrop.lab.run_spec` builds them); required when the
+            spec lists probes, called after ``hooks``.
+
+    Raises:
+        ValueError: the spec lists probes and no ``probe_hooks`` came with it.
     """
+    if spec.probes and probe_hooks is None:
+        raise ValueError(
+            f"spec.probes={list(spec.probes)} needs the probes' hooks: run it with normdrop.lab.run_spec "
+            "(or pass probe_hooks=normdrop.probes.make_probes(spec))"
+        )
     start = time.perf_counter()
     metrics: list[tuple[int, str, float]] = []
     probe_records: list[dict[str, Any]] = []
+    artifacts: dict[str, bytes] = {}
     try:
         with _reproducible(spec.seed, num_threads), _ProgressBar(spec, progress) as bar:
-            diverged_step, summary = _train(spec, list(hooks or []), data_root, metrics, probe_records, bar)
+            all_hooks = [*(hooks or []), *(probe_hooks or [])]
+            diverged_step, summary = _train(spec, all_hooks, data_root, metrics, probe_records, artifacts, bar)
     except Exception as error:
         return RunResult(
             run_id=spec.run_id,
@@ -316,6 +325,7 @@ def run(
         probe_records=probe_records,
         summary=summary,
         wall_time=time.perf_counter() - start,
+        artifacts=artifacts,
     )
 
 
@@ -325,20 +335,24 @@ def _train(
     data_root: str | None,
     metrics: list[tuple[int, str, float]],
     probe_records: list[dict[str, Any]],
+    artifacts: dict[str, bytes],
     bar: _ProgressBar,
 ) -> tuple[int | None, dict[str, float | bool | None]]:
-    """The training loop; appends to ``metrics`` and ``probe_records``, returns (diverged_step, summary)."""
+    """The training loop; appends to ``metrics`` and ``probe_records``, fills ``artifacts`` with what
+    ``spec.keep`` names, returns (diverged_step, summary)."""
+    title = f"{spec.model} on {spec.dataset}"
+    bar.update(0, f"{title}: loading the data")  # the first seconds of a run: say what they are spent on
     data = load_run_dataset(spec, data_root)
     x_train, y_train = data.x_train, data.y_train
     if spec.batch_size > len(y_train):
         raise ValueError(f"batch_size={spec.batch_size} exceeds the {len(y_train)} training examples")
+    bar.update(0, f"{title}: building the model")
     model = build_model(spec, data.input_shape, data.num_classes)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = make_optimizer(spec, parameters)
     batches = _batch_indices(
         len(y_train), spec.batch_size, torch.Generator().manual_seed(derive_seed(spec.seed, "batch_order"))
     )
-    hooks = hooks + _probe_hooks(spec)
     for hook in hooks:
         if not isinstance(hook.every, int) or hook.every < 0:
             raise ValueError(f"hook {hook!r}: every must be an integer >= 0, got {hook.every!r}")
@@ -364,10 +378,11 @@ def _train(
         for hook in hooks:
             if _due(hook, step, spec.steps):
                 lr = learning_rate(spec, min(step, spec.steps - 1))
-                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data)
+                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data, metrics)
                 probe_records.extend(_call_hook(hook, ctx))
 
     model.train()
+    bar.update(0, f"{title}: first evaluation (and, once per machine, building the C++ fast path)")
     evaluate_at(0)
     call_hooks_at(0)
     for step in range(spec.steps):
@@ -397,6 +412,10 @@ def _train(
             bar.update(done)
         call_hooks_at(done)
     summary.update(diverged=False, steps_completed=spec.steps, train_time=train_time)
+    if "final_weights" in spec.keep:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        artifacts["final_weights"] = buffer.getvalue()
     return None, summary
 
 
@@ -406,10 +425,10 @@ def _step_with_diagnostics(
     """One optimizer step that also records ||g_t||, ||w_t|| and ||w_{t+1} - w_t|| / ||w_t||."""
     before = [parameter.detach().clone() for parameter in parameters]
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    grad_norm = _global_norm(grads) if grads else 0.0
+    grad_norm = float(global_norm(grads))
     optimizer.step()
-    weight_norm = _global_norm(before)
-    update_norm = _global_norm(torch._foreach_sub([p.detach() for p in parameters], before))
+    weight_norm = float(global_norm(before))
+    update_norm = float(global_norm(torch._foreach_sub([p.detach() for p in parameters], before)))
     metrics.extend(
         [
             (step, "grad_norm", grad_norm),
@@ -430,3 +449,174 @@ def _diverged_summary(step: int, train_time: float) -> dict[str, float | bool | 
         "test_loss": None,
         "test_accuracy": None,
     }
+
+
+# ---- a given model on given data (normdrop ablate) -------------------------------------------------------------
+
+Batches = tuple[Tensor, Tensor] | Iterable[Any]
+"""Data of :func:`fit`: ``(inputs, labels)`` tensors, or an iterable of ``(inputs, labels, ...)`` batches (a
+DataLoader)."""
+
+
+def _is_tensor_pair(data: Any) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
+
+
+def _loader_batches(loader: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless ``(inputs, labels)`` batches from a DataLoader: one pass over it per epoch."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch[0], batch[1]
+        if empty:
+            raise ValueError("the training DataLoader yielded no batch")
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, data: Batches) -> tuple[float, float]:
+    """:func:`evaluate` on tensors or on every batch of a DataLoader (mean cross-entropy, accuracy; eval mode)."""
+    if _is_tensor_pair(data):
+        return evaluate(model, data[0], data[1])
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in data:
+        logits, labels = model(batch[0]), batch[1]
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        count += len(labels)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("an evaluation DataLoader yielded no example")
+    return total_loss / count, correct / count
+
+
+def fit(
+    spec: Any,
+    model: nn.Module,
+    train: Batches,
+    test: Batches,
+    *,
+    hooks: Sequence[Hook] | None = None,
+    num_threads: int | None = 1,
+) -> RunResult:
+    """Train a given ``model`` on given data with the training fields of ``spec`` and return what :func:`run`
+    returns, recorded the same way (see the module docstring): the same metrics, divergence rule, hooks and
+    reproducibility (the batch order from ``derive_seed(spec.seed, "batch_order")``, dropout masks from
+    ``"dropout"``).
+
+    ``spec`` is a :class:`~normdrop.spec.UserRunSpec` (any object with RunSpec's training fields and a
+    ``run_id``). ``train`` and ``test`` are ``(inputs, labels)`` tensors, batched by ``spec.batch_size`` as in
+    :func:`run`, or DataLoaders (anything yielding ``(inputs, labels, ...)`` batches), used as they come: one
+    pass per epoch, their own batch size; torch's generator is seeded, so a shuffling DataLoader without a generator
+    of its own shuffles reproducibly. Evaluation is on the whole of ``train`` and ``test``. Hooks get a
+    :class:`HookContext` whose ``dataset`` is None. The model is trained in place.
+    """
+    start = time.perf_counter()
+    metrics: list[tuple[int, str, float]] = []
+    probe_records: list[dict[str, Any]] = []
+    try:
+        with _reproducible(spec.seed, num_threads):
+            diverged_step, summary = _fit(spec, model, train, test, list(hooks or []), metrics, probe_records)
+    except Exception as error:
+        return RunResult(
+            run_id=spec.run_id,
+            spec=spec,
+            status="failed",
+            error="".join(traceback.format_exception_only(error)).strip(),
+            metrics=metrics,
+            probe_records=probe_records,
+            summary={"diverged": False},
+            wall_time=time.perf_counter() - start,
+        )
+    return RunResult(
+        run_id=spec.run_id,
+        spec=spec,
+        status="finished" if diverged_step is None else "diverged",
+        diverged_step=diverged_step,
+        metrics=metrics,
+        probe_records=probe_records,
+        summary=summary,
+        wall_time=time.perf_counter() - start,
+    )
+
+
+def _fit(
+    spec: Any,
+    model: nn.Module,
+    train: Batches,
+    test: Batches,
+    hooks: list[Hook],
+    metrics: list[tuple[int, str, float]],
+    probe_records: list[dict[str, Any]],
+) -> tuple[int | None, dict[str, float | bool | None]]:
+    """The loop of :func:`_train` for a given model and data."""
+    if _is_tensor_pair(train):
+        x_train, y_train = train
+        if spec.batch_size is None or spec.batch_size > len(y_train):
+            raise ValueError(f"batch_size={spec.batch_size} must be set and at most the {len(y_train)} examples")
+        order = torch.Generator().manual_seed(derive_seed(spec.seed, "batch_order"))
+        batches = ((x_train[i], y_train[i]) for i in _batch_indices(len(y_train), spec.batch_size, order))
+    else:
+        batches = _loader_batches(train)
+    for hook in hooks:
+        if not isinstance(hook.every, int) or hook.every < 0:
+            raise ValueError(f"hook {hook!r}: every must be an integer >= 0, got {hook.every!r}")
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = make_optimizer(spec, parameters)
+    train_time = 0.0
+    summary: dict[str, float | bool | None] = {}
+    first_batch = next(batches)
+
+    def evaluate_at(step: int) -> None:
+        train_loss, train_accuracy = evaluate_batches(model, train)
+        test_loss, test_accuracy = evaluate_batches(model, test)
+        evaluation = {
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "train_time": train_time,
+        }
+        summary.update(evaluation)
+        metrics.extend((step, name, value) for name, value in evaluation.items())
+
+    def call_hooks_at(step: int) -> None:
+        for hook in hooks:
+            if _due(hook, step, spec.steps):
+                lr = learning_rate(spec, min(step, spec.steps - 1))
+                ctx = HookContext(spec, step, lr, model, optimizer, F.cross_entropy, first_batch, None)  # type: ignore[arg-type]
+                probe_records.extend(_call_hook(hook, ctx))
+
+    model.train()
+    evaluate_at(0)
+    call_hooks_at(0)
+    batch = first_batch
+    for step in range(spec.steps):
+        step_start = time.perf_counter()
+        lr = learning_rate(spec, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if step > 0:
+            batch = next(batches)
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss_value = loss.item()
+        metrics.append((step, "batch_loss", loss_value))
+        if not math.isfinite(loss_value) or loss_value > spec.diverge_loss:
+            train_time += time.perf_counter() - step_start
+            return step, _diverged_summary(step, train_time)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step % spec.eval_every == 0:
+            metrics.append((step, "lr", lr))
+            _step_with_diagnostics(step, optimizer, parameters, metrics)
+        else:
+            optimizer.step()
+        train_time += time.perf_counter() - step_start
+        done = step + 1
+        if done % spec.eval_every == 0 or done == spec.steps:
+            evaluate_at(done)
+        call_hooks_at(done)
+    summary.update(diverged=False, steps_completed=spec.steps, train_time=train_time)
+    return None, summary

@@ -7,7 +7,14 @@ insist is built: make test builds it first).
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +59,42 @@ def _one_thread_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- one real `normdrop study --quick` per session (tests/test_study.py, tests/report/) ---------------------
+
+
+def _normdrop_command() -> list[str]:
+    script = shutil.which("normdrop", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-c", "from normdrop.cli import app; app()"]
+
+
+@pytest.fixture(scope="session")
+def normdrop_cli() -> list[str]:
+    """The command that runs this checkout's ``normdrop`` CLI."""
+    return _normdrop_command()
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Path]:
+    """One real ``normdrop study --quick`` per test session, shared by the tests (and pytest-xdist workers) that
+    need its output: the first to get the lock runs it, the others wait and reuse it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "quick-study"
+    root.mkdir(exist_ok=True)
+    with (root / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "report" / "summary.json").exists():
+            started = time.perf_counter()
+            completed = subprocess.run(
+                [*_normdrop_command(), "study", "--quick", "--store", "runs.sqlite", "--out", "report"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            (root / "study.log").write_text(completed.stdout + completed.stderr)
+            (root / "elapsed.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+            assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    yield root

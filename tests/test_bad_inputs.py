@@ -63,11 +63,9 @@ def test_batch_norm_behaves_like_torch(x, cls_name, eps, momentum, affine, track
     ref_status, ref_value = outcome(lambda: theirs(x))
     if ref_status == "error":
         assert status == "error", f"torch raised {ref_value.__name__} but normdrop returned a result"
+        assert issubclass(value, ref_value), f"torch raised {ref_value.__name__}, normdrop {value.__name__}"
         return
-    if status == "error":
-        # normdrop may be stricter than torch only where torch silently computes on a non-float input.
-        assert not x.is_floating_point(), f"normdrop raised {value.__name__} where torch computed a result"
-        return
+    assert status == "ok", f"normdrop raised {value.__name__} where torch computed a result"
     assert value.shape == ref_value.shape and value.dtype == ref_value.dtype
     tolerance = 1e-5 if x.dtype in (torch.float32, torch.float64) else 5e-2
     torch.testing.assert_close(value.double(), ref_value.double(), rtol=tolerance, atol=tolerance, equal_nan=True)
@@ -89,11 +87,9 @@ def test_dropout_behaves_like_torch(x, fn_name, p, training):
     ref_status, ref_value = outcome(lambda: getattr(torch.nn.functional, fn_name)(x, p, training))
     if ref_status == "error":
         assert status == "error", f"torch raised {ref_value.__name__} but normdrop returned a result"
+        assert issubclass(value, ref_value), f"torch raised {ref_value.__name__}, normdrop {value.__name__}"
         return
-    if status == "error":
-        # Stricter than torch only for NaN p (torch lets it through) and non-float inputs.
-        assert math.isnan(p) or not x.is_floating_point(), f"normdrop raised {value.__name__} where torch did not"
-        return
+    assert status == "ok", f"normdrop raised {value.__name__} where torch did not"
     assert value.shape == ref_value.shape and value.dtype == ref_value.dtype
     if not training or p == 0.0 or p == 1.0:
         assert torch.equal(value.isnan(), ref_value.isnan())

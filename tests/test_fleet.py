@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from normdrop.fleet import Fleet, fleet_dropout_multiplier, fleet_key, group_specs, run_fleet
+from normdrop.lab import run_fleet_specs, run_spec
 from normdrop.nn import functional as ndF
 from normdrop.spec import RunSpec
 from normdrop.train import run
@@ -19,13 +20,24 @@ def _comparable(result):
     """Everything a stored run holds except wall-clock times."""
     metrics = [(step, name, value) for step, name, value in result.metrics if name != "train_time"]
     summary = {key: value for key, value in result.summary.items() if key != "train_time"}
-    return result.run_id, result.status, result.diverged_step, result.error, metrics, summary, result.probe_records
+    return (
+        result.run_id,
+        result.status,
+        result.diverged_step,
+        result.error,
+        metrics,
+        summary,
+        result.probe_records,
+        result.artifacts,
+    )
 
 
 def _assert_members_equal_solo(specs):
-    fleet_results = run_fleet(specs)
+    """The oracle: each member's result from the lab's fleet path equals ``run_spec`` of its spec (the solo path
+    that attaches the same probes)."""
+    fleet_results = run_fleet_specs(specs)
     for spec, fleet_result in zip(specs, fleet_results, strict=True):
-        solo = run(spec)
+        solo = run_spec(spec)
         assert solo.status != "failed", solo.error
         assert _comparable(fleet_result) == _comparable(solo), spec
     return fleet_results
@@ -118,6 +130,60 @@ def test_probe_records_equal_solo_runs():
     assert all(result.probe_records for result in results)
 
 
+def test_final_weights_are_kept_as_the_solo_run_keeps_them():
+    # spec.keep = ("final_weights",): each finished member stores the bytes run_spec stores; one member diverges at
+    # its first step (diverge_loss below any loss) and, as a diverged solo run, keeps nothing
+    options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.2, "keep": ("final_weights",)}
+    specs = [RunSpec(**options, seed=k, lr=0.01 * (k + 1)) for k in range(2)]
+    specs.append(RunSpec(**options, seed=2, diverge_loss=1e-6))
+    results = _assert_members_equal_solo(specs)
+    assert [r.status for r in results] == ["finished", "finished", "diverged"]
+    assert [sorted(r.artifacts) for r in results] == [["final_weights"], ["final_weights"], []]
+    assert results[0].artifacts["final_weights"] != results[1].artifacts["final_weights"]
+    plain = run_fleet_specs([RunSpec(**{**options, "keep": ()}, seed=k) for k in range(2)])
+    assert all(r.status == "finished" and r.artifacts == {} for r in plain)
+
+
+class _CountMetrics:
+    """A hook that records what it saw: the learning rate and how many metrics the run had recorded so far."""
+
+    every = 4
+    name = "count_metrics"
+
+    @torch.no_grad()
+    def __call__(self, ctx):
+        return [
+            {
+                "lr": ctx.lr,
+                "metrics": len(ctx.metrics),
+                "loss": ctx.loss_fn(ctx.model(ctx.probe_batch[0]), ctx.probe_batch[1]).item(),
+            }
+        ]
+
+
+def test_extra_hooks_see_what_they_see_in_the_solo_run():
+    specs = [RunSpec(**BASE, norm="batch", dropout=0.1, seed=k, lr=0.01 * (k + 1)) for k in range(2)]
+    results = run_fleet(specs, hooks_factory=lambda spec: [_CountMetrics()])
+    for spec, result in zip(specs, results, strict=True):
+        solo = run(spec, hooks=[_CountMetrics()])
+        assert result.probe_records == solo.probe_records and len(solo.probe_records) == 4
+        assert _comparable(result) == _comparable(solo)
+
+
+def test_probes_without_their_hooks_are_refused_as_by_the_trainer():
+    specs = [RunSpec(**BASE, probes=("layer_inputs",), seed=k) for k in range(2)]
+    with pytest.raises(ValueError, match="run_fleet_specs"):
+        run_fleet(specs)
+    with pytest.raises(ValueError, match="run_spec"):
+        run(specs[0])
+    with pytest.raises(ValueError, match="one per spec"):
+        run_fleet(specs, probe_hooks=[[]])
+    bad = _CountMetrics()
+    bad.every = -1
+    results = run_fleet([RunSpec(**BASE, seed=k) for k in range(2)], hooks_factory=lambda spec: [bad])
+    assert [r.status for r in results] == ["failed", "failed"] and all("every must be" in r.error for r in results)
+
+
 def test_member_model_is_the_solo_model():
     specs = [RunSpec(**BASE, norm="batch", seed=k) for k in range(3)]
     fleet = Fleet(specs, (40,), 10)
@@ -162,7 +228,9 @@ def test_sweep_with_and_without_fleet_stores_the_same_runs(tmp_path):
     from normdrop.store import Store
     from normdrop.sweep import plan_tasks, run_sweep
 
-    options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.1}
+    # with probes and kept weights: the sweep's fleets build each member's probes as run_spec does
+    options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.1, "probes": ("layer_inputs",), "probe_every": 3}
+    options["keep"] = ("final_weights",)
     specs = [RunSpec(**options, seed=k, lr=0.01 * (k + 1)) for k in range(3)]
     specs += [RunSpec(**options, seed=0, width=50), RunSpec(**{**options, "model": "cnn1d", "width": 8})]
     assert [len(task) if isinstance(task, tuple) else 1 for task in plan_tasks(specs, workers=1)] == [3, 1, 1]
@@ -182,6 +250,14 @@ def test_sweep_with_and_without_fleet_stores_the_same_runs(tmp_path):
         else:
             assert all(m is None for m in members)
     assert stored[True] == stored[False]
+    assert all(result[6] and result[7] for result in stored[True].values())  # probe records and weights stored
+
+
+def test_the_sweep_fleets_only_the_trainer_and_the_lab():
+    from normdrop.sweep import fleet_twin
+
+    assert fleet_twin(run_spec) is run_fleet_specs and fleet_twin(run) is run_fleet
+    assert fleet_twin(lambda spec: run_spec(spec)) is None
 
 
 def test_torch_mask_kernel_equals_the_numba_kernel():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from normdrop.claims.base import measure
+from normdrop.claims.results import measure
 from normdrop.stats import (
     MIN_VALUES,
     VERDICTS,

@@ -49,7 +49,12 @@ def test_round_trip_keeps_every_field(store: Store, tmp_path: Path) -> None:
     assert store.save(result, provenance, artifacts={"log": b"step 0\n", "weights": weights})
 
     assert store.result(spec.run_id) == result
-    (stored,) = store.runs()
+    kept = make_result(RunSpec(dataset="blobs", seed=4, keep=("final_weights",)))
+    kept.artifacts["final_weights"] = b"state"
+    assert store.save(kept)
+    assert store.result(kept.run_id).artifacts == {"final_weights": b"state"}
+    assert store.artifact(kept.run_id, "final_weights") == b"state"
+    (stored, _) = store.runs()
     assert (stored.host, stored.versions, stored.started_at, stored.finished_at) == (
         "node-7",
         {"torch": "x"},

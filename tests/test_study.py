@@ -3,21 +3,16 @@ probes and broken analyses; re-runs reuse the store; ``normdrop study --quick`` 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import random
-import shutil
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from normdrop.claims import CLAIM_IDS, Analysis, Claim, ClaimData, Experiment, StudySetting, all_claims, get, measure
-from normdrop.claims.base import probed_deep_arms
+from normdrop.claims.experiment import probed_deep_arms
 from normdrop.report import summary_dict, write_report
 from normdrop.spec import RunResult, RunSpec
 from normdrop.stats import VERDICTS
@@ -181,38 +176,8 @@ def test_default_study_size() -> None:
 # ---- normdrop study --quick, end to end ---------------------------------------------------------------------
 
 
-def _normdrop_command() -> list[str]:
-    script = shutil.which("normdrop", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-c", "from normdrop.cli import app; app()"]
-
-
-@pytest.fixture(scope="session")
-def quick_study(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Path]:
-    """One real ``normdrop study --quick`` per test session, shared by the tests (and pytest-xdist workers) that
-    need its output: the first to get the lock runs it, the others wait and reuse it."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base if worker_id == "master" else base.parent) / "quick-study"
-    root.mkdir(exist_ok=True)
-    with (root / "lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "report" / "summary.json").exists():
-            started = time.perf_counter()
-            completed = subprocess.run(
-                [*_normdrop_command(), "study", "--quick", "--store", "runs.sqlite", "--out", "report"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            (root / "study.log").write_text(completed.stdout + completed.stderr)
-            (root / "elapsed.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-            assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    yield root
-
-
 @pytest.mark.slow
-def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path) -> None:
+def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path, normdrop_cli: list[str]) -> None:
     summary = json.loads((quick_study / "report" / "summary.json").read_text())
     assert [entry["id"] for entry in summary["claims"]] == list(CLAIM_IDS)
     for entry in summary["claims"]:
@@ -228,7 +193,7 @@ def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path) -> None:
 
     # a re-run trains nothing and only renders; `normdrop report` re-renders from the store
     rerun = subprocess.run(
-        [*_normdrop_command(), "study", "--quick", "--store", "runs.sqlite", "--out", str(tmp_path / "again"), "-q"],
+        [*normdrop_cli, "study", "--quick", "--store", "runs.sqlite", "--out", str(tmp_path / "again"), "-q"],
         cwd=quick_study,
         capture_output=True,
         text=True,
@@ -239,7 +204,7 @@ def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path) -> None:
     assert again["study"]["sweep"]["reused"] == again["study"]["sweep"]["total"]
     assert [e["verdict"] for e in again["claims"]] == [e["verdict"] for e in summary["claims"]]
     subprocess.run(
-        [*_normdrop_command(), "report", "--store", "runs.sqlite", "--out", str(tmp_path / "again"), "-q"],
+        [*normdrop_cli, "report", "--store", "runs.sqlite", "--out", str(tmp_path / "again"), "-q"],
         cwd=quick_study,
         check=True,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Study files and sweeps: grid expansion, clear errors, reuse, failures, resume after SIGKILL, Ray."""
+"""Sweep files and sweeps: grid expansion, clear errors, reuse, failures, resume after SIGKILL, Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import Store
-from normdrop.sweep import StudyError, SweepError, expand_study, load_study, run_sweep
+from normdrop.sweep import SweepError, SweepFileError, expand_sweep_file, load_sweep_file, run_sweep
 
 TESTS_DIR = Path(__file__).parent
 SLEEP_ENV = "NORMDROP_TEST_RUN_SLEEP"
@@ -49,17 +49,17 @@ def fake_run(spec: RunSpec) -> RunResult:
     )
 
 
-def write_study(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
+def write_sweep_file(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
 
 
-# ---- study files ---------------------------------------------------------------------------------------
+# ---- sweep files ---------------------------------------------------------------------------------------
 
 
 def test_grid_is_the_cartesian_product_times_seeds(tmp_path: Path) -> None:
-    path = write_study(
+    path = write_sweep_file(
         tmp_path,
         """
         seeds = 3
@@ -74,7 +74,7 @@ def test_grid_is_the_cartesian_product_times_seeds(tmp_path: Path) -> None:
         norm = ["none", "batch"]
         """,
     )
-    specs = load_study(path)
+    specs = load_sweep_file(path)
 
     assert len(specs) == 3 * 2 * 3
     assert len({spec.run_id for spec in specs}) == len(specs)
@@ -91,10 +91,10 @@ def test_grid_is_the_cartesian_product_times_seeds(tmp_path: Path) -> None:
 
 
 def test_seeds_as_a_list_and_seedless_studies() -> None:
-    specs = expand_study({"seeds": [5, 7], "grid": {"width": [8, 16]}})
+    specs = expand_sweep_file({"seeds": [5, 7], "grid": {"width": [8, 16]}})
     assert [(spec.width, spec.seed) for spec in specs] == [(8, 5), (8, 7), (16, 5), (16, 7)]
-    assert [spec.seed for spec in expand_study({"fixed": {"seed": 4}})] == [4]
-    assert expand_study({}) == [RunSpec()]
+    assert [spec.seed for spec in expand_sweep_file({"fixed": {"seed": 4}})] == [4]
+    assert expand_sweep_file({}) == [RunSpec()]
 
 
 @pytest.mark.parametrize(
@@ -130,23 +130,23 @@ def test_seeds_as_a_list_and_seedless_studies() -> None:
     ],
 )
 def test_bad_study_files_name_the_file_key_and_value(tmp_path: Path, text: str, expected: str) -> None:
-    path = write_study(tmp_path, text)
-    with pytest.raises(StudyError) as error:
-        load_study(path)
+    path = write_sweep_file(tmp_path, text)
+    with pytest.raises(SweepFileError) as error:
+        load_sweep_file(path)
     assert str(error.value).startswith(f"{path}: ")
     assert expected in str(error.value)
 
 
 def test_missing_study_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(StudyError, match=f"{tmp_path / 'nope.toml'}: cannot read the study file"):
-        load_study(tmp_path / "nope.toml")
+    with pytest.raises(SweepFileError, match=f"{tmp_path / 'nope.toml'}: cannot read the sweep file"):
+        load_sweep_file(tmp_path / "nope.toml")
 
 
 # ---- sweeps --------------------------------------------------------------------------------------------
 
 
 def test_sweep_saves_every_run_and_reuses_them(tmp_path: Path) -> None:
-    specs = expand_study({"seeds": 2, "fixed": {"steps": 7}, "grid": {"lr": [0.01, 0.1]}})
+    specs = expand_sweep_file({"seeds": 2, "fixed": {"steps": 7}, "grid": {"lr": [0.01, 0.1]}})
     store_path = tmp_path / "runs.sqlite"
 
     report = run_sweep(specs + specs[:1], store_path, workers=2, progress=False, run_fn=fake_run)
@@ -272,7 +272,7 @@ def test_sweep_killed_by_sigkill_resumes_with_only_the_missing_runs(tmp_path: Pa
 
 # ---- with the real trainer -----------------------------------------------------------------------------
 
-TINY_STUDY = """
+TINY_SWEEP = """
 seeds = 2
 
 [fixed]
@@ -290,7 +290,7 @@ lr = [0.05, 10000.0]
 
 @pytest.mark.slow
 def test_local_sweep_with_the_trainer(tmp_path: Path) -> None:
-    specs = load_study(write_study(tmp_path, TINY_STUDY))
+    specs = load_sweep_file(write_sweep_file(tmp_path, TINY_SWEEP))
     store_path = tmp_path / "runs.sqlite"
 
     report = run_sweep(specs, store_path, workers=2, progress=False)
@@ -306,8 +306,8 @@ def test_local_sweep_with_the_trainer(tmp_path: Path) -> None:
 
 RAY_SWEEP = """
 import sys
-from normdrop.sweep import load_study, run_sweep
-report = run_sweep(load_study(sys.argv[1]), sys.argv[2], executor="ray", progress=False)
+from normdrop.sweep import load_sweep_file, run_sweep
+report = run_sweep(load_sweep_file(sys.argv[1]), sys.argv[2], executor="ray", progress=False)
 print("REPORT", report.finished, report.diverged, report.failed)
 """
 
@@ -315,7 +315,7 @@ print("REPORT", report.finished, report.diverged, report.failed)
 @pytest.mark.slow
 def test_ray_sweep_on_a_local_instance(tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    study = write_study(tmp_path, TINY_STUDY)
+    study = write_sweep_file(tmp_path, TINY_SWEEP)
     store_path = tmp_path / "runs.sqlite"
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     # A subprocess with a deadline: a Ray start that hangs fails this test instead of the whole session.
@@ -335,6 +335,6 @@ def test_ray_sweep_on_a_local_instance(tmp_path: Path) -> None:
     assert "REPORT 2 2 0" in output
 
     with Store(store_path) as store:
-        assert store.completed_ids() == {spec.run_id for spec in load_study(study)}
+        assert store.completed_ids() == {spec.run_id for spec in load_sweep_file(study)}
         for run in store.runs(status="finished"):
             assert len(store.metrics(run_ids=[run.run_id], names=["batch_loss"])) == 20

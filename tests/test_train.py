@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import subprocess
 import sys
 import time
-import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +17,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from normdrop import probes
+from normdrop.lab import run_spec
+from normdrop.models import build_model
 from normdrop.probes import expand_probes
-from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec, derive_seed
-from normdrop.train import HookContext, learning_rate, run
+from normdrop.seeds import derive_seed
+from normdrop.spec import TRAINING_SEMANTICS_VERSION, RunResult, RunSpec
+from normdrop.train import HookContext, evaluate, learning_rate, load_run_dataset, run
 
 # A small, fast run: an MLP with batch norm and dropout on Gaussian blobs (1000 train / 1000 test, 4 classes).
 FAST = {
@@ -104,7 +110,13 @@ def test_spec_canonicalizes_probes_and_dataset_options() -> None:
 
 def test_run_id_is_a_stable_hash_of_every_field() -> None:
     spec = fast_spec()
-    assert len(spec.run_id) == 16 and int(spec.run_id, 16) >= 0
+    fields = {name: value for name, value in spec.model_dump(mode="json").items() if name != "keep"}
+    canonical = json.dumps(
+        {"training_semantics_version": TRAINING_SEMANTICS_VERSION, "spec": fields},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert spec.run_id == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert spec.run_id == fast_spec().run_id
     assert spec.run_id == RunSpec.model_validate_json(spec.model_dump_json()).run_id
     assert spec.run_id != fast_spec(seed=1).run_id
@@ -121,13 +133,39 @@ def test_run_id_depends_on_the_training_semantics_version(monkeypatch: pytest.Mo
     assert spec.run_id != before
 
 
+def test_keep_enters_the_run_id_only_when_it_differs_from_the_probes_default() -> None:
+    """Specs written before ``keep`` existed keep their ids: the default (what the probes need) is not hashed."""
+    assert RunSpec().keep == () and RunSpec(probes=("ensemble",)).keep == ("final_weights",)
+    assert RunSpec(probes=("ensemble",), keep=("final_weights",)).run_id == RunSpec(probes=("ensemble",)).run_id
+    assert RunSpec(keep=("final_weights",)).run_id != RunSpec().run_id
+    assert RunSpec(probes=("ensemble",), keep=()).run_id != RunSpec(probes=("ensemble",)).run_id
+    stored = RunSpec(probes=("ensemble",)).model_dump(mode="json")
+    del stored["keep"]  # a spec as stores written before the field hold it
+    assert RunSpec.model_validate(stored) == RunSpec(probes=("ensemble",))
+    with pytest.raises(ValidationError, match="keep"):
+        RunSpec(keep=("everything",))
+
+
+def test_a_run_keeps_its_final_weights_when_its_spec_says_so() -> None:
+    """The kept state dict is the trained network: rebuilt from it, the model evaluates to the run's final loss."""
+    spec = fast_spec(steps=12, eval_every=6, keep=("final_weights",))
+    result = run(spec)
+    assert result.status == "finished", result.error
+    assert run(fast_spec(steps=12, eval_every=6)).artifacts == {}
+    data = load_run_dataset(spec)
+    model = build_model(spec, data.input_shape, data.num_classes)
+    model.load_state_dict(torch.load(io.BytesIO(result.artifacts["final_weights"]), weights_only=True))
+    assert evaluate(model, data.x_test, data.y_test)[0] == result.summary["test_loss"]
+
+
 def test_derived_seeds_are_distinct_per_stream() -> None:
     seeds = {derive_seed(0, stream) for stream in ("init", "batch_order", "dropout")} | {derive_seed(1, "init")}
     assert len(seeds) == 4 and all(0 <= seed < 2**63 for seed in seeds)
 
 
 def test_run_result_round_trips_through_json() -> None:
-    result = run(fast_spec(steps=5, eval_every=5))
+    result = run(fast_spec(steps=5, eval_every=5, keep=("final_weights",)))
+    assert result.status == "finished" and result.artifacts["final_weights"], result.error
     data = json.loads(json.dumps(result.to_dict()))
     again = RunResult.from_dict(data)
     assert again == result
@@ -265,9 +303,11 @@ def _deterministic_part(result: RunResult) -> list[tuple[int, str, float]]:
 def test_same_spec_same_metrics_bitwise() -> None:
     spec = fast_spec(dropout=0.3)
     first, second = run(spec), run(spec)
+    assert first.status == second.status == "finished", (first.error, second.error)
     assert _deterministic_part(first) == _deterministic_part(second)
     assert first.summary["test_loss"] == second.summary["test_loss"]
     other = run(fast_spec(dropout=0.3, seed=1))
+    assert other.status == "finished", other.error
     assert _deterministic_part(other) != _deterministic_part(first)
 
 
@@ -283,7 +323,9 @@ def test_same_spec_same_metrics_in_another_process() -> None:
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # JSON floats round-trip exactly (repr), so equality here is bitwise.
     theirs = [tuple(row) for row in json.loads(other_process.stdout)]
-    assert theirs == _deterministic_part(run(spec))
+    ours = run(spec)
+    assert ours.status == "finished", ours.error
+    assert len(theirs) > spec.steps and theirs == _deterministic_part(ours)
 
 
 def test_a_run_leaves_global_torch_state_as_it_found_it() -> None:
@@ -302,7 +344,9 @@ def test_global_rng_state_does_not_change_a_run() -> None:
     torch.manual_seed(1)
     first = run(spec)
     torch.manual_seed(2)
-    assert _deterministic_part(run(spec)) == _deterministic_part(first)
+    second = run(spec)
+    assert first.status == second.status == "finished", (first.error, second.error)
+    assert _deterministic_part(second) == _deterministic_part(first)
 
 
 def test_torch_and_normdrop_layers_train_alike() -> None:
@@ -376,24 +420,35 @@ def test_hooks_cannot_change_the_run() -> None:
 
 
 def test_spec_probes_become_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lab.run_spec builds the spec's probes from the registry, in the spec's (sorted) order, at its cadence."""
     made: list[tuple[str, int]] = []
 
-    def make_probe(name: str, every: int) -> RecordingHook:
-        made.append((name, every))
-        return RecordingHook(every=every, name=name)
+    def factory(name: str) -> Callable[..., RecordingHook]:
+        def make(every: int, when: str | None = None) -> RecordingHook:
+            made.append((name, every))
+            return RecordingHook(every=every, name=name)
 
-    fake_registry = types.SimpleNamespace(make_probe=make_probe, expand_probes=lambda names: tuple(sorted(set(names))))
-    monkeypatch.setitem(sys.modules, "normdrop.probes", fake_registry)
-    result = run(fast_spec(steps=10, probes=("beta", "alpha"), probe_every=5))
-    assert made == [("alpha", 5), ("beta", 5)]
+        return make
+
+    for name in ("ics", "landscape"):
+        monkeypatch.setitem(probes.REGISTRY, name, factory(name))
+    result = run_spec(fast_spec(steps=10, probes=("landscape", "ics"), probe_every=5))
+    assert result.status == "finished", result.error
+    assert made == [("ics", 5), ("landscape", 5)]
     assert [(record["probe"], record["step"]) for record in result.probe_records] == [
-        ("alpha", 0),
-        ("beta", 0),
-        ("alpha", 5),
-        ("beta", 5),
-        ("alpha", 10),
-        ("beta", 10),
+        ("ics", 0),
+        ("landscape", 0),
+        ("ics", 5),
+        ("landscape", 5),
+        ("ics", 10),
+        ("landscape", 10),
     ]
+
+
+def test_the_trainer_refuses_a_probed_spec_without_its_probes() -> None:
+    """The trainer knows no probe registry: a spec with probes and no probe hooks is refused, not run bare."""
+    with pytest.raises(ValueError, match=r"needs the probes' hooks: run it with normdrop.lab.run_spec"):
+        run(fast_spec(steps=2, probes=("ics",)))
 
 
 def test_a_hook_with_a_bad_schedule_fails_the_run() -> None:
@@ -403,7 +458,9 @@ def test_a_hook_with_a_bad_schedule_fails_the_run() -> None:
 
 def test_the_progress_bar_does_not_change_the_run() -> None:
     spec = fast_spec(steps=20)
-    assert _deterministic_part(run(spec, progress=True)) == _deterministic_part(run(spec))
+    shown, hidden = run(spec, progress=True), run(spec)
+    assert shown.status == hidden.status == "finished", (shown.error, hidden.error)
+    assert _deterministic_part(shown) == _deterministic_part(hidden)
 
 
 def test_a_failing_hook_fails_the_run_with_its_error() -> None:

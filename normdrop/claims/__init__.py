@@ -1,4 +1,4 @@
-"""normdrop.claims: the claims of CLAIMS.md, one module each, and the registry the study runs.
+"""normdrop.claims: the claims of docs/claims.md, one module each, and the registry the study runs.
 
 Each claim (a :class:`Claim`) says what it claims, asks for runs (:meth:`Claim.experiment`, from a
 :class:`StudySetting`) and turns the finished runs into measurements and verdicts (:meth:`Claim.analyze`). The study
@@ -20,47 +20,52 @@ Pointing the study at other data or another model: ``StudySetting.create(dataset
 
 from __future__ import annotations
 
-import importlib
-
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    ClaimResult,
-    Experiment,
-    Figure,
-    Measurement,
-    RunCounts,
-    StudySetting,
-    Table,
-    measure,
-    not_measurable,
+from normdrop.claims import (
+    bn_faster,
+    bn_higher_lr,
+    bn_less_dropout,
+    bn_mechanics,
+    bn_regularizes,
+    bn_smooth,
+    bn_stable_inputs,
+    dropout_bn_shift,
+    dropout_coadapt,
+    dropout_ensemble,
+    dropout_generalizes,
+    dropout_mechanics,
+    dropout_overfit,
+    summary,
 )
+from normdrop.claims.base import Claim, ClaimData, ClaimResult
+from normdrop.claims.experiment import Experiment
+from normdrop.claims.results import Analysis, Figure, Measurement, RunCounts, Table, measure, not_measurable
+from normdrop.claims.setting import StudySetting
 
-CLAIM_IDS: tuple[str, ...] = (
-    "bn-mechanics",
-    "bn-faster",
-    "bn-higher-lr",
-    "bn-stable-inputs",
-    "bn-smooth",
-    "bn-regularizes",
-    "bn-less-dropout",
-    "dropout-mechanics",
-    "dropout-overfit",
-    "dropout-generalizes",
-    "dropout-coadapt",
-    "dropout-ensemble",
-    "dropout-bn-shift",
-    "summary",
+_CLAIMS_MD: tuple[Claim, ...] = tuple(
+    module.CLAIM
+    for module in (
+        bn_mechanics,
+        bn_faster,
+        bn_higher_lr,
+        bn_stable_inputs,
+        bn_smooth,
+        bn_regularizes,
+        bn_less_dropout,
+        dropout_mechanics,
+        dropout_overfit,
+        dropout_generalizes,
+        dropout_coadapt,
+        dropout_ensemble,
+        dropout_bn_shift,
+        summary,
+    )
 )
-"""The ids of CLAIMS.md, in its order; the module of a claim is its id with underscores."""
+"""The claims of docs/claims.md, in its order; each module holds one claim, its id (the module's name with dashes)."""
+
+CLAIM_IDS: tuple[str, ...] = tuple(claim.id for claim in _CLAIMS_MD)
+"""The ids of docs/claims.md, in its order."""
 
 _REGISTRY: dict[str, Claim] = {}
-
-
-def module_name(claim_id: str) -> str:
-    """``normdrop.claims.<id with underscores>``."""
-    return f"normdrop.claims.{claim_id.replace('-', '_')}"
 
 
 def register(claim: Claim, *, replace: bool = False) -> Claim:
@@ -89,14 +94,14 @@ def get(claim_id: str) -> Claim:
 
 
 def all_claims() -> list[Claim]:
-    """Registered claims in order (those of CLAIMS.md first, in its order, then added ones); ``summary`` last,
+    """Registered claims in order (those of docs/claims.md first, in its order, then added ones); ``summary`` last,
     since it reads the others' results."""
     claims = list(_REGISTRY.values())
     return [c for c in claims if c.id != "summary"] + [c for c in claims if c.id == "summary"]
 
 
-for _claim_id in CLAIM_IDS:
-    register(importlib.import_module(module_name(_claim_id)).CLAIM)
+for _claim in _CLAIMS_MD:
+    register(_claim)
 
 __all__ = [
     "CLAIM_IDS",
@@ -113,7 +118,6 @@ __all__ = [
     "all_claims",
     "get",
     "measure",
-    "module_name",
     "not_measurable",
     "register",
     "unregister",

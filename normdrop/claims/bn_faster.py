@@ -15,25 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    Table,
-    curve,
-    final,
-    lr_grid_arms,
-    lr_label,
-    mean_of,
-    measure,
-    not_measurable,
-    paired_log2,
-    steps_to_reach,
-)
-from normdrop.report.figures import LABELS, align, finish, legend, message_figure, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, lr_grid_arms, lr_label
+from normdrop.claims.figures import LABELS, align, finish, legend, message_figure, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import curve, final, mean_of, paired_log2, steps_to_reach
+from normdrop.claims.results import Analysis, Table, measure, not_measurable
+from normdrop.claims.setting import StudySetting
 
 TARGET_FRACTION = 0.9
 METRIC = "train_accuracy"

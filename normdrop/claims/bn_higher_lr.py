@@ -15,20 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final,
-    initial,
-    lr_grid_arms,
-    lr_label,
-    measure,
-)
-from normdrop.report.figures import LABELS, color, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, lr_grid_arms, lr_label
+from normdrop.claims.figures import LABELS, color, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import final, initial
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 from normdrop.stats import paired_difference
 

@@ -10,30 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final,
-    measure,
-    small_arm,
-    small_label,
-)
-from normdrop.report.figures import LABELS, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, factorial_arms, small_label
+from normdrop.claims.figures import LABELS, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import final
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
+from normdrop.stats import paired_difference
 
 
 def dropout_gain(data: ClaimData, norm: str, p: float) -> dict[int, float]:
     """Seed -> 100 x (final test accuracy with dropout p - without), for one norm."""
     with_dropout = {s: final(r, "test_accuracy") for s, r in data.runs(small_label(norm, p)).items()}
     without = {s: final(r, "test_accuracy") for s, r in data.runs(small_label(norm, 0.0)).items()}
-    return {
-        s: 100 * (with_dropout[s] - without[s])
-        for s in with_dropout.keys() & without.keys()
-        if with_dropout[s] is not None and without[s] is not None
-    }
+    return paired_difference(with_dropout, without, scale=100)
 
 
 class BNLessDropout(Claim):
@@ -58,11 +48,7 @@ class BNLessDropout(Claim):
     references = ("Ioffe & Szegedy 2015, section 4.2.1", "Li et al. 2019")
 
     def experiment(self, setting: StudySetting) -> Experiment:
-        arms: dict[str, list[Any]] = {}
-        for norm in NORMS:
-            for p in (0.0, setting.primary_dropout):
-                label, specs = small_arm(setting, norm, p)
-                arms[label] = specs
+        arms = factorial_arms(setting)
         spec = setting.spec("small")
         return Experiment(
             arms=arms,
@@ -79,7 +65,7 @@ class BNLessDropout(Claim):
         primary = measure(
             "dropout's gain without BN minus its gain with BN",
             f"(test accuracy gain of dropout {p:g} without BN) - (its gain with BN), percentage points",
-            {s: gains["none"][s] - gains["batch"][s] for s in gains["none"].keys() & gains["batch"].keys()},
+            paired_difference(gains["none"], gains["batch"]),
             "increase",
             unit="pp",
         )

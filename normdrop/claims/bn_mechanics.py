@@ -21,9 +21,12 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normdrop.claims.base import Analysis, Claim, ClaimData, Experiment, StudySetting, measure
-from normdrop.report.figures import finish, legend, new_figure
-from normdrop.spec import derive_seed
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment
+from normdrop.claims.figures import finish, legend, new_figure
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
+from normdrop.seeds import derive_seed
 
 BATCHES = 20
 BATCH_SIZE = 100

@@ -13,21 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    curve,
-    measure,
-    not_measurable,
-    small_arm,
-    small_label,
-)
-from normdrop.report.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, small_arm, small_label
+from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import curve
+from normdrop.claims.results import Analysis, measure, not_measurable
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
+from normdrop.stats import paired_difference
 
 MATCH_CAP = 0.95
 FAMILY_BATCH = 100
@@ -78,11 +71,7 @@ def matched_effect(data: ClaimData, batch_size: int, target: float) -> dict[int,
     without = {
         s: accuracy_at_matched(r, target) for s, r in data.runs(batch_label(data.setting, "none", batch_size)).items()
     }
-    return {
-        s: 100 * (with_bn[s] - without[s])
-        for s in with_bn.keys() & without.keys()
-        if with_bn[s] is not None and without[s] is not None
-    }
+    return paired_difference(with_bn, without, scale=100)
 
 
 class BNRegularizes(Claim):
@@ -165,7 +154,7 @@ class BNRegularizes(Claim):
                 measure(
                     f"BN's benefit at batch {sizes[0]} minus at batch {sizes[-1]} (smaller batches regularize more?)",
                     "difference of the BN-minus-none effects (percentage points)",
-                    {s: small[s] - large[s] for s in small.keys() & large.keys()},
+                    paired_difference(small, large),
                     "increase",
                     unit="pp",
                 )

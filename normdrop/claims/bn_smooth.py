@@ -18,24 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final,
-    lr_grid_arms,
-    lr_label,
-    mean_of,
-    measure,
-    probed_deep_arms,
-    probed_label,
-    records,
-)
+from normdrop.claims.base import Claim, ClaimData
 from normdrop.claims.bn_higher_lr import is_stable
-from normdrop.report.figures import LABELS, align, finish, legend, new_figure, plot_band
+from normdrop.claims.experiment import NORMS, Experiment, lr_grid_arms, lr_label, probed_deep_arms, probed_label
+from normdrop.claims.figures import LABELS, align, finish, legend, new_figure, plot_band
+from normdrop.claims.readers import final, mean_of, records
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 from normdrop.stats import bootstrap_interval, paired_difference, paired_log_ratio
 

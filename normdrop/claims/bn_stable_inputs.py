@@ -21,22 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    mean_of,
-    measure,
-    probed_deep_arms,
-    probed_label,
-    records,
-)
-from normdrop.report.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, probed_deep_arms, probed_label
+from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.readers import mean_of, records
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
-from normdrop.stats import paired_log_ratio
+from normdrop.stats import paired_difference, paired_log_ratio
 
 
 def relative_drift(result: RunResult | None) -> float | None:
@@ -140,11 +132,7 @@ class BNStableInputs(Claim):
             measure(
                 "cosine(G, G') with BN minus without",
                 "mean cos(G, G'), BN minus none (1 = the update below leaves the gradient's direction unchanged)",
-                {
-                    s: cosine["batch"][s] - cosine["none"][s]
-                    for s in cosine["batch"].keys() & cosine["none"].keys()
-                    if cosine["batch"][s] is not None and cosine["none"][s] is not None
-                },
+                paired_difference(cosine["batch"], cosine["none"]),
                 "increase",
                 unit="cosine",
             ),

@@ -19,20 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final,
-    mean_of,
-    measure,
-    records,
-    small_arm,
-    small_label,
-)
-from normdrop.report.figures import color, finish, new_figure
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment, small_arm, small_label
+from normdrop.claims.figures import color, finish, new_figure
+from normdrop.claims.readers import final, mean_of, records
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 from normdrop.stats import paired_difference
 

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    dropout_grid_arms,
-    dropout_label,
-    mean_of,
-    measure,
-    records,
-)
-from normdrop.report.figures import finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment, dropout_grid_arms, dropout_label
+from normdrop.claims.figures import finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import mean_of, records
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 from normdrop.stats import paired_difference, paired_log_ratio
 

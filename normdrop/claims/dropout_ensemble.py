@@ -1,8 +1,8 @@
 """dropout-ensemble: a dropout network behaves like an average over many thinned networks.
 
 Per replicate seed: one plain small network trained with dropout 0.5, and an explicit ensemble of independently
-trained networks without dropout (other seeds). These runs keep their final weights (they list the ``ensemble``
-probe, see ``normdrop.claims.base.WEIGHT_PROBES``), so the analysis rebuilds the networks and calls
+trained networks without dropout (other seeds). These runs keep their final weights (``keep=("final_weights",)``,
+also what a spec listing the ``ensemble`` probe keeps by default), so the analysis rebuilds the networks and calls
 ``normdrop.probes.ensemble_comparison`` on the test set: weight-scaled inference (the normal eval-mode network),
 Monte-Carlo averages of k thinned networks (k = 1..100 random masks), and the average of the first n independent
 networks. The claim holds if the cheap weight-scaled network predicts like the average of many thinned ones:
@@ -16,23 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    final_model,
-    measure,
-    not_measurable,
-    small_arm,
-)
-from normdrop.report.figures import finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import SMALL_PROBES, Experiment, small_arm
+from normdrop.claims.figures import finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.readers import final_model
+from normdrop.claims.results import Analysis, measure, not_measurable
+from normdrop.claims.setting import StudySetting
+from normdrop.probes import ensemble_comparison
+from normdrop.probes.ensemble import MC_SIZES
+from normdrop.stats import paired_difference
+from normdrop.train import load_run_dataset
 
 MEMBER_SEED_BASE = 1000
 MARGIN_PP = 1.0
 MARGIN_NLL = 0.05
 DROPOUT_ARM = "dropout net"
+KEEP = ("final_weights",)
+"""What every run of this claim keeps: the analysis evaluates the trained networks again."""
 
 
 def member_label(index: int) -> str:
@@ -69,10 +69,8 @@ class DropoutEnsemble(Claim):
     references = ("Srivastava et al. 2014, section 7.5 and figure 11", "Gal & Ghahramani 2016")
 
     def experiment(self, setting: StudySetting) -> Experiment:
-        from normdrop.claims.base import SMALL_PROBES, available
-
-        probes = (*available(SMALL_PROBES), "ensemble")
-        _, dropout_specs = small_arm(setting, "none", setting.primary_dropout, probes=probes)
+        probes = (*SMALL_PROBES, "ensemble")
+        _, dropout_specs = small_arm(setting, "none", setting.primary_dropout, probes=probes, keep=KEEP)
         arms = {DROPOUT_ARM: dropout_specs}
         members = setting.ensemble_members
         for index in range(members):
@@ -82,6 +80,7 @@ class DropoutEnsemble(Claim):
                     norm="none",
                     dropout=0.0,
                     probes=probes,
+                    keep=KEEP,
                     seed=MEMBER_SEED_BASE + replicate * members + index,
                 )
                 for replicate in setting.seed_list
@@ -98,10 +97,6 @@ class DropoutEnsemble(Claim):
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
-        from normdrop.probes import ensemble_comparison
-        from normdrop.probes.ensemble import MC_SIZES
-        from normdrop.train import load_run_dataset
-
         members = data.setting.ensemble_members
         per_seed: dict[int, list[dict[str, Any]]] = {}
         for seed, result in data.runs(DROPOUT_ARM).items():
@@ -114,10 +109,7 @@ class DropoutEnsemble(Claim):
             per_seed[seed] = ensemble_comparison(model, nets, dataset.x_test, dataset.y_test, MC_SIZES)
         metric = "test accuracy of the MC average over 100 masks minus weight-scaled, percentage points"
         if not per_seed:
-            reason = (
-                "no dropout run finished with its weights kept (runs failed or diverged, or were made outside "
-                "`normdrop study`, which keeps the weights of runs with the ensemble probe)"
-            )
+            reason = "no dropout run finished with its weights kept (runs failed or diverged, or keep no final_weights)"
             return Analysis(
                 not_measurable("MC average vs weight scaling", metric, "equal", reason, margin=MARGIN_PP),
                 figures=[message_figure("Accuracy vs number of networks averaged", reason)],
@@ -131,13 +123,10 @@ class DropoutEnsemble(Claim):
         def per(method: str, k: int | None, field: str) -> dict[int, float | None]:
             return {seed: pick(rows, method, k, field) for seed, rows in per_seed.items()}
 
-        def diff(a: dict[int, float | None], b: dict[int, float | None], scale: float = 1.0) -> dict[int, float]:
-            return {s: scale * (a[s] - b[s]) for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None}
-
         primary = measure(
             f"MC average over {k_max} masks vs weight scaling (accuracy)",
             metric,
-            diff(per("mc", k_max, "accuracy"), per("weight_scaled", None, "accuracy"), 100),
+            paired_difference(per("mc", k_max, "accuracy"), per("weight_scaled", None, "accuracy"), scale=100),
             "equal",
             margin=MARGIN_PP,
             unit="pp",
@@ -147,7 +136,7 @@ class DropoutEnsemble(Claim):
             measure(
                 f"MC average over {k_max} masks vs weight scaling (NLL)",
                 "test negative log-likelihood, MC average minus weight-scaled, nats",
-                diff(per("mc", k_max, "nll"), per("weight_scaled", None, "nll")),
+                paired_difference(per("mc", k_max, "nll"), per("weight_scaled", None, "nll")),
                 "equal",
                 margin=MARGIN_NLL,
                 unit="nats",
@@ -158,7 +147,7 @@ class DropoutEnsemble(Claim):
                 measure(
                     f"explicit ensemble of {n_max} independent nets minus the MC average (accuracy)",
                     "test accuracy, explicit ensemble minus MC average over 100 masks, percentage points",
-                    diff(per("ensemble", n_max, "accuracy"), per("mc", k_max, "accuracy"), 100),
+                    paired_difference(per("ensemble", n_max, "accuracy"), per("mc", k_max, "accuracy"), scale=100),
                     "increase",
                     unit="pp",
                 )

@@ -10,29 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    dropout_grid_arms,
-    dropout_label,
-    final,
-    measure,
-    size_name,
-)
-from normdrop.report.figures import finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment, dropout_grid_arms, dropout_label, size_name
+from normdrop.claims.figures import finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import final
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
+from normdrop.stats import paired_difference
 
 
 def finals(data: ClaimData, p: float, train_size: int | None, metric: str) -> dict[int, float | None]:
     """Seed -> final value of a metric for one arm."""
     return {s: final(r, metric) for s, r in data.runs(dropout_label(data.setting, p, train_size)).items()}
-
-
-def difference(a: dict[int, float | None], b: dict[int, float | None], scale: float = 1.0) -> dict[int, float]:
-    """Per seed, scale x (a - b) where both exist."""
-    return {s: scale * (a[s] - b[s]) for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None}
 
 
 class DropoutGeneralizes(Claim):
@@ -76,7 +65,7 @@ class DropoutGeneralizes(Claim):
         primary = measure(
             f"test accuracy with dropout {p:g} minus without ({small} training examples)",
             "final test accuracy, with minus without dropout, percentage points",
-            difference(accuracy[small][p], accuracy[small][0.0], 100),
+            paired_difference(accuracy[small][p], accuracy[small][0.0], scale=100),
             "increase",
             unit="pp",
         )
@@ -84,14 +73,14 @@ class DropoutGeneralizes(Claim):
             measure(
                 f"same on {size_name(s, None)}",
                 "final test accuracy, with minus without dropout, percentage points",
-                difference(accuracy[None][p], accuracy[None][0.0], 100),
+                paired_difference(accuracy[None][p], accuracy[None][0.0], scale=100),
                 "increase",
                 unit="pp",
             ),
             measure(
                 f"test loss with dropout {p:g} minus without ({small} training examples)",
                 "final test cross-entropy, with minus without dropout, nats",
-                difference(loss[small][p], loss[small][0.0]),
+                paired_difference(loss[small][p], loss[small][0.0]),
                 "decrease",
                 unit="nats",
             ),

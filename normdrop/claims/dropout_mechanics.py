@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from normdrop.claims.base import Analysis, Claim, ClaimData, Experiment, StudySetting, measure
-from normdrop.report.figures import finish, legend, new_figure
-from normdrop.spec import derive_seed
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment
+from normdrop.claims.figures import finish, legend, new_figure
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
+from normdrop.seeds import derive_seed
 
 P_VALUES = (0.1, 0.3, 0.5)
 ROWS, UNITS = 2000, 100

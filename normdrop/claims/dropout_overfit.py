@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from normdrop.claims.base import (
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    curve,
-    dropout_grid_arms,
-    dropout_label,
-    final,
-    measure,
-    size_name,
-)
-from normdrop.report.figures import align, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import Experiment, dropout_grid_arms, dropout_label, size_name
+from normdrop.claims.figures import align, finish, legend, new_figure, plot_band, seeds_by_x
+from normdrop.claims.readers import curve, final
+from normdrop.claims.results import Analysis, measure
+from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
+from normdrop.stats import paired_difference
 
 
 def accuracy_gap(result: RunResult | None) -> float | None:
@@ -87,7 +80,7 @@ class DropoutOverfit(Claim):
         primary = measure(
             f"generalization gap without dropout minus with dropout {p:g}",
             "final (training - test) accuracy, without minus with dropout, percentage points",
-            _difference(without, with_dropout),
+            paired_difference(without, with_dropout),
             "increase",
             unit="pp",
         )
@@ -95,23 +88,19 @@ class DropoutOverfit(Claim):
             measure(
                 f"same on {size_name(s, None)}",
                 "final (training - test) accuracy, without minus with dropout, percentage points",
-                _difference(gaps(data, 0.0, None), gaps(data, p, None)),
+                paired_difference(gaps(data, 0.0, None), gaps(data, p, None)),
                 "increase",
                 unit="pp",
             ),
             measure(
                 f"loss gap without dropout minus with dropout {p:g}",
                 "final (test - training) loss, without minus with dropout, nats",
-                _difference(gaps(data, 0.0, small, loss_gap), gaps(data, p, small, loss_gap)),
+                paired_difference(gaps(data, 0.0, small, loss_gap), gaps(data, p, small, loss_gap)),
                 "increase",
                 unit="nats",
             ),
         ]
         return Analysis(primary, secondary, [_curves(data, p), _gap_vs_p(data)])
-
-
-def _difference(a: dict[int, float | None], b: dict[int, float | None]) -> dict[int, float]:
-    return {s: a[s] - b[s] for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None}
 
 
 def _curves(data: ClaimData, p: float) -> Any:

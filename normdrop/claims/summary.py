@@ -19,22 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from normdrop.claims.base import (
-    NORMS,
-    Analysis,
-    Claim,
-    ClaimData,
-    Experiment,
-    StudySetting,
-    Table,
-    final,
-    mean_of,
-    measure,
-    small_arm,
-    small_label,
-    steps_to_reach,
-)
-from normdrop.report.figures import color, finish, legend, new_figure
+from normdrop.claims.base import Claim, ClaimData
+from normdrop.claims.experiment import NORMS, Experiment, factorial_arms, small_label
+from normdrop.claims.figures import color, finish, legend, new_figure
+from normdrop.claims.readers import final, mean_of, steps_to_reach
+from normdrop.claims.results import Analysis, Table, measure
+from normdrop.claims.setting import StudySetting
 
 TARGET_FRACTION = 0.9
 BN_CLAIMS = ("bn-faster", "bn-higher-lr", "bn-smooth", "bn-regularizes")
@@ -105,11 +95,7 @@ class Summary(Claim):
     references = ("Ioffe & Szegedy 2015", "Srivastava et al. 2014", "Bjorck et al. 2018")
 
     def experiment(self, setting: StudySetting) -> Experiment:
-        arms: dict[str, list[Any]] = {}
-        for norm in NORMS:
-            for p in (0.0, setting.primary_dropout):
-                label, specs = small_arm(setting, norm, p)
-                arms[label] = specs
+        arms = factorial_arms(setting)
         return Experiment(
             arms=arms,
             description=(

@@ -1,7 +1,7 @@
 """``normdrop bench``: normdrop's layers against torch.nn's, and the lab's training speed, timed in one process.
 
-The measurements live in ``benchmarks/`` (``bench_layers``: BatchNorm and Dropout against torch.nn with the
-memory-bandwidth floor and the bytes kept for backward; ``bench_models``: the study's models, steps per second and
+The measurements live in :mod:`normdrop.bench` (``layers``: BatchNorm and Dropout against torch.nn with the
+memory-bandwidth floor and the bytes kept for backward; ``models``: the study's models, steps per second and
 MFU against a matmul peak); this command runs them per thread count with a progress bar on stderr and prints
 tables, or one JSON object with ``--json``. Compare ratios within a run, not absolute times across runs.
 """
@@ -90,12 +90,9 @@ def bench(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Time normdrop's BatchNorm and Dropout against torch.nn's, and the study's models with either layers."""
-    try:
-        from benchmarks import bench_layers, bench_models
-        from benchmarks.timing import ROUND_SECONDS
-    except ImportError as error:
-        _stderr.print(f"normdrop bench needs the benchmarks package installed with normdrop: {error}", markup=False)
-        raise typer.Exit(2) from error
+    from normdrop.bench import layers as bench_layers  # lazy: keeps `normdrop --help` fast
+    from normdrop.bench import models as bench_models
+    from normdrop.bench.timing import ROUND_SECONDS
 
     thread_counts = sorted(set(threads)) if threads else _default_threads()
     repeats = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
@@ -168,7 +165,7 @@ def _print_tables(result: dict[str, Any]) -> None:
         highlight=False,
     )
     if result["layers"]:
-        from benchmarks.bench_layers import format_seconds
+        from normdrop.bench.layers import format_seconds
 
         table = Table(
             title="Layers: speedup = torch.nn time / normdrop time; % floor = memory-bound floor / time; "
@@ -227,7 +224,7 @@ def _print_tables(result: dict[str, Any]) -> None:
             )
         console.print(table)
     if result["goals"]:
-        table = Table(title="Issue 6's goals", title_justify="left", box=box.SIMPLE_HEAD)
+        table = Table(title="The speed goals", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("goal", "thr", "measured", "target", "met"):
             table.add_column(column, justify="left" if column == "goal" else "right")
         for goal in result["goals"]:

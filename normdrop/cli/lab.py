@@ -1,4 +1,4 @@
-"""Lab commands: ``normdrop sweep`` runs a study into the store, ``normdrop runs`` lists stored runs,
+"""Lab commands: ``normdrop sweep`` runs a sweep file into the store, ``normdrop runs`` lists stored runs,
 ``normdrop export`` writes the store's tables as CSV or Parquet."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,18 +18,19 @@ from normdrop.store import (
     DEFAULT_STORE_FILENAME,
     RUN_STATUSES,
     STORE_ENV_VAR,
-    ExportFormat,
     Store,
     StoredRun,
     StoreError,
 )
-from normdrop.sweep import ExecutorName, StudyError, SweepError, load_study, run_sweep
+from normdrop.sweep import ExecutorName, SweepError, SweepFileError, load_sweep_file, run_sweep
 
 StoreOption = Annotated[
     Path,
     typer.Option("--store", envvar=STORE_ENV_VAR, show_envvar=True, help="The run store (a SQLite file)."),
 ]
 _DEFAULT_STORE = Path(DEFAULT_STORE_FILENAME)
+# The store's table formats, and the trackers' (normdrop.tracking.TrackingFormat: a test keeps the two lists equal).
+OutputFormat = Literal["csv", "parquet", "tensorboard", "mlflow"]
 # Typer takes a list of Enum members, not of Literal values.
 StatusChoice = Enum("StatusChoice", {status: status for status in RUN_STATUSES}, type=str)
 # Summary values worth a column in `normdrop runs`, when the runs have them.
@@ -40,7 +41,7 @@ _stderr = Console(stderr=True)
 
 
 def sweep(
-    study: Annotated[Path, typer.Argument(help="The study file (TOML: fixed parameters, grid axes, seeds).")],
+    sweep_file: Annotated[Path, typer.Argument(help="The sweep file (TOML: fixed parameters, grid axes, seeds).")],
     store: StoreOption = _DEFAULT_STORE,
     executor: Annotated[ExecutorName, typer.Option(help="Where runs execute.")] = "local",
     ray_address: Annotated[
@@ -54,17 +55,17 @@ def sweep(
         bool, typer.Option("--fleet/--no-fleet", help="Train MLP runs that share a shape as batched fleets.")
     ] = True,
 ) -> None:
-    """Run every run of a study that the store does not hold yet; exit status 1 if any run failed."""
+    """Run every run of a sweep file that the store does not hold yet; exit status 1 if any run failed."""
     try:
-        specs = load_study(study)
+        specs = load_sweep_file(sweep_file)
         report = run_sweep(
             specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet, fleet=fleet
         )
-    except (StudyError, StoreError, SweepError, ImportError) as error:
+    except (SweepFileError, StoreError, SweepError, ImportError) as error:
         _fail(str(error))
     if not quiet:
         _stdout.print(
-            f"{report.total} runs in {study}: {report.reused} already in the store, {report.finished} finished, "
+            f"{report.total} runs in {sweep_file}: {report.reused} already in the store, {report.finished} finished, "
             f"{report.diverged} diverged, {report.failed} failed -> {store}",
             markup=False,
             highlight=False,
@@ -98,15 +99,27 @@ def runs(
 
 
 def export(
-    file_format: Annotated[ExportFormat, typer.Option("--format", help="File format of the tables.")],
-    out: Annotated[Path, typer.Option("--out", help="Directory to write runs, metrics and probe_records into.")],
+    file_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            help="csv / parquet: the tables, one file each; tensorboard: event files, one directory per run; "
+            "mlflow: an MLflow file store (experiment 'normdrop', one MLflow run per run).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write into.")],
     store: StoreOption = _DEFAULT_STORE,
 ) -> None:
     """Export the runs, metrics and probe-record tables of the store, one file each."""
     try:
         with _open_existing(store) as opened:
-            written = opened.export(out, file_format)
-    except ImportError as error:
+            if file_format in ("tensorboard", "mlflow"):
+                from normdrop import tracking
+
+                written = tracking.export(opened, out, file_format)
+            else:
+                written = opened.export(out, file_format)
+    except (ImportError, FileExistsError) as error:
         _fail(str(error))
     for path in written:
         _stdout.print(str(path), markup=False, highlight=False, soft_wrap=True)
@@ -161,6 +174,6 @@ def _cell(value: Any) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    """Print the error (without reading it as rich markup: study errors contain [fixed]) and exit 2."""
+    """Print the error (without reading it as rich markup: sweep file errors contain [fixed]) and exit 2."""
     _stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
     raise typer.Exit(2)

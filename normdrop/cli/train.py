@@ -173,13 +173,13 @@ def _print_table(result: RunResult) -> None:
 
 def train(**options: Any) -> None:
     """Train one model from flags and print its final metrics (exit 1 if the run failed, 2 on a bad flag)."""
-    from normdrop.train import run  # lazy: keeps `normdrop --help` fast
+    from normdrop.lab import run_spec  # lazy: keeps `normdrop --help` fast
 
     json_output, quiet = options.pop("json_output"), options.pop("quiet")
     data_root, threads = options.pop("data_root"), options.pop("threads")
     spec = _spec_from_flags(options)
     show_progress = not (quiet or json_output) and sys.stderr.isatty()
-    result = run(spec, progress=show_progress, data_root=data_root, num_threads=threads)
+    result = run_spec(spec, progress=show_progress, data_root=data_root, num_threads=threads)
     if json_output:
         print(json.dumps(_result_object(result), allow_nan=False))
     elif not quiet:

@@ -11,7 +11,6 @@ from normdrop.nn.batchnorm_variants import (
     FrozenBatchNorm3d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
-    convert_frozen_batchnorm,
 )
 from normdrop.nn.dropout import AlphaDropout, Dropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout
 from normdrop.nn.dropout_variants import (
@@ -29,6 +28,7 @@ from normdrop.nn.surgery import (
     add_dropout,
     add_norm,
     convert,
+    convert_frozen_batchnorm,
     remove_dropout,
     remove_norm,
     replace_dropout,

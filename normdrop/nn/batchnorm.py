@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import functional as F
+from normdrop.nn.interop import fx_leaf_call, scripted_batch_norm
 
 _FORMULAS = r"""
 
@@ -42,6 +43,39 @@ class _NormdropBatchNorm:
     """The forward shared by the three ranks; mixed in before torch's class so it takes precedence."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        if isinstance(input, torch.fx.Proxy):  # symbolic tracing: a leaf module, as torch.nn's layers are
+            return fx_leaf_call(self, input)
+        return self._eager_forward(input)
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """``_eager_forward`` in TorchScript: the same statistics and updates, through ``normdrop::batch_norm``."""
+        self._check_input_dim(input)
+        momentum = 0.0
+        if self.momentum is not None:
+            momentum = self.momentum
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    momentum = 1.0 / float(num_batches_tracked.item())
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        return scripted_batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         buffers, parameters = self._buffers, self._parameters
         running_mean, running_var = _member(buffers, self, "running_mean"), _member(buffers, self, "running_var")

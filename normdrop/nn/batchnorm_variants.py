@@ -33,7 +33,7 @@ __all__ = [
     "FrozenBatchNorm3d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
-    "convert_frozen_batchnorm",
+    "ghost_batch_sizes",
 ]
 
 
@@ -46,6 +46,23 @@ def _check_values_per_channel(input: Tensor, layer: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ ghost BN
+
+
+def ghost_batch_sizes(batch: int, ghost_batch_size: int, spatial_size: int = 1) -> list[int]:
+    """The sizes of the ghost batches a batch of ``batch`` samples is split into, in order: as many full ghost
+    batches of ``ghost_batch_size`` as fit, then the remainder as a smaller last one (a DataLoader's last batch),
+    unless it would hold a single value per channel (one sample of an (N, C) input, ``spatial_size`` 1), which
+    cannot be normalized by its own statistics: then it joins the ghost batch before it. A batch of at most one
+    ghost batch is one piece (and fails, as batch norm does, if it holds a single value per channel)."""
+    full, remainder = divmod(batch, ghost_batch_size)
+    if full == 0:
+        return [batch]
+    sizes = [ghost_batch_size] * full
+    if remainder * spatial_size == 1:
+        sizes[-1] += remainder
+    elif remainder:
+        sizes.append(remainder)
+    return sizes
 
 
 class _GhostBatchNorm:
@@ -76,16 +93,12 @@ class _GhostBatchNorm:
         if not use_batch_stats:
             return super().forward(input)
         self._check_input_dim(input)
-        batch = input.shape[0]
-        if batch % self.ghost_batch_size != 0:
-            raise ValueError(
-                f"{type(self).__name__} needs a batch size divisible by ghost_batch_size={self.ghost_batch_size}, "
-                f"got a batch of {batch}"
-            )
         # Each virtual batch is one BatchNorm step: its own statistics, and one update of the running statistics
         # (and of num_batches_tracked), in order -- Algorithm 1 of Hoffer et al.
-        ghosts = input.split(self.ghost_batch_size)
-        return torch.cat([super(_GhostBatchNorm, self).forward(ghost) for ghost in ghosts])
+        ghosts = ghost_batch_sizes(input.shape[0], self.ghost_batch_size, math.prod(input.shape[2:]))
+        if len(ghosts) == 1:
+            return super().forward(input)
+        return torch.cat([super(_GhostBatchNorm, self).forward(ghost) for ghost in input.split(ghosts)])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
@@ -100,7 +113,10 @@ _GHOST_DOC = r"""
 
     The running statistics take one momentum step per ghost batch, in order, with the unbiased ghost-batch
     variance (so ``num_batches_tracked`` counts ghost batches). Inference: plain batch norm with the running
-    statistics. N must be a multiple of G in training (a ValueError otherwise); G = N is plain batch norm.
+    statistics. When N is not a multiple of G (a DataLoader's last batch), the remainder N mod G is a last, smaller
+    ghost batch with its own statistics and its own momentum step, as in TabNet's and Ludwig's ghost batch norm;
+    a remainder of one sample without spatial dims (one value per channel, which has no variance) joins the ghost
+    batch before it instead. G >= N is plain batch norm.
 
     Hoffer, Hubara & Soudry 2017, "Train longer, generalize better".
 """
@@ -256,24 +272,43 @@ class _FrozenBatchNorm(torch.nn.Module):
         eps: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        trainable_affine: bool = False,
     ) -> None:
         super().__init__()
         if eps < 0.0:
             raise ValueError(f"eps must be non-negative, got {eps}")
+        if not isinstance(trainable_affine, bool):
+            raise ValueError(f"trainable_affine must be a bool, got {trainable_affine!r}")
         self.num_features = num_features
         self.eps = eps
+        self.trainable_affine = trainable_affine
         factory = {"device": device, "dtype": dtype}
-        self.register_buffer("weight", torch.ones(num_features, **factory))
-        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        if trainable_affine:
+            # Statistics frozen, gamma and beta learned: the usual way to fine-tune a BN network on small batches.
+            self.weight = torch.nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = torch.nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_buffer("weight", torch.ones(num_features, **factory))
+            self.register_buffer("bias", torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     @classmethod
-    def from_batch_norm(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> _FrozenBatchNorm:
-        """A frozen copy of ``bn``'s running statistics and affine parameters (1 and 0 when it has none)."""
+    def from_batch_norm(
+        cls, bn: torch.nn.modules.batchnorm._BatchNorm, *, trainable_affine: bool = False
+    ) -> _FrozenBatchNorm:
+        """A frozen copy of ``bn``'s running statistics and affine parameters (1 and 0 when it has none);
+        ``trainable_affine=True`` keeps the affine map as parameters that an optimizer trains."""
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"cannot freeze {type(bn).__name__} without running statistics (track_running_stats)")
-        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        frozen = cls(
+            bn.num_features,
+            bn.eps,
+            device=bn.running_mean.device,
+            dtype=bn.running_mean.dtype,
+            trainable_affine=trainable_affine,
+        )
         with torch.no_grad():
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
@@ -299,14 +334,17 @@ class _FrozenBatchNorm(torch.nn.Module):
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        trainable = ", trainable_affine=True" if self.trainable_affine else ""
+        return f"{self.num_features}, eps={self.eps}{trainable}"
 
 
 _FROZEN_DOC = r"""
 
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, in training and inference alike; all four
-    are buffers, so nothing is learned or updated (gradients flow to the input only). ``from_batch_norm(bn)``
-    freezes a trained BatchNorm; a BatchNorm state_dict loads directly.
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, in training and inference alike. The
+    statistics are buffers, never updated; weight and bias are buffers too (nothing is learned: gradients flow to
+    the input only) unless ``trainable_affine=True``, which makes them parameters an optimizer trains (statistics
+    frozen, gamma and beta learned). ``from_batch_norm(bn)`` freezes a trained BatchNorm; a BatchNorm state_dict
+    loads directly.
 """
 
 
@@ -330,19 +368,3 @@ _FROZEN_FOR = {
     torch.nn.BatchNorm2d: FrozenBatchNorm2d,
     torch.nn.BatchNorm3d: FrozenBatchNorm3d,
 }
-
-
-def convert_frozen_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every BatchNorm{1,2,3}d (torch's, normdrop's or a variant) in ``module`` by a frozen copy.
-
-    Returns the converted module (a new object if ``module`` itself is a BatchNorm, ``module`` otherwise).
-    A BatchNorm without running statistics raises a ValueError.
-    """
-    for cls, frozen_cls in _FROZEN_FOR.items():
-        if isinstance(module, cls):
-            return frozen_cls.from_batch_norm(module)
-    for name, child in module.named_children():
-        converted = convert_frozen_batchnorm(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module

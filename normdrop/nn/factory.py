@@ -1,4 +1,4 @@
-"""Norm and dropout layers by name: the one registry that model builders, study files and model surgery use.
+"""Norm and dropout layers by name: the one registry that model builders, sweep files and model surgery use.
 
     make_norm("batch" | "ghost" | "renorm" | "sync" | "frozen" | "none", num_features, dims=1, **kwargs)
     make_dropout("standard" | "channel" | "alpha" | "feature_alpha" | "gaussian" | "droppath" | "dropblock"
@@ -32,12 +32,14 @@ from normdrop.nn.dropout_variants import ConcreteDropout, DropBlock2d, DropPath,
 from normdrop.nn.sync_batchnorm import SyncBatchNorm
 
 __all__ = [
+    "ACTIVATIONS",
     "DIMS",
     "LAYER_SOURCES",
     "dropout_names",
     "make_dropout",
     "make_norm",
     "norm_builder",
+    "norm_defaults",
     "norm_names",
     "register_dropout",
     "register_norm",
@@ -45,6 +47,19 @@ __all__ = [
 
 DIMS = (0, 1, 2, 3)
 LAYER_SOURCES = ("normdrop", "torch")
+
+ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
+    "relu": torch.nn.ReLU,
+    "gelu": torch.nn.GELU,
+    "tanh": torch.nn.Tanh,
+    "selu": torch.nn.SELU,
+    "elu": torch.nn.ELU,
+    "identity": torch.nn.Identity,
+}
+"""Activation name (``RunSpec.activation``) -> its module class, built with no arguments."""
+
+_WITHOUT_MOMENTUM = frozenset({"frozen"})
+"""Norm kinds with fixed statistics: they take no running-statistics momentum."""
 
 NormBuilder = Callable[..., torch.nn.Module]  # (num_features, **kwargs) -> module
 DropoutBuilder = Callable[..., torch.nn.Module]  # (p, **kwargs) -> module
@@ -138,6 +153,12 @@ def _lookup(
         supported = ", ".join(str(d) for d in by_dims)
         raise ValueError(f"{what} {name!r} supports dims {supported} (spatial dims of the input), got {dims!r}")
     return by_dims[dims]
+
+
+def norm_defaults(name: str, *, momentum: float | None, eps: float) -> dict[str, float | None]:
+    """The keyword arguments every norm kind ``name`` takes from a run's ``norm_momentum`` / ``norm_eps``: ``eps``,
+    and ``momentum`` unless the kind's statistics are fixed (frozen BN)."""
+    return {"eps": eps} if name in _WITHOUT_MOMENTUM else {"momentum": momentum, "eps": eps}
 
 
 def norm_builder(name: str, dims: int = 1, layers: str = "normdrop") -> NormBuilder:

@@ -12,8 +12,11 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import ops
+from normdrop.nn.checks import InputDimError, check_batch_norm, empty_batch_norm
+from normdrop.nn.checks import check_floating as _check_floating
+from normdrop.nn.checks import check_p as _check_p
 from normdrop.nn.kernels import fastpath
-from normdrop.nn.rng import draw_seed, rng_state
+from normdrop.nn.rng import draw_rng_state_tensor, draw_seed, rng_state
 
 __all__ = [
     "InputDimError",
@@ -25,14 +28,6 @@ __all__ = [
     "dropout3d",
     "feature_alpha_dropout",
 ]
-
-
-class InputDimError(ValueError, RuntimeError):
-    """An input with the wrong number of dimensions.
-
-    It is a ValueError (what normdrop promises) and a RuntimeError (what torch's dropout1d raises), so code written
-    against either keeps catching it.
-    """
 
 
 def batch_norm(
@@ -55,42 +50,15 @@ def batch_norm(
 
     ``momentum`` may be a 0-dim tensor (``BatchNorm(momentum=None)`` passes ``1 / num_batches_tracked``).
     """
-    if input.ndim < 2:
-        raise InputDimError(f"batch_norm expects an input of shape (N, C, *), got a {input.ndim}D input")
-    _check_floating(input, "batch_norm")
-    if training:
-        values_per_channel = input.numel() // max(input.shape[1], 1)
-        if values_per_channel == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
-            )
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "batch_norm: running_mean and running_var must either both be None or neither be None, got "
-            f"running_mean={'None' if running_mean is None else 'a tensor'}, "
-            f"running_var={'None' if running_var is None else 'a tensor'}"
-        )
-    if not training and running_mean is None:
-        raise ValueError("batch_norm in inference mode needs running_mean and running_var, got None")
-    channels = input.shape[1]
-    for name, tensor in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        # An empty input is returned as it is whatever the parameters' shapes, as torch does.
-        if tensor is not None and tensor.shape != (channels,) and input.numel() > 0:
-            raise ValueError(
-                f"batch_norm {name} must have shape ({channels},) for an input with {channels} channels, "
-                f"got {tuple(tensor.shape)}"
-            )
+    check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)  # torch's checks, in its order
+    if input.numel() == 0:
+        return empty_batch_norm(input, weight, bias)
 
     compiling = ops.graph_capture()
+    if compiling and torch.onnx.is_in_onnx_export():
+        # ONNX has its own BatchNormalization: emit torch's op with the same arguments (the same function of them),
+        # which both ONNX exporters translate to it. The file then runs on the ONNX runtime's kernels.
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not compiling:  # small CPU inputs: one C++ autograd node that also updates the running statistics
         y = fastpath.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
         if y is not None:
@@ -100,16 +68,6 @@ def batch_norm(
         input, weight, bias, running_mean, running_var, training, eps, compiling, momentum if update else None
     )
     return y
-
-
-def _check_floating(input: Tensor, op_name: str) -> None:
-    if not input.is_floating_point():
-        raise TypeError(f"{op_name} expects a floating-point input (float16/32/64 or bfloat16), got {input.dtype}")
-
-
-def _check_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def _apply_dropout(
@@ -125,17 +83,38 @@ def _apply_dropout(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p == 1.0:
-        return input.mul_(0) if inplace else input * 0  # NaN and inf become NaN, as in torch
+        # times a zero of the input's own dtype, as torch: NaN and inf become NaN, a bool input stays bool
+        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+        return input.mul_(zero) if inplace else input * zero
     if mask_dims > input.ndim:  # channel dropout on a 0D/1D input; checked only when dropping, as torch does
         raise InputDimError(f"channel dropout needs at least 2 dimensions (N, C), got a {input.ndim}D input")
     _check_floating(input, "dropout")
-    seed = draw_seed(generator)
     compiling = ops.graph_capture()
+    if compiling and torch.onnx.is_in_onnx_export():
+        return _onnx_dropout(input, p, inplace, mask_dims, alpha)
+    if compiling or ops.functorch_active():
+        # The seed stays a tensor: the graph (or the vmapped function) draws it on each call, with no .item().
+        y = ops.dropout(input, draw_rng_state_tensor(generator), float(p), mask_dims, alpha, True, compiling)
+        return input.copy_(y) if inplace else y
+    seed = draw_seed(generator)
     y = None
     if not compiling:  # small CPU inputs: one C++ autograd node
         y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim), alpha)
     if y is None:
         y = ops.dropout(input, rng_state(seed), float(p), mask_dims, alpha, True, compiling)
+    return input.copy_(y) if inplace else y
+
+
+def _onnx_dropout(input: Tensor, p: float, inplace: bool, mask_dims: int, alpha: bool) -> Tensor:
+    """Training-mode dropout while exporting to ONNX: torch's op of the same kind (element-wise or per channel,
+    standard or alpha), which the exporters translate to ONNX's Dropout (or its equivalent); the exported masks
+    are then the ONNX runtime's."""
+    if mask_dims >= input.ndim:
+        y = torch.alpha_dropout(input, p, True) if alpha else torch.dropout(input, p, True)
+    else:
+        batched = input if mask_dims == 2 else input.unsqueeze(0)
+        y = torch.feature_alpha_dropout(batched, p, True) if alpha else torch.feature_dropout(batched, p, True)
+        y = y if mask_dims == 2 else y.squeeze(0)
     return input.copy_(y) if inplace else y
 
 

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normdrop.nn.batchnorm_variants import _FrozenBatchNorm
 from normdrop.nn.kernels.composite import reduce_dims
+from normdrop.nn.modes import layer_modes
 
 __all__ = ["FOLDABLE_LAYERS", "fold_batch_norm", "fold_batch_norm_into", "recalibrate_bn"]
 
@@ -94,16 +95,12 @@ def recalibrate_bn(model: torch.nn.Module, data: Iterable[Any], n_samples: int |
     if reference is None:
         reference = next(iter(model.buffers()), None)
     device = reference.device if reference is not None else None
-    modes = {module: module.training for module in model.modules()}
     saved = {bn: {name: buffer.clone() for name, buffer in bn.named_buffers(recurse=False)} for bn in norms}
     moments = {bn: _ChannelMoments() for bn in norms}
     hooks = [bn.register_forward_pre_hook(lambda module, args: moments[module].add(args[0])) for bn in norms]
     seen = 0
     try:
-        model.eval()
-        for bn in norms:
-            bn.train()
-        with torch.no_grad():
+        with layer_modes(model, batch_norm=True, dropout=False, keep_statistics=True), torch.no_grad():
             for batch in data:
                 inputs = _batch_inputs(batch)
                 if n_samples is not None:
@@ -133,8 +130,6 @@ def recalibrate_bn(model: torch.nn.Module, data: Iterable[Any], n_samples: int |
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
     return model
 
 

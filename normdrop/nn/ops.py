@@ -106,13 +106,28 @@ def graph_capture() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running. Then the ops run as the composite
+    formulas written in elementary torch ops, which functorch differentiates and batches as it does any torch code
+    (the autograd.Functions and custom ops call kernels functorch cannot see into). The running statistics are
+    then updated in place as torch's batch norm updates them under functorch: in ``grad``, as in eager mode; in
+    ``vmap`` only if they are batched too (``torch.func.stack_module_state``), else the in-place update of an
+    unbatched buffer with batched statistics raises, as torch's does (``torch.func.replace_all_batch_norm_modules_``
+    is torch's way out)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float | Tensor
 ) -> None:
-    """running <- running + momentum * (batch - running) in place, with the batch mean and the *unbiased* batch
-    variance var * count / (count - 1): two in-place lerps, the running statistics never join the graph."""
-    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-    running_var.lerp_((var.detach() * (count / (count - 1))).to(running_var.dtype), momentum)
+    """running <- momentum * batch + (1 - momentum) * running in place, with the batch mean and the *unbiased* batch
+    variance var * count / (count - 1); the running statistics never join the graph. torch's form, computed in the
+    batch statistics' dtype (float32 for half inputs) and rounded once into the running statistics' dtype, as
+    torch does: a lerp (running + momentum * (batch - running)) turns inf running statistics into NaN, and a
+    float16 one overflows where torch's does not."""
+    mean, var = mean.detach(), var.detach() * (count / (count - 1))
+    running_mean.copy_(mean * momentum + running_mean.to(mean.dtype) * (1 - momentum))
+    running_var.copy_(var * momentum + running_var.to(var.dtype) * (1 - momentum))
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -151,6 +166,23 @@ def batch_norm(
     mode (``compiling``: the caller's ``graph_capture()``, if it has it).
     With ``momentum`` (training, running statistics given, a non-empty input) the running statistics are updated
     in place (``update_running_stats``)."""
+    if functorch_active():
+        y, mean, var = composite.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+        if momentum is not None:
+            is_batched = torch._C._functorch.is_batchedtensor
+            if is_batched(mean) and not (is_batched(running_mean) and is_batched(running_var)):
+                raise RuntimeError(
+                    "batch_norm under vmap got a batched input but running_mean / running_var, which training "
+                    "updates in place, are not batched: batch them too (torch.func.stack_module_state), or use "
+                    "eval(), track_running_stats=False or torch.func.replace_all_batch_norm_modules_, as for "
+                    "torch's batch norm"
+                )
+            # running += momentum * (batch - running), as update_running_stats but with ops vmap has batching
+            # rules for (lerp_ has none: it would warn and loop over the batch)
+            count = x.numel() // x.shape[1]
+            for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
+                running.add_((batch.detach().to(running.dtype) - running) * momentum)
+        return y, mean, var
     if graph_capture() if compiling is None else compiling:
         y, mean, var = batch_norm_op(x, weight, bias, running_mean, running_var, training, eps)
         if momentum is not None:
@@ -213,7 +245,10 @@ class _DropoutFunction(torch.autograd.Function):
 def dropout(
     x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool, compiling: bool | None = None
 ) -> Tensor:
-    """Dropout through the custom op when compiling or tracing, through the autograd.Function in eager mode."""
+    """Dropout through the custom op when compiling or tracing, through the autograd.Function in eager mode, as
+    tensor ops under ``torch.func`` transforms (``functorch_active``)."""
+    if functorch_active():
+        return composite.dropout_forward_from_state(x, rng_state, p, mask_dims, alpha, shift)
     if graph_capture() if compiling is None else compiling:
         return dropout_op(x, rng_state, p, mask_dims, alpha, shift)
     return _DropoutFunction.apply(x, rng_state, p, mask_dims, alpha, shift)

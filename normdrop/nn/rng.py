@@ -81,6 +81,16 @@ def rng_state(seed: int, offset: int = 0) -> torch.Tensor:
     return torch.tensor([seed, offset], dtype=torch.int64)
 
 
+def draw_rng_state_tensor(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh ``(seed, 0)`` pair drawn as :func:`draw_seed` draws it (the same ``torch.randint`` call, so the same
+    seed for the same generator state), kept as a tensor: no ``.item()``, so graph capture (``torch.export``,
+    ``torch.compile``, ``torch.jit.trace``) records the draw instead of a constant or a data-dependent guard, and
+    under ``torch.func.vmap(randomness="different")`` each batch element gets its own seed."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device, dtype=torch.int64)
+    return torch.cat([seed, torch.zeros_like(seed)])
+
+
 def draw_rng_state(generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw a fresh ``(seed, 0)`` pair (:func:`rng_state`), the seed from :func:`draw_seed`."""
     return rng_state(draw_seed(generator))

@@ -9,6 +9,12 @@ ablate their own model.
   the plain Linear it wraps, a ConcreteDropout by its inner layer).
 - ``replace_norm`` / ``replace_dropout``: change the kind of chosen BN / dropout layers (e.g. BN -> ghost BN).
 
+A batch norm subclass that does more than normalize (timm's ``BatchNormAct2d``: BN, then its own ``drop`` and
+``act`` child modules) keeps what it does beyond BN: ``remove_norm`` and ``replace_norm`` put its child modules,
+in registration order, after the new layer. Before doing so they check, on a small random input in eval and in
+train mode, that the old layer computes exactly BN followed by those children; a subclass whose forward does
+something else raises a ValueError naming it, never a silently different model.
+
 Places are chosen with ``where``: None (every candidate), a glob over qualified module names as
 ``model.named_modules()`` gives them ("features.*", "*.bn1"), a list of names, or a predicate
 ``(name, module) -> bool``. Every function works on a copy unless ``inplace=True`` and returns the result.
@@ -25,7 +31,17 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normdrop.nn import batchnorm, dropout
-from normdrop.nn.batchnorm_variants import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from normdrop.nn.batchnorm_variants import (
+    _FROZEN_FOR,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    _FrozenBatchNorm,
+)
 from normdrop.nn.dropout_variants import DROPOUT_LAYER_TYPES, ConcreteDropout, DropConnect
 from normdrop.nn.factory import make_dropout, make_norm, norm_builder
 from normdrop.nn.sync_batchnorm import SyncBatchNorm
@@ -250,10 +266,99 @@ def _is_dropout(module: torch.nn.Module) -> bool:
     return isinstance(module, DROPOUT_LAYER_TYPES)
 
 
+_PLAIN_NORM_TYPES: frozenset[type[torch.nn.Module]] = frozenset(
+    {
+        torch.nn.BatchNorm1d,
+        torch.nn.BatchNorm2d,
+        torch.nn.BatchNorm3d,
+        torch.nn.SyncBatchNorm,
+        batchnorm.BatchNorm1d,
+        batchnorm.BatchNorm2d,
+        batchnorm.BatchNorm3d,
+        SyncBatchNorm,
+        GhostBatchNorm1d,
+        GhostBatchNorm2d,
+        BatchRenorm1d,
+        BatchRenorm2d,
+        FrozenBatchNorm1d,
+        FrozenBatchNorm2d,
+        FrozenBatchNorm3d,
+    }
+)
+"""Norm classes that only normalize: surgery replaces them by a single layer."""
+
+_CHECK_BATCH = 4  # samples of the random input that checks a norm subclass (batch statistics need more than one)
+_CHECK_SIZE = 3  # extent of each spatial dim of that input
+
+
+def _plain_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A plain BN (or frozen BN) of the same kind, size and hyper-parameters as ``module``, with its state."""
+    dims = _dims_of(module, _NORM_DIMS, None)
+    if isinstance(module, _FrozenBatchNorm):
+        twin_cls = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}[max(dims, 1)]
+        twin = twin_cls(module.num_features, module.eps, trainable_affine=module.trainable_affine)
+    else:
+        twin_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[max(dims, 1)]
+        bias = module.bias is not None or not module.affine
+        twin = twin_cls(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, bias=bias
+        )
+    return _copy_state(module, twin)
+
+
+def _extras_match(module: torch.nn.Module, extras: list[torch.nn.Module]) -> bool:
+    """Whether ``module`` computes BN followed by ``extras``, on a random input, in eval and in train mode."""
+    dims = _dims_of(module, _NORM_DIMS, None)
+    generator = torch.Generator().manual_seed(0)
+    reference = next(iter(module.parameters()), next(iter(module.buffers()), None))
+    factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    shape = (_CHECK_BATCH, module.num_features) + (_CHECK_SIZE,) * dims
+    x = torch.randn(shape, generator=generator).to(**factory)
+    for training in (False, True):
+        original = copy.deepcopy(module).train(training)
+        rebuilt = torch.nn.Sequential(_plain_twin(module), *copy.deepcopy(extras)).train(training)
+        outputs = []
+        for candidate in (original, rebuilt):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                outputs.append(candidate(x))
+        if outputs[0].shape != outputs[1].shape or not torch.allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-4):
+            return False
+    return True
+
+
+def _norm_extras(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """What a norm layer applies beyond normalizing (a BatchNormAct's dropout and activation), checked.
+
+    A plain norm class gives ``[]``. Any other norm (a subclass) gives its child modules in registration order,
+    after checking that it computes BN followed by them; otherwise a ValueError.
+    """
+    if type(module) in _PLAIN_NORM_TYPES:
+        return []
+    extras = list(module.children())
+    if not _extras_match(module, extras):
+        found = ", ".join(type(child).__name__ for child in extras) or "none"
+        raise ValueError(
+            f"{type(module).__name__} subclasses a batch norm but does not compute batch norm followed by its child "
+            f"modules ({found}); surgery cannot replace it without changing what the model computes"
+        )
+    return extras
+
+
+def _followed_by(layer: torch.nn.Module, extras: list[torch.nn.Module]) -> torch.nn.Module:
+    """``layer``, or ``nn.Sequential(layer, *extras)`` when there are extras (an Identity layer is left out)."""
+    if not extras:
+        return layer
+    if isinstance(layer, torch.nn.Identity):
+        return extras[0] if len(extras) == 1 else torch.nn.Sequential(*extras)
+    return torch.nn.Sequential(layer, *extras)
+
+
 def remove_norm(model: torch.nn.Module, where: Where = None, inplace: bool = False) -> torch.nn.Module:
     """Replace the batch norm layers (any BatchNorm, SyncBatchNorm, ghost, renorm, frozen) chosen by ``where`` by
-    ``nn.Identity``."""
-    return _rebuild(model, where, _is_norm, lambda _m: torch.nn.Identity(), inplace)
+    ``nn.Identity``; a BN subclass with a built-in activation is replaced by its activation (see the module
+    docstring)."""
+    return _rebuild(model, where, _is_norm, lambda m: _followed_by(torch.nn.Identity(), _norm_extras(m)), inplace)
 
 
 def _without_dropout(module: torch.nn.Module) -> torch.nn.Module:
@@ -318,16 +423,24 @@ def replace_norm(
     """Replace the batch norm layers chosen by ``where`` by ``make_norm(kind, num_features, dims, **kwargs)``,
     carrying over the hyper-parameters the new layer takes (eps, momentum, affine, track_running_stats; ``kwargs``
     win), and parameters and running statistics where it has them (e.g. BN -> ghost BN keeps everything; BN ->
-    frozen keeps the statistics and affine map). ``dims`` defaults to the old layer's."""
+    frozen keeps the statistics and affine map; ``kind="frozen", trainable_affine=True`` freezes the statistics and
+    keeps training gamma and beta). ``dims`` defaults to the old layer's. A BN subclass with a built-in activation
+    keeps it (``nn.Sequential(new, *its children)``, see the module docstring). Freezing a BN that keeps no running
+    statistics raises a ValueError."""
 
     def build(module: torch.nn.Module) -> torch.nn.Module:
+        extras = _norm_extras(module)
+        if kind == "frozen" and getattr(module, "running_mean", None) is None:
+            raise ValueError(
+                f"cannot freeze {type(module).__name__} without running statistics (track_running_stats=False)"
+            )
         spatial = dims if dims is not None else _dims_of(module, _NORM_DIMS, None)
         builder = norm_builder(kind, spatial)
         carried = {name: getattr(module, name) for name in _NORM_HYPERPARAMETERS if hasattr(module, name)}
         if getattr(module, "affine", False) and module.bias is None:
             carried["bias"] = False
         accepted = _accepted_keywords(builder, carried)
-        return _copy_state(module, builder(module.num_features, **{**accepted, **kwargs}))
+        return _followed_by(_copy_state(module, builder(module.num_features, **{**accepted, **kwargs})), extras)
 
     return _rebuild(model, where, _is_norm, build, inplace)
 
@@ -355,3 +468,21 @@ def replace_dropout(
         return make_dropout(kind, rate, spatial, **kwargs).train(module.training)
 
     return _rebuild(model, where, candidate, build, inplace)
+
+
+def convert_frozen_batchnorm(
+    module: torch.nn.Module, *, inplace: bool = False, trainable_affine: bool = False
+) -> torch.nn.Module:
+    """Replace every BatchNorm{1,2,3}d (torch's, normdrop's or a variant) in ``module`` by a frozen copy.
+
+    Works on a copy of ``module`` unless ``inplace=True`` (like every surgery function) and returns the result.
+    ``trainable_affine=True`` freezes only the statistics (gamma and beta stay trainable parameters). A BatchNorm
+    subclass with a built-in activation (or other child modules, as timm's ``BatchNormAct2d``) keeps them: it
+    becomes ``nn.Sequential(frozen, *children)``, checked to compute what the original did (see
+    :func:`replace_norm`). A BatchNorm without running statistics raises a ValueError.
+    """
+
+    def is_batch_norm(_name: str, candidate: torch.nn.Module) -> bool:
+        return isinstance(candidate, tuple(_FROZEN_FOR))
+
+    return replace_norm(module, "frozen", is_batch_norm, inplace=inplace, trainable_affine=trainable_affine)

@@ -6,11 +6,13 @@ returns tidy records: flat dicts of JSON values, one per (probe, step, layer / u
 ``"probe"`` and ``"step"``. The trainer calls them as hooks and restores the model, optimizer and RNG around each
 call, so a probed run trains exactly like an unprobed one.
 
-A spec names probes by their registry name (``RunSpec(probes=("ics", "curvature"))``); the trainer builds each with
-:func:`make_probe` ``(name, every=spec.probe_every)``. Presets name common sets; expand them with
-:func:`expand_probes` before building the spec, so a run's identity lists exactly the probes it ran::
+A spec names probes by their registry name (``RunSpec(probes=("ics", "curvature"))``; the names, presets and
+default cadences are plain data in :mod:`normdrop.probe_catalog`, which the spec validates against);
+:func:`make_probes` builds a spec's probes (:func:`make_probe` ``(name, every=spec.probe_every)`` each) and
+:func:`normdrop.lab.run_spec` hands them to the trainer. Presets name common sets and expand to their probes when
+the spec is built, so a run's identity lists exactly the probes it ran::
 
-    RunSpec(probes=expand_probes(["bn_optimization"]))
+    RunSpec(probes=["bn_optimization"]).probes == ("curvature", "ics", "landscape", "layer_inputs")
 
 Two instruments are not hooks, because they need several runs: :func:`largest_stable_lr` (a search over runs) and
 :func:`explicit_ensemble_records` / :func:`ensemble_comparison` (independently trained networks). See
@@ -20,10 +22,11 @@ Two instruments are not hooks, because they need several runs: :func:`largest_st
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-from normdrop.probes.base import DEFAULT_EVERY, Probe, Record, When, measurement_mode, tidy_record
+from normdrop.probe_catalog import DEFAULT_EVERY, PRESETS, When, expand_probes
+from normdrop.probes.base import Probe, Record, measurement_mode, tidy_record
 from normdrop.probes.coadaptation import CoadaptationProbe, coadaptation_stats
 from normdrop.probes.curvature import CurvatureProbe, hessian_vector_product, hutchinson_trace, top_eigenvalue
 from normdrop.probes.ensemble import (
@@ -44,6 +47,7 @@ from normdrop.probes.landscape import LandscapeProbe
 from normdrop.probes.layer_inputs import LayerInputsProbe
 from normdrop.probes.stable_lr import StableLRResult, largest_stable_lr
 from normdrop.probes.variance_shift import VarianceShiftProbe, predicted_train_variance
+from normdrop.spec import RunSpec
 
 ProbeFactory = Callable[..., Probe]
 """Builds a probe: ``factory(every=..., when=None, **options)``."""
@@ -59,21 +63,8 @@ REGISTRY: dict[str, ProbeFactory] = {
     "ensemble": EnsembleProbe,
     "variance_shift": VarianceShiftProbe,
 }
-"""Probe name (what ``RunSpec.probes`` lists) -> factory. ``curvature`` measures the loss with BN on batch
-statistics, ``curvature_running`` with BN on running statistics; both record ``bn_mode``."""
-
-PRESETS: dict[str, tuple[str, ...]] = {
-    "stable_inputs": ("ics", "layer_inputs"),
-    "smoothness": ("curvature", "landscape"),
-    "bn_optimization": ("curvature", "ics", "landscape", "layer_inputs"),
-    "regularization": ("coadaptation", "generalization"),
-    "dropout_bn": ("coadaptation", "ensemble", "variance_shift"),
-    "cheap": ("coadaptation", "generalization", "layer_inputs"),
-    "all": tuple(sorted(REGISTRY)),
-}
-"""Preset name -> probe names: ``stable_inputs`` (claim bn-stable-inputs), ``smoothness`` (bn-smooth),
-``bn_optimization`` (both), ``regularization`` (bn-regularizes, dropout-overfit, dropout-coadapt), ``dropout_bn``
-(dropout-coadapt, dropout-ensemble, dropout-bn-shift), ``cheap`` (probes that cost about one forward pass), ``all``."""
+"""Probe name (what ``RunSpec.probes`` lists) -> factory; exactly the names of :data:`normdrop.probe_catalog.PROBES`
+(a test holds the two together)."""
 
 
 def make_probe(name: str, every: int = DEFAULT_EVERY, when: When | None = None, **options: Any) -> Probe:
@@ -89,19 +80,10 @@ def make_probe(name: str, every: int = DEFAULT_EVERY, when: When | None = None, 
     return REGISTRY[name](every=every, when=when, **options)
 
 
-def expand_probes(names: Iterable[str]) -> tuple[str, ...]:
-    """Probe and preset names -> the sorted, unique probe names they stand for (what ``RunSpec.probes`` stores)."""
-    expanded: set[str] = set()
-    for name in names:
-        if name in PRESETS:
-            expanded.update(PRESETS[name])
-        elif name in REGISTRY:
-            expanded.add(name)
-        else:
-            raise ValueError(
-                f"unknown probe or preset {name!r}; probes: {sorted(REGISTRY)}, presets: {sorted(PRESETS)}"
-            )
-    return tuple(sorted(expanded))
+def make_probes(spec: RunSpec) -> list[Probe]:
+    """The hooks of ``spec.probes``, in the spec's order, each running every ``spec.probe_every`` steps (or when
+    the probe's cadence says)."""
+    return [make_probe(name, every=spec.probe_every) for name in spec.probes]
 
 
 __all__ = [
@@ -132,6 +114,7 @@ __all__ = [
     "hutchinson_trace",
     "largest_stable_lr",
     "make_probe",
+    "make_probes",
     "mc_dropout_records",
     "measurement_mode",
     "predicted_train_variance",

@@ -10,34 +10,27 @@ probe called outside the trainer (in a test, on a finished model) leaves the mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from normdrop.nn.dropout_variants import DROPOUT_LAYER_TYPES
-from normdrop.spec import RunSpec
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
-
-When = Literal["every", "end", "once"]
-"""When a probe runs: every ``every`` steps, once at the final step, or once at step 0 (the initialization)."""
+from normdrop.nn.modes import batch_norms, layer_modes
+from normdrop.probe_catalog import DEFAULT_EVERY, PROBES, When
+from normdrop.tensors import global_norm
+from normdrop.train import HookContext
 
 BNMode = Literal["batch", "running"]
 """How batch norm layers normalize during a measurement: with the batch's statistics (train mode, what the
 optimizer sees) or with their running statistics (eval mode, what inference sees)."""
 
 Record = dict[str, Any]
-
-DEFAULT_EVERY: int = RunSpec.model_fields["probe_every"].default
-"""A probe's cadence when none is given: the spec's default ``probe_every``."""
 
 ONCE_EVERY = 2**62
 """The hook ``every`` of a probe that runs once at step 0: no later step is a multiple of it."""
@@ -46,7 +39,7 @@ MASK_SEED = 20140601
 """Seed of the dropout masks a probe draws when it keeps dropout on: every forward pass of one measurement uses the
 same masks, so a loss and its gradients are those of one thinned network (Srivastava et al. 2014, June 2014)."""
 
-CONTEXT_FIELDS = ("spec", "step", "lr", "model", "optimizer", "loss_fn", "probe_batch", "dataset")
+CONTEXT_FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(HookContext))
 """What a :class:`~normdrop.train.HookContext` offers; a probe's ``needs`` is a subset."""
 
 
@@ -54,12 +47,14 @@ class Probe(ABC):
     """One instrument: declares what it needs and when it runs, and measures at the steps it is called.
 
     Subclasses set ``name`` (the registry name, also the ``"probe"`` field of their records), ``needs`` (the
-    :class:`~normdrop.train.HookContext` fields it reads, checked before each call) and ``default_when``, and
-    implement :meth:`measure`. Every record is a flat dict of JSON values with ``"probe"`` and ``"step"`` first.
+    :class:`~normdrop.train.HookContext` fields it reads, checked before each call) and implement :meth:`measure`;
+    a probe outside :data:`normdrop.probe_catalog.PROBES` (which holds the cadences of the registered ones) may set
+    ``default_when``. Every record is a flat dict of JSON values with ``"probe"`` and ``"step"`` first.
 
     Args:
         every: cadence in steps when the probe runs ``"every"`` k steps (ignored for ``"end"`` and ``"once"``).
-        when: ``"every"``, ``"end"`` or ``"once"``; ``None`` takes the probe's ``default_when``.
+        when: ``"every"``, ``"end"`` or ``"once"``; ``None``: the probe's default (the catalogue's, else
+            ``default_when``).
     """
 
     name: ClassVar[str]
@@ -67,7 +62,8 @@ class Probe(ABC):
     default_when: ClassVar[When] = "every"
 
     def __init__(self, every: int = DEFAULT_EVERY, when: When | None = None) -> None:
-        when = self.default_when if when is None else when
+        if when is None:  # a probe of the catalogue runs when it says; another one when its class says
+            when = PROBES.get(self.name, self.default_when)
         if when not in ("every", "end", "once"):
             raise ValueError(f"when must be 'every', 'end' or 'once', got {when!r}")
         if when == "every" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -112,17 +108,6 @@ def tidy_record(probe: str, step: int, record: Mapping[str, Any]) -> Record:
 # ------------------------------------------------------------------------------------------------ model modes
 
 
-def batch_norms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """The batch norm layers of ``model`` (torch's, normdrop's and their subclasses), by qualified name."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
-
-
-def dropouts(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers of ``model`` whose train mode drops at random (``normdrop.nn.dropout_variants.DROPOUT_LAYER_TYPES``:
-    torch's and normdrop's dropout and normdrop's variants), by qualified name."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, DROPOUT_LAYER_TYPES)]
-
-
 def bn_mode_label(model: nn.Module, bn_mode: BNMode) -> str:
     """What a record says about batch norm: ``"batch"``, ``"running"``, or ``"no_bn"`` for a model without BN."""
     return bn_mode if batch_norms(model) else "no_bn"
@@ -133,28 +118,14 @@ def measurement_mode(model: nn.Module, bn_mode: BNMode = "batch", dropout: bool 
     """Put ``model`` in a stated mode for a measurement, and restore every module's mode and every BN buffer after.
 
     Batch norm layers are in train mode for ``bn_mode="batch"`` (normalize with the batch's statistics) and in eval
-    mode for ``"running"``; dropout layers are in train mode iff ``dropout``; every other module is in eval mode.
-    Running statistics updated by a ``"batch"`` forward are put back, so the measurement leaves no trace.
+    mode for ``"running"``; dropout layers are in train mode iff ``dropout``; every other module is in eval mode
+    (:func:`normdrop.nn.modes.layer_modes`). Running statistics updated by a ``"batch"`` forward are put back, so
+    the measurement leaves no trace.
     """
     if bn_mode not in ("batch", "running"):
         raise ValueError(f"bn_mode must be 'batch' or 'running', got {bn_mode!r}")
-    modes = {module: module.training for module in model.modules()}
-    norms = [module for _, module in batch_norms(model)]
-    saved = [{key: buffer.clone() for key, buffer in bn.named_buffers(recurse=False)} for bn in norms]
-    try:
-        model.eval()
-        for bn in norms:
-            bn.train(bn_mode == "batch")
-        for _, layer in dropouts(model):
-            layer.train(dropout)
+    with layer_modes(model, batch_norm=bn_mode == "batch", dropout=dropout):
         yield model
-    finally:
-        with torch.no_grad():
-            for bn, buffers in zip(norms, saved, strict=True):
-                for key, value in buffers.items():
-                    getattr(bn, key).copy_(value)
-        for module, training in modes.items():
-            module.training = training
 
 
 def capture_units(
@@ -248,13 +219,6 @@ def parameter_groups(model: nn.Module, by: Literal["block", "module"] = "block")
         layer = name.split(".", 1)[0] if by == "block" and "." in name else name.rpartition(".")[0] or name
         groups.setdefault(layer, []).append(name)
     return list(groups.items())
-
-
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """sqrt(sum_i ||x_i||^2), as a 0-dim float64 tensor."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.sqrt(sum(t.detach().double().pow(2).sum() for t in tensors))
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

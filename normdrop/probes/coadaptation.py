@@ -19,16 +19,14 @@ duplicated units exactly 1.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from normdrop.probes.base import DEFAULT_EVERY, BNMode, Probe, Record, When, bn_mode_label, capture_units
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import BNMode, Probe, Record, bn_mode_label, capture_units
 from normdrop.probes.layer_inputs import ACTIVATION_TYPES
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.train import HookContext
 
 
 def coadaptation_stats(activations: Tensor, threshold: float = 0.0) -> Record:

@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from normdrop.probes.base import (
-    DEFAULT_EVERY,
-    BNMode,
-    Probe,
-    Record,
-    When,
-    batch_norms,
-    dot,
-    global_norm,
-    loss_function,
-    measurement_mode,
-    trainable,
-)
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.nn.modes import batch_norms
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import BNMode, Probe, Record, dot, loss_function, measurement_mode, trainable
+from normdrop.tensors import global_norm
+from normdrop.train import HookContext
 
 CURVATURE_SEED = 19890101
 """Seed of the power iteration's start vector and of Hutchinson's probe vectors (Hutchinson 1989)."""

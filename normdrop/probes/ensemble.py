@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from normdrop.mc import mc_samples
-from normdrop.probes.base import DEFAULT_EVERY, Probe, Record, When, dropouts, measurement_mode, tidy_record
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.nn.mc import mc_samples
+from normdrop.nn.modes import dropouts
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import Probe, Record, measurement_mode, tidy_record
+from normdrop.train import HookContext
 
 NAME = "ensemble"
 MC_SIZES = (1, 2, 5, 10, 20, 50, 100)
@@ -71,7 +71,7 @@ def mc_dropout_records(
 ) -> list[Record]:
     """Weight scaling (``method="weight_scaled"``, ``k=None``) and MC averages of k passes (``method="mc"``).
 
-    The max(ks) passes are drawn once by ``normdrop.mc.mc_samples`` (dropout sampling, BN on running statistics,
+    The max(ks) passes are drawn once by ``normdrop.nn.mc.mc_samples`` (dropout sampling, BN on running statistics,
     masks from ``seed``), and the average of the first k is scored for each k in ``ks``. MC rows add
     ``logit_distance`` (mean over examples of the L2 distance between the mean of the k passes' logits and the
     weight-scaled logits) and ``tv_weight_scaled`` (mean total variation distance between the averaged and the
@@ -187,7 +187,6 @@ class EnsembleProbe(Probe):
 
     name = NAME
     needs = frozenset({"model", "dataset"})
-    default_when: When = "end"
 
     def __init__(
         self,

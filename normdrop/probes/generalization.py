@@ -5,7 +5,7 @@
 both measured in eval mode (running BN statistics, no dropout), so they compare the function the network computes
 at inference on the two sets. Comparing BN with no BN, or dropout with none, at the same step mixes the
 regularizing effect with the speed-up; comparing them where each first reaches the same training accuracy
-(:func:`gap_at_train_accuracy`) separates the two (claims bn-regularizes, dropout-overfit in CLAIMS.md).
+(:func:`gap_at_train_accuracy`) separates the two (claims bn-regularizes, dropout-overfit in docs/claims.md).
 
 The trainer already evaluates on the full sets every ``eval_every`` steps, so :func:`gap_records` derives the gaps
 from a run's metrics at no cost; :class:`GeneralizationProbe` measures the same at the probe cadence.
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 
-from normdrop.probes.base import DEFAULT_EVERY, Probe, Record, When, tidy_record
-from normdrop.train import evaluate
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import Probe, Record, tidy_record
+from normdrop.train import HookContext, evaluate
 
 NAME = "generalization"
 EVALUATION_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")

@@ -16,27 +16,24 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
+from normdrop.probe_catalog import DEFAULT_EVERY, When
 from normdrop.probes.base import (
-    DEFAULT_EVERY,
     BNMode,
     Probe,
     Record,
-    When,
     bn_mode_label,
     cosine,
-    global_norm,
     gradients,
     loss_function,
     measurement_mode,
     parameter_groups,
 )
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.tensors import global_norm
+from normdrop.train import HookContext
 
 
 def shadow_optimizer(optimizer: torch.optim.Optimizer, copies: dict[int, torch.nn.Parameter]) -> torch.optim.Optimizer:

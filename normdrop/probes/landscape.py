@@ -14,27 +14,23 @@ change is exactly eta A g, so the predictiveness is eta ||A g|| and the beta-smo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from normdrop.probe_catalog import DEFAULT_EVERY, When
 from normdrop.probes.base import (
-    DEFAULT_EVERY,
     BNMode,
     Probe,
     Record,
-    When,
     bn_mode_label,
     cosine,
-    global_norm,
     gradients,
     loss_function,
     measurement_mode,
     trainable,
 )
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.tensors import global_norm
+from normdrop.train import HookContext
 
 LR_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 """Default step sizes, as multiples of the run's learning rate: a factor 4 either side, as in the paper's range."""

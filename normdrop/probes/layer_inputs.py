@@ -13,24 +13,13 @@ so a translation by delta has W1 = |delta| and an unchanged distribution W1 = 0.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from normdrop.models import ACTIVATIONS
-from normdrop.probes.base import (
-    DEFAULT_EVERY,
-    BNMode,
-    Probe,
-    Record,
-    When,
-    bn_mode_label,
-    capture_units,
-)
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.nn.factory import ACTIVATIONS
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import BNMode, Probe, Record, bn_mode_label, capture_units
+from normdrop.train import HookContext
 
 PERCENTILES = (15, 50, 85)
 """The percentiles of the BN paper's figure 1."""

@@ -9,7 +9,7 @@ layer right after it therefore sees, per channel,
 
 so its running variance, accumulated in training, overestimates the variance it normalizes at inference by the
 ratio ((c^2 + v) / q - c^2) / v >= 1, and the shift compounds through later layers. The two fixes compared in
-CLAIMS.md (dropout-bn-shift): re-estimate BN's statistics with dropout off after training (here with
+docs/claims.md (dropout-bn-shift): re-estimate BN's statistics with dropout off after training (here with
 ``normdrop.nn.inference.recalibrate_bn``, PreciseBN), or place dropout after the last BN (``RunSpec.dropout_position
 = "before_head"``), which is a different run.
 
@@ -23,25 +23,15 @@ also see the shift of the layers below, which is the compounding the paper descr
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from normdrop.nn.inference import recalibrate_bn
-from normdrop.probes.base import (
-    DEFAULT_EVERY,
-    MASK_SEED,
-    Probe,
-    Record,
-    When,
-    batch_norms,
-    measurement_mode,
-    units_last,
-)
-
-if TYPE_CHECKING:
-    from normdrop.train import HookContext
+from normdrop.nn.modes import batch_norms
+from normdrop.probe_catalog import DEFAULT_EVERY, When
+from normdrop.probes.base import MASK_SEED, Probe, Record, measurement_mode, units_last
+from normdrop.train import HookContext
 
 BERNOULLI_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 """Dropout layers that multiply by m / q with m ~ Bernoulli(q), for which the closed form holds (not alpha

@@ -13,19 +13,19 @@ its 95% interval; all three are null when the claim is not measurable (``details
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from normdrop.claims.base import ClaimResult, Measurement
-
-if TYPE_CHECKING:
-    from normdrop.study import StudyOutcome
+from normdrop.claims.base import ClaimResult
+from normdrop.claims.results import Measurement
+from normdrop.report.html import render_html
+from normdrop.report.text import effect_text
+from normdrop.study import StudyOutcome
 
 HTML_NAME = "report.html"
 JSON_NAME = "summary.json"
@@ -115,21 +115,6 @@ def summary_dict(outcome: StudyOutcome) -> dict[str, Any]:
     }
 
 
-def effect_text(m: Measurement) -> str:
-    """The effect with its interval and unit, and for log ratios the factor they stand for."""
-    e = m.estimate
-    if e is None:
-        return "—"
-    text = f"{e.value:.3g} [{e.ci_low:.3g}, {e.ci_high:.3g}]"
-    if m.unit:
-        text += f" {m.unit}"
-    base = {"ln ratio": math.e, "log2 ratio": 2.0, "decades": 10.0}.get(m.unit)
-    if base is not None:
-        with contextlib.suppress(OverflowError):
-            text += f" (x{base**e.value:.3g}, CI x{base**e.ci_low:.3g} to x{base**e.ci_high:.3g})"
-    return text
-
-
 def markdown(outcome: StudyOutcome) -> str:
     """``summary.md``: the verdict table and, per claim, the measurement, its reason and findings."""
     setting = outcome.setting
@@ -194,8 +179,6 @@ def terminal_table(outcome: StudyOutcome) -> RichTable:
 
 def write_report(outcome: StudyOutcome, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.html``, ``summary.json`` and ``summary.md`` into ``out_dir``; returns their paths."""
-    from normdrop.report.html import render_html
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / HTML_NAME, "json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}

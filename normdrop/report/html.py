@@ -8,8 +8,9 @@ import json
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from normdrop.claims.base import ClaimResult, Measurement
-from normdrop.report import effect_text
+from normdrop.claims.base import ClaimResult
+from normdrop.claims.results import Measurement
+from normdrop.report.text import effect_text
 
 if TYPE_CHECKING:
     from normdrop.study import StudyOutcome

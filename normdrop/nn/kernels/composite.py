@@ -61,27 +61,43 @@ def batch_norm_forward(
     if x.numel() == 0:
         stats = torch.zeros(channels, dtype=compute, device=x.device)
         return torch.empty_like(x), stats, stats.clone()
-    if training:
-        # Two passes (mean, then mean of squared deviations): accurate, and several times faster on CPU than
-        # torch.var_mean's Welford reduction over the non-contiguous batch dim.
-        dims = reduce_dims(x.ndim)
-        mean = xc.mean(dims)
-        centered = xc - channel_view(mean, x.ndim)
-        var = (centered * centered).mean(dims)
-    else:
+    if not training:
         assert running_mean is not None and running_var is not None
         mean, var = running_mean.to(compute), running_var.to(compute)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(compute)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(compute)
-    y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
-    if not training:
+        scale = _scale(var, weight, eps, compute)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(compute)
+        y = torch.addcmul(channel_view(shift, x.ndim), xc, channel_view(scale, x.ndim)).to(x.dtype)
         empty = x.new_empty(0, dtype=compute)
         return y, empty, empty.clone()
+    # Shifted data (Chan, Golub & LeVeque 1983): d = x - pivot_c, the channel's first value (0 where that is not
+    # finite: an inf pivot would make every deviation NaN, where torch gives an inf mean), then mean = pivot +
+    # mean(d), var = mean(d^2) - mean(d)^2 and y = d * scale + (beta - mean(d) * scale). A constant channel has
+    # d = 0 exactly, so its variance is 0 and its output exactly beta; the rounding error relative to the variance
+    # grows with (pivot - mean)^2 / var, at most n (the values per channel), not with mean^2 / var as the plain
+    # one-pass formula's, and the passes over x are as many as a two-pass formula's (subtract, two reductions,
+    # one fused multiply-add), two of them fused reductions that run several times faster on CPU than
+    # torch.var_mean's Welford reduction over the non-contiguous batch dim.
+    dims = reduce_dims(x.ndim)
+    pivot = xc.detach()[(0, slice(None)) + (0,) * (x.ndim - 2)]
+    pivot = torch.nan_to_num(pivot, nan=0.0, posinf=0.0, neginf=0.0)
+    deviation = xc - channel_view(pivot, x.ndim)
+    shift_mean = deviation.mean(dims)
+    var = ((deviation * deviation).mean(dims) - shift_mean * shift_mean).clamp_min(0.0)
+    mean = pivot + shift_mean
+    scale = _scale(var, weight, eps, compute)
+    offset = -shift_mean * scale
+    if bias is not None:
+        offset = offset + bias.to(compute)
+    y = torch.addcmul(channel_view(offset, x.ndim), deviation, channel_view(scale, x.ndim)).to(x.dtype)
     return y, mean, var
+
+
+def _scale(var: Tensor, weight: Tensor | None, eps: float, compute: torch.dtype) -> Tensor:
+    """gamma_c / sqrt(var_c + eps) (1 / sqrt(var_c + eps) without affine weights), in the compute dtype."""
+    scale = torch.rsqrt(var + eps)
+    return scale if weight is None else scale * weight.to(compute)
 
 
 def batch_norm_backward(
@@ -110,6 +126,10 @@ def batch_norm_backward(
     """
     compute = opmath_dtype(x.dtype)
     ndim = x.ndim
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    if x.numel() == 0:  # no values: every gradient is zero (and n = 0 would divide by zero below)
+        zeros = torch.zeros(x.shape[1], dtype=param_dtype, device=x.device)
+        return torch.zeros_like(x), zeros, zeros.clone()
     dims = reduce_dims(ndim)
     g = grad_out.to(compute)
     centered = x.to(compute) - channel_view(mean.to(compute), ndim)
@@ -133,7 +153,6 @@ def batch_norm_backward(
             centered,
             channel_view(slope, ndim),
         )
-    param_dtype = weight.dtype if weight is not None else x.dtype
     return grad_input.to(x.dtype), grad_weight.to(param_dtype), grad_bias.to(param_dtype)
 
 
@@ -158,6 +177,56 @@ def counter_bits(seed: int, offset: int, count: int, device: torch.device) -> Te
     h = _mix32_(counter.bitwise_and_(MASK32).bitwise_xor_(k0))
     h = _mix32_(h.bitwise_xor_(high).bitwise_xor_(k1))
     return _mix32_(h.bitwise_xor_(k2))
+
+
+def _signed64(value: int) -> int:
+    """A 64-bit pattern as the int64 value with the same bits (constants above 2**63 wrap to negatives)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _shift_right_logical(x: Tensor, bits: int) -> Tensor:
+    """x >>> bits on int64 (torch's ``>>`` is arithmetic: the sign bits it shifts in are masked off)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_SPLITMIX_1 = _signed64(0xBF58476D1CE4E5B9)
+_SPLITMIX_2 = _signed64(0x94D049BB133111EB)
+
+
+def _splitmix64_output(state: Tensor) -> Tensor:
+    """``rng.splitmix64``'s output for an already advanced int64 state (products wrap mod 2**64, as the spec's)."""
+    z = (state ^ _shift_right_logical(state, 30)) * _SPLITMIX_1
+    z = (z ^ _shift_right_logical(z, 27)) * _SPLITMIX_2
+    return z ^ _shift_right_logical(z, 31)
+
+
+def round_keys_tensor(seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``rng.round_keys`` on an int64 tensor of seeds: (k0, k1, k2), each in [0, 2**32), without leaving the
+    device or reading the seed on the host (so it works on a seed that is a graph value or batched by vmap)."""
+    state = seed + _GOLDEN
+    a = _splitmix64_output(state)
+    b = _splitmix64_output(state + _GOLDEN)
+    return a & MASK32, _shift_right_logical(a, 32), b & MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """``rng.mix32`` out of place (``_mix32_``'s twin for operands that must not be written, e.g. vmap's)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_MULTIPLIER_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_MULTIPLIER_2) & MASK32
+    return x ^ (x >> 15)
+
+
+def counter_bits_from_state(rng_state: Tensor, count: int) -> Tensor:
+    """``counter_bits`` for the ``(seed, offset)`` pair given as an int64 tensor of shape (2,): the same bits, from
+    tensor ops only, out of place (no host read of the pair)."""
+    k0, k1, k2 = round_keys_tensor(rng_state[0:1])
+    counter = torch.arange(count, dtype=torch.int64, device=rng_state.device) + rng_state[1:2]
+    h = _mix32((counter & MASK32) ^ k0)
+    h = _mix32(h ^ (counter >> 32) ^ k1)
+    return _mix32(h ^ k2)
 
 
 UNIFORM_SCALE = 2.0**-32
@@ -212,6 +281,26 @@ def dropout_forward(x: Tensor, seed: int, offset: int, p: float, mask_dims: int,
     dropout) and is broadcast over the rest.
     """
     keep = keep_mask(mask_shape(x, mask_dims), seed, offset, p, x.device).to(x.dtype)
+    return apply_keep(x, keep, p, alpha, shift)
+
+
+def dropout_forward_from_state(
+    x: Tensor, rng_state: Tensor, p: float, mask_dims: int, alpha: bool, shift: bool
+) -> Tensor:
+    """``dropout_forward`` with ``(seed, offset)`` as an int64 tensor, in tensor ops only: the path under
+    ``torch.func`` transforms, where the pair may be batched (``vmap(randomness="different")``) and cannot be read
+    on the host. Same mask as ``dropout_forward`` for the same pair."""
+    shape = mask_shape(x, mask_dims)
+    count = 1
+    for size in shape:
+        count *= size
+    keep = (counter_bits_from_state(rng_state, count) >= drop_threshold(p)).view(shape).to(x.dtype)
+    return apply_keep(x, keep, p, alpha, shift)
+
+
+def apply_keep(x: Tensor, keep: Tensor, p: float, alpha: bool, shift: bool) -> Tensor:
+    """Scale (and, for alpha dropout with ``shift``, shift) ``x`` by a 0/1 ``keep`` mask of x's dtype that
+    broadcasts against it; the formulas are ``dropout_forward``'s."""
     if not alpha:
         return x * (keep * (1.0 / (1.0 - p)))
     a = 1.0 / ((SELU_SATURATION**2 * p + 1.0) * (1.0 - p)) ** 0.5

@@ -1,0 +1,159 @@
+"""p-values of the verdicts, Holm's correction across the primary claims, power, and test-set resampling.
+
+**p-values.** A directional claim is tested with a one-sided t test of the per-seed effects against ``null``;
+an equivalence claim with the two one-sided tests (TOST, Schuirmann 1987), whose p-value is the larger of the two.
+
+**Holm (1979)**, not Benjamini-Hochberg: each primary verdict is a separate statement that a reader may cite on
+its own, so the error to control is the chance that *any* cited "supported" is false (the family-wise error
+rate), which Holm controls under any dependence between claims; BH controls the expected share of false
+discoveries, which suits screening many hypotheses, not a list of individually cited verdicts. Sorted p-values
+``p_(1) <= ... <= p_(m)`` are adjusted to ``max_{j<=i} min(1, (m - j + 1) p_(j))``.
+
+**Power.** With ``n`` seeds and per-seed standard deviation ``sd``, a one-sided t test at level ``alpha`` detects a
+true mean effect ``delta`` with probability ``power`` when ``delta >= (t_{1-alpha,n-1} + t_{power,n-1}) sd /
+sqrt(n)`` (the usual normal-approximation form with t quantiles); :func:`min_detectable_effect` gives that
+``delta``, :func:`seeds_for` the smallest ``n`` reaching a given one.
+
+**Test-set sampling error.** A test accuracy is itself an estimate from a finite test set; an interval over seeds
+alone leaves that error out when the test set is fixed. :func:`paired_example_bootstrap` resamples seeds, and
+within each seed resamples test examples (the same examples for both arms, which are evaluated on one test set),
+so both sources of variance are in the interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from normdrop.stats import BOOTSTRAP_SEED, CONFIDENCE, Direction, Estimate, finite
+
+ALPHA = 1 - CONFIDENCE
+"""Family-wise error rate of the primary verdicts."""
+
+
+def p_value(
+    values: Iterable[float | None], direction: Direction, *, null: float = 0.0, margin: float | None = None
+) -> float | None:
+    """The one-sided (or TOST) p-value of the per-seed effects; None with fewer than two finite values.
+
+    Identical values give p = 0 when they lie on the claimed side (or inside the band) and 1 otherwise.
+    """
+    data = finite(values)
+    n = len(data)
+    if n < 2:
+        return None
+    mean, sd = float(data.mean()), float(data.std(ddof=1))
+
+    def above(bound: float) -> float:  # H0: mean <= bound
+        if sd == 0:
+            return 0.0 if mean > bound else 1.0
+        return float(scipy_stats.t.sf((mean - bound) / (sd / math.sqrt(n)), n - 1))
+
+    def below(bound: float) -> float:  # H0: mean >= bound
+        if sd == 0:
+            return 0.0 if mean < bound else 1.0
+        return float(scipy_stats.t.cdf((mean - bound) / (sd / math.sqrt(n)), n - 1))
+
+    if direction == "increase":
+        return above(null)
+    if direction == "decrease":
+        return below(null)
+    if direction == "equal":
+        if margin is None or margin <= 0:
+            raise ValueError(f"an equivalence test needs a positive margin, got {margin!r}")
+        return max(above(null - margin), below(null + margin))
+    raise ValueError(f"direction must be 'increase', 'decrease' or 'equal', got {direction!r}")
+
+
+@dataclass(frozen=True)
+class Adjusted:
+    """A p-value, its Holm-adjusted value, and whether it is significant at the family-wise level."""
+
+    p: float
+    adjusted: float
+    significant: bool
+
+
+def holm(p_values: Mapping[str, float | None], alpha: float = ALPHA) -> dict[str, Adjusted | None]:
+    """Holm's step-down adjustment over the claims with a p-value (None stays None and is not counted)."""
+    present = sorted(((p, name) for name, p in p_values.items() if p is not None), key=lambda item: item[0])
+    m = len(present)
+    out: dict[str, Adjusted | None] = {name: None for name, p in p_values.items() if p is None}
+    running = 0.0
+    for index, (p, name) in enumerate(present):
+        if not 0 <= p <= 1:
+            raise ValueError(f"p-value of {name!r} must lie in [0, 1], got {p!r}")
+        running = max(running, min(1.0, (m - index) * p))
+        out[name] = Adjusted(p, running, running < alpha)
+    return out
+
+
+def min_detectable_effect(sd: float, n: int, *, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Smallest true mean effect a one-sided t test on ``n`` seeds detects with probability ``power``."""
+    if n < 2:
+        raise ValueError(f"a t test needs at least 2 seeds, got {n}")
+    if not (sd >= 0 and math.isfinite(sd)):
+        raise ValueError(f"sd must be finite and non-negative, got {sd!r}")
+    quantiles = scipy_stats.t.ppf(1 - alpha, n - 1) + scipy_stats.t.ppf(power, n - 1)
+    return float(quantiles * sd / math.sqrt(n))
+
+
+def seeds_for(effect: float, sd: float, *, alpha: float = ALPHA, power: float = 0.8, most: int = 200) -> int | None:
+    """Fewest seeds (>= 2) whose :func:`min_detectable_effect` is at most ``effect``; None if more than ``most``."""
+    if effect <= 0:
+        raise ValueError(f"effect must be positive, got {effect!r}")
+    for n in range(2, most + 1):
+        if min_detectable_effect(sd, n, alpha=alpha, power=power) <= effect:
+            return n
+    return None
+
+
+def paired_example_bootstrap(
+    correct_a: Mapping[int, np.ndarray],
+    correct_b: Mapping[int, np.ndarray],
+    *,
+    shared_test_set: bool = False,
+    resamples: int = 2000,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> Estimate | None:
+    """Mean over seeds of ``accuracy_a - accuracy_b``, with a two-level percentile bootstrap interval.
+
+    Args:
+        correct_a, correct_b: seed -> per-test-example correctness (0/1) of each arm, the same examples in the
+            same order for both arms of a seed.
+        shared_test_set: True when every seed is evaluated on the same test examples (a fixed test split):
+            then one draw of example indices serves all seeds of a resample, since the examples, not the seeds,
+            carry that error; False when each seed draws its own test set (resampled data).
+
+    Each resample draws seeds with replacement, then test examples with replacement (the same indices for both
+    arms: the pairing), and averages the per-seed accuracy differences.
+    """
+    seeds = sorted(set(correct_a) & set(correct_b))
+    if len(seeds) < 2:
+        return None
+    pairs = []
+    for s in seeds:
+        a, b = np.asarray(correct_a[s], dtype=np.float64), np.asarray(correct_b[s], dtype=np.float64)
+        if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+            raise ValueError(f"seed {s}: both arms need the same non-empty 1-d test set, got {a.shape} and {b.shape}")
+        pairs.append(a - b)
+    if shared_test_set and len({len(d) for d in pairs}) != 1:
+        raise ValueError(f"a shared test set has one size, got sizes {sorted({len(d) for d in pairs})}")
+    value = float(np.mean([d.mean() for d in pairs]))
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for r in range(resamples):
+        chosen = rng.integers(0, len(pairs), len(pairs))
+        if shared_test_set:
+            examples = rng.integers(0, len(pairs[0]), len(pairs[0]))
+            draws[r] = np.mean([pairs[i][examples].mean() for i in chosen])
+        else:
+            draws[r] = np.mean([pairs[i][rng.integers(0, len(pairs[i]), len(pairs[i]))].mean() for i in chosen])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return Estimate(value, float(low), float(high), len(pairs), "example-bootstrap", confidence)

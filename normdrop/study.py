@@ -124,6 +124,7 @@ def run_study(
     progress: bool = True,
     run_fn: Callable[[RunSpec], RunResult] | None = None,
     console: Console | None = None,
+    fleet: bool = True,
 ) -> StudyOutcome:
     """Run the study: missing runs into the store (unless ``train=False``), then every claim's analysis.
 
@@ -137,6 +138,8 @@ def run_study(
         run_fn: trains one spec (default :func:`normdrop.lab.run_spec`, the sweep's); must be a module-level
             function.
         console: where progress goes (default: stderr).
+        fleet: train runs that share a shape as fleets (see :func:`normdrop.sweep.run_sweep`; with the default
+            ``run_fn`` only, whose fleet twin is :func:`normdrop.lab.run_fleet_specs`).
     """
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -163,7 +166,17 @@ def run_study(
         if train and all_specs:
             sweep_started = time.perf_counter()
             outcome.sweep = _sweep(
-                plans, all_specs, store, executor, workers, ray_address, progress, run_fn, console, outcome
+                plans,
+                all_specs,
+                store,
+                executor,
+                workers,
+                ray_address,
+                progress,
+                run_fn,
+                console,
+                outcome,
+                fleet=fleet,
             )
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
@@ -190,12 +203,20 @@ def _sweep(
     run_fn: Callable[[RunSpec], RunResult] | None,
     console: Console,
     outcome: StudyOutcome,
+    fleet: bool = True,
 ) -> dict[str, int]:
     """Run the missing specs in one sweep (claim by claim in submission order), with a bar per claim."""
     with _ClaimProgress(plans, store.path, console, enabled=progress):
         try:
             report = run_sweep(
-                specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=False, run_fn=run_fn
+                specs,
+                store,
+                executor=executor,
+                workers=workers,
+                ray_address=ray_address,
+                progress=False,
+                run_fn=run_fn,
+                fleet=fleet,
             )
         except SweepError as error:
             outcome.notes.append(f"the sweep stopped early: {error}")

@@ -51,6 +51,9 @@ from normdrop.store import RunProvenance, Store, StoreError
 
 ExecutorName = Literal["local", "ray"]
 RunFunction = Callable[[RunSpec], RunResult]
+FleetFunction = Callable[[Sequence[RunSpec]], list[RunResult]]
+Task = RunSpec | tuple[RunSpec, ...]  # one run, or a fleet of runs trained together (normdrop.fleet)
+MAX_FLEET = 64  # members per fleet task: bounds a task's memory and keeps the pool busy near the end of a sweep
 
 _SWEEP_FILE_KEYS = ("name", "description", "seeds", "fixed", "grid")
 _PARENT_POLL_S = 1.0
@@ -232,6 +235,62 @@ def execute_run(spec: RunSpec, run_fn: RunFunction) -> tuple[RunResult, RunProve
     return result, RunProvenance.collect(started, time.time())
 
 
+def fleet_twin(run_fn: RunFunction) -> FleetFunction | None:
+    """The fleet function whose members are the runs ``run_fn`` trains: :func:`normdrop.lab.run_fleet_specs` for
+    :func:`normdrop.lab.run_spec`, :func:`normdrop.fleet.run_fleet` for :func:`normdrop.train.run`; None for any other
+    function (a custom or patched run function is not the trainer, so its runs are trained one by one)."""
+    from normdrop.fleet import run_fleet
+    from normdrop.lab import run_fleet_specs, run_spec
+    from normdrop.train import run
+
+    twins: dict[Any, FleetFunction] = {run_spec: run_fleet_specs, run: run_fleet}
+    return twins.get(run_fn)
+
+
+def execute_fleet(specs: tuple[RunSpec, ...], fleet_fn: FleetFunction) -> list[tuple[RunResult, RunProvenance]]:
+    """Train one fleet in this process with one torch thread (what an executor runs for a fleet task). Each member's
+    provenance records the fleet in ``versions["fleet"]``: ``{"id": ..., "size": K, "member": k}``."""
+    import hashlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.time()
+    try:
+        results = fleet_fn(specs)
+        if [r.run_id for r in results] != [s.run_id for s in specs]:
+            raise ValueError("the fleet function returned other runs than the specs it was given")
+    except Exception:
+        results = [failed_result(spec, traceback.format_exc(), time.time() - started) for spec in specs]
+    finished = time.time()
+    fleet_id = hashlib.sha256(",".join(spec.run_id for spec in specs).encode()).hexdigest()[:16]
+    outcomes = []
+    for member, result in enumerate(results):
+        provenance = RunProvenance.collect(started, finished)
+        provenance.versions["fleet"] = {"id": fleet_id, "size": len(specs), "member": member}
+        outcomes.append((result, provenance))
+    return outcomes
+
+
+def plan_tasks(specs: Sequence[RunSpec], workers: int) -> list[Task]:
+    """Fleets (tuples) of the specs :func:`normdrop.fleet.group_specs` groups, each split into at most ``workers``
+    near-equal parts of at most :data:`MAX_FLEET` members so the pool stays busy, and the other specs alone."""
+    from normdrop.fleet import group_specs
+
+    fleets, solo = group_specs(specs)
+    tasks: list[Task] = []
+    for group in fleets:
+        parts = max(1, min(workers, len(group) // 2), -(-len(group) // MAX_FLEET))
+        for part in range(parts):
+            members = tuple(group[part::parts])
+            tasks.append(members if len(members) > 1 else members[0])
+    return tasks + list(solo)
+
+
+def _task_specs(task: Task) -> tuple[RunSpec, ...]:
+    return task if isinstance(task, tuple) else (task,)
+
+
 def failed_result(spec: RunSpec, error: str, wall_time: float = 0.0) -> RunResult:
     """The result recorded for a run that raised (or whose worker died): status failed, with the error text."""
     return RunResult(run_id=spec.run_id, spec=spec, status="failed", error=error, wall_time=wall_time)
@@ -251,6 +310,8 @@ def run_sweep(
     ray_address: str | None = None,
     progress: bool = True,
     run_fn: RunFunction | None = None,
+    fleet: bool = True,
+    fleet_fn: FleetFunction | None = None,
 ) -> SweepReport:
     """Run every spec the store does not already hold as finished or diverged, saving each as it completes.
 
@@ -268,6 +329,9 @@ def run_sweep(
         progress: show a progress bar with ETA on stderr.
         run_fn: trains one spec (default :func:`normdrop.lab.run_spec`); must be picklable by reference
             (a module-level function) for the process pool.
+        fleet: train specs that share a shape as fleets (:mod:`normdrop.fleet`, one task each; the stored runs are
+            the same bit for bit, the fleet is noted in their provenance). Used with the default ``run_fn``, or
+            with a ``fleet_fn``: the fleet twin of a custom ``run_fn`` (module-level, like it).
 
     Raises:
         SweepError: a local worker process died abruptly (runs saved so far stay; re-run to resume).
@@ -287,10 +351,17 @@ def run_sweep(
         if not pending:
             return report
         run_fn = run_fn or default_run_function()  # imports the trainer (torch): only when there is a run to train
-        if executor == "local":
-            results = _local_results(pending, run_fn, workers or available_cores())
+        tasks: list[Task] = list(pending)
+        if fleet and fleet_fn is None:
+            fleet_fn = fleet_twin(run_fn)
+        if fleet and fleet_fn is not None:
+            tasks = plan_tasks(pending, workers or available_cores())
         else:
-            results = _ray_results(pending, run_fn, ray_address, quiet=not progress)
+            fleet_fn = None
+        if executor == "local":
+            results = _local_results(tasks, run_fn, workers or available_cores(), fleet_fn)
+        else:
+            results = _ray_results(tasks, run_fn, ray_address, fleet_fn, quiet=not progress)
         with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
             for result, provenance in results:
                 try:
@@ -349,7 +420,7 @@ class _SweepProgress:
 
 
 def _local_results(
-    specs: Sequence[RunSpec], run_fn: RunFunction, workers: int
+    specs: Sequence[Task], run_fn: RunFunction, workers: int, fleet_fn: FleetFunction | None = None
 ) -> Iterator[tuple[RunResult, RunProvenance]]:
     """Run specs on a pool of spawned processes; yield each result as it completes."""
     try:
@@ -370,7 +441,10 @@ def _local_results(
     running: dict = {}
     try:
         for spec in specs:
-            running[pool.submit(execute_run, spec, run_fn)] = spec
+            if isinstance(spec, tuple):
+                running[pool.submit(execute_fleet, spec, fleet_fn)] = spec
+            else:
+                running[pool.submit(execute_run, spec, run_fn)] = spec
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = None
@@ -382,8 +456,8 @@ def _local_results(
                     broken = error
                     continue
                 except Exception:  # the result could not travel back, e.g. it does not pickle
-                    outcome = _lost_run(spec, traceback.format_exc())
-                yield outcome
+                    outcome = [_lost_run(member, traceback.format_exc()) for member in _task_specs(spec)]
+                yield from outcome if isinstance(outcome, list) else [outcome]
             if broken is not None:
                 raise SweepError(
                     "a worker process died abruptly (killed, out of memory, or crashed in native code); "
@@ -412,7 +486,11 @@ def _start_worker(parent_pid: int) -> None:
 
 
 def _ray_results(
-    specs: Sequence[RunSpec], run_fn: RunFunction, address: str | None, quiet: bool = False
+    specs: Sequence[Task],
+    run_fn: RunFunction,
+    address: str | None,
+    fleet_fn: FleetFunction | None = None,
+    quiet: bool = False,
 ) -> Iterator[tuple[RunResult, RunProvenance]]:
     """Run specs as Ray tasks (one CPU each); yield each result as it completes. ``quiet`` (the sweep without a
     progress bar: the CLI's ``-q``) silences Ray's own output too: its log lines below errors and its warnings."""
@@ -433,19 +511,23 @@ def _ray_results(
                 ray.init(address=address, **options)
             else:
                 ray.init(num_cpus=available_cores(), include_dashboard=False, **options)
-    running: dict[Any, RunSpec] = {}  # object ref -> spec
+    running: dict[Any, Task] = {}  # object ref -> spec or fleet
     try:
         remote_run = ray.remote(num_cpus=1)(execute_run)
+        remote_fleet = ray.remote(num_cpus=1)(execute_fleet)
         for spec in specs:
-            running[remote_run.remote(spec, run_fn)] = spec
+            if isinstance(spec, tuple):
+                running[remote_fleet.remote(spec, fleet_fn)] = spec
+            else:
+                running[remote_run.remote(spec, run_fn)] = spec
         while running:
             (ready,), _ = ray.wait(list(running), num_returns=1)
             spec = running.pop(ready)
             try:
                 outcome = ray.get(ready)
             except ray.exceptions.RayError as error:  # the task's worker died, or the result was lost
-                outcome = _lost_run(spec, f"{type(error).__name__}: {error}")
-            yield outcome
+                outcome = [_lost_run(member, f"{type(error).__name__}: {error}") for member in _task_specs(spec)]
+            yield from outcome if isinstance(outcome, list) else [outcome]
     finally:
         for ref in running:
             ray.cancel(ref, force=True)

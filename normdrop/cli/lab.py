@@ -54,13 +54,16 @@ def sweep(
         int | None, typer.Option(min=1, help="Parallel runs of the local executor (default: one per core).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")] = False,
+    fleet: Annotated[
+        bool, typer.Option("--fleet/--no-fleet", help="Train MLP runs that share a shape as batched fleets.")
+    ] = True,
 ) -> None:
     """Run every run of a sweep file that the store does not hold yet; exit status 1 if any run failed."""
     try:
         specs = load_sweep_file(sweep_file)
         _check_store_path(store)
         report = run_sweep(
-            specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
+            specs, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet, fleet=fleet
         )
     except (SweepFileError, StoreError, SweepError, ImportError) as error:
         _fail(str(error))

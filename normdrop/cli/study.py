@@ -62,6 +62,9 @@ def study(
         str | None, typer.Option(help="Ray cluster to join (default $RAY_ADDRESS, else a local instance).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no table.")] = False,
+    fleet: Annotated[
+        bool, typer.Option("--fleet/--no-fleet", help="Train MLP runs that share a shape as batched fleets.")
+    ] = True,
 ) -> None:
     """Test every claim: train the runs the store lacks, analyse them, write the report (HTML, JSON, Markdown)."""
     from normdrop.claims.setting import StudySetting
@@ -71,7 +74,13 @@ def study(
     check_out_dir(out, "--out")
     try:
         outcome = run_study(
-            setting, store, executor=executor, workers=workers, ray_address=ray_address, progress=not quiet
+            setting,
+            store,
+            executor=executor,
+            workers=workers,
+            ray_address=ray_address,
+            progress=not quiet,
+            fleet=fleet,
         )
     except (StoreError, ImportError) as error:
         _fail(str(error))

@@ -126,11 +126,26 @@ class RunProvenance:
     finished_at: str
 
     @classmethod
-    def collect(cls, started: float, finished: float) -> RunProvenance:
-        """Provenance of a run in this process that ran from ``started`` to ``finished`` (Unix seconds)."""
+    def collect(cls, started: float, finished: float, cpu_seconds: float | None = None) -> RunProvenance:
+        """Provenance of a run in this process that ran from ``started`` to ``finished`` (Unix seconds).
+
+        ``cpu_seconds``: the CPU time the run's process spent on it (user + system), recorded in
+        ``versions["accounting"]`` beside the 1/5/15-minute load averages at its end. On a shared machine a run's
+        wall time also counts the time it waited for a core; its CPU time does not, so the two together tell a slow
+        run from a starved one.
+        """
         versions: dict[str, Any] = {**package_versions(RUN_PACKAGES), "training_semantics": TRAINING_SEMANTICS_VERSION}
         versions["numeric_path"] = numeric_path()
+        versions["accounting"] = {"cpu_seconds": cpu_seconds, "load_average": _load_average()}
         return cls(socket.gethostname(), versions, _iso_utc(started), _iso_utc(finished))
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages, or None where the OS has none."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def numeric_path() -> dict[str, Any]:

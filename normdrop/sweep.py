@@ -225,14 +225,14 @@ def execute_run(spec: RunSpec, run_fn: RunFunction) -> tuple[RunResult, RunProve
     import torch
 
     torch.set_num_threads(1)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     try:
         result = run_fn(spec)
         if result.run_id != spec.run_id:
             raise ValueError(f"the run function returned run {result.run_id!r} for spec {spec.run_id!r}")
     except Exception:
         result = failed_result(spec, traceback.format_exc(), time.time() - started)
-    return result, RunProvenance.collect(started, time.time())
+    return result, RunProvenance.collect(started, time.time(), time.process_time() - cpu_started)
 
 
 def fleet_twin(run_fn: RunFunction) -> FleetFunction | None:
@@ -255,18 +255,18 @@ def execute_fleet(specs: tuple[RunSpec, ...], fleet_fn: FleetFunction) -> list[t
     import torch
 
     torch.set_num_threads(1)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     try:
         results = fleet_fn(specs)
         if [r.run_id for r in results] != [s.run_id for s in specs]:
             raise ValueError("the fleet function returned other runs than the specs it was given")
     except Exception:
         results = [failed_result(spec, traceback.format_exc(), time.time() - started) for spec in specs]
-    finished = time.time()
+    finished, cpu_seconds = time.time(), time.process_time() - cpu_started
     fleet_id = hashlib.sha256(",".join(spec.run_id for spec in specs).encode()).hexdigest()[:16]
     outcomes = []
     for member, result in enumerate(results):
-        provenance = RunProvenance.collect(started, finished)
+        provenance = RunProvenance.collect(started, finished, cpu_seconds / len(specs))  # the fleet's CPU, shared
         provenance.versions["fleet"] = {"id": fleet_id, "size": len(specs), "member": member}
         outcomes.append((result, provenance))
     return outcomes

@@ -338,3 +338,35 @@ def test_ray_sweep_on_a_local_instance(tmp_path: Path) -> None:
         assert store.completed_ids() == {spec.run_id for spec in load_sweep_file(study)}
         for run in store.runs(status="finished"):
             assert len(store.metrics(run_ids=[run.run_id], names=["batch_loss"])) == 20
+
+
+def _busy_run(spec):
+    """A run function that spends ~0.3 s of CPU."""
+    from normdrop.spec import RunResult
+
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    return RunResult(run_id=spec.run_id, spec=spec, status="finished", summary={})
+
+
+def _idle_run(spec):
+    """A run function that waits ~0.3 s without using the CPU."""
+    from normdrop.spec import RunResult
+
+    time.sleep(0.3)
+    return RunResult(run_id=spec.run_id, spec=spec, status="finished", summary={})
+
+
+def test_provenance_records_cpu_time_and_load_beside_the_wall_time():
+    """A run that waits and one that computes take the same wall time; only the CPU time tells them apart."""
+    from normdrop.spec import RunSpec
+    from normdrop.sweep import execute_run
+
+    spec = RunSpec(dataset="blobs", steps=3)
+    _, busy = execute_run(spec, _busy_run)
+    _, idle = execute_run(spec, _idle_run)
+    assert busy.versions["accounting"]["cpu_seconds"] >= 0.25
+    assert idle.versions["accounting"]["cpu_seconds"] < 0.1
+    load = busy.versions["accounting"]["load_average"]
+    assert load is None or (len(load) == 3 and all(value >= 0 for value in load))

@@ -197,10 +197,10 @@ def train(**options: Any) -> None:
     store = Store(store_path) if store_path is not None else None
     show_progress = not (quiet or json_output) and sys.stderr.isatty()
     try:
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         result = run_spec(spec, progress=show_progress, data_root=data_root, num_threads=threads)
         if store is not None:
-            store.save(result, RunProvenance.collect(started, time.time()))
+            store.save(result, RunProvenance.collect(started, time.time(), time.process_time() - cpu_started))
     finally:
         if store is not None:
             store.close()

@@ -20,7 +20,7 @@ import contextlib
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,6 +112,29 @@ def load_results(store: Store, run_ids: Sequence[str]) -> dict[str, RunResult]:
     return results
 
 
+class MixedNumericPaths(RuntimeError):
+    """The runs of one analysis were computed on different numeric paths (and ``strict_numeric_path`` was set)."""
+
+
+def numeric_paths(store: Store, run_ids: Iterable[str]) -> dict[str, int]:
+    """How many of ``run_ids`` were computed on each numeric path: backend and fast path as recorded in each run's
+    provenance (``versions["numeric_path"]``, see :func:`normdrop.store.numeric_path`); runs stored before it was
+    recorded count as "not recorded"."""
+    wanted = set(run_ids)
+    counts: dict[str, int] = {}
+    for run in store.runs():
+        if run.run_id not in wanted:
+            continue
+        path = (run.versions or {}).get("numeric_path")
+        if not path:
+            key = "not recorded"
+        else:
+            fast = path.get("fastpath")
+            key = f"backend={path.get('backend')}, fast path={fast}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def run_study(
     setting: StudySetting,
     store_path: str | Path,
@@ -125,6 +148,7 @@ def run_study(
     run_fn: Callable[[RunSpec], RunResult] | None = None,
     console: Console | None = None,
     fleet: bool = True,
+    strict_numeric_path: bool = False,
 ) -> StudyOutcome:
     """Run the study: missing runs into the store (unless ``train=False``), then every claim's analysis.
 
@@ -140,6 +164,8 @@ def run_study(
         console: where progress goes (default: stderr).
         fleet: train runs that share a shape as fleets (see :func:`normdrop.sweep.run_sweep`; with the default
             ``run_fn`` only, whose fleet twin is :func:`normdrop.lab.run_fleet_specs`).
+        strict_numeric_path: refuse (:class:`MixedNumericPaths`) to analyse runs computed on more than one numeric
+            path; by default the mix is reported in the outcome's notes (see :func:`numeric_paths`).
     """
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -180,6 +206,18 @@ def run_study(
             )
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
+        paths = numeric_paths(store, results.keys())
+    if len(paths) > 1:
+        described = "; ".join(f"{count} runs on {path}" for path, count in sorted(paths.items()))
+        message = (
+            f"the analysed runs were computed on {len(paths)} numeric paths ({described}): backends and the fast "
+            "path agree only to rounding, so these results are not bitwise reproducible as one set"
+        )
+        if strict_numeric_path:
+            raise MixedNumericPaths(message)
+        outcome.notes.append(message)
+        if progress:
+            console.print(f"[yellow]note: {message}[/yellow]", highlight=False)
     outcome.compute_seconds = sum(result.wall_time for result in results.values())
     if not train:
         missing = len({s.run_id for s in all_specs} - results.keys())

@@ -214,3 +214,30 @@ def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path, normdrop_cli:
     # the same runs give the same effects (the mechanics claims measure float32 rounding, ~1e-7, and can differ)
     trained_effects = {e["id"]: e["effect"] for e in rendered["claims"] if not e["id"].endswith("mechanics")}
     assert trained_effects == {e["id"]: e["effect"] for e in summary["claims"] if not e["id"].endswith("mechanics")}
+
+
+def test_runs_on_mixed_numeric_paths_are_noted_or_refused(tmp_path: Path) -> None:
+    """A store whose runs were computed on two numeric paths (e.g. resumed on a machine without the fast path):
+    the analysis says so in its notes, and refuses with ``strict_numeric_path``."""
+    import sqlite3
+
+    from normdrop.store import Store
+    from normdrop.study import MixedNumericPaths, numeric_paths
+
+    setting = StudySetting.create(quick=True, seeds=2)
+    claims = [get("bn-faster")]
+    store_path = tmp_path / "runs.sqlite"
+    first = run_study(setting, store_path, claims=claims, workers=1, progress=False, run_fn=fake_run)
+    assert not first.notes
+    with Store(store_path) as store:
+        ids = [run.run_id for run in store.runs()]
+        assert len(numeric_paths(store, ids)) == 1
+    with sqlite3.connect(store_path) as db:  # as if half the runs had been computed on the composite backend
+        for run_id, text in db.execute("SELECT run_id, versions FROM runs ORDER BY run_id").fetchall()[::2]:
+            versions = json.loads(text)
+            versions["numeric_path"] = {**versions["numeric_path"], "backend": "composite", "fastpath": False}
+            db.execute("UPDATE runs SET versions = ? WHERE run_id = ?", (json.dumps(versions), run_id))
+    mixed = run_study(setting, store_path, claims=claims, train=False, progress=False)
+    assert any("2 numeric paths" in note and "backend=composite" in note for note in mixed.notes)
+    with pytest.raises(MixedNumericPaths, match="numeric paths"):
+        run_study(setting, store_path, claims=claims, train=False, progress=False, strict_numeric_path=True)

@@ -65,10 +65,17 @@ def study(
     fleet: Annotated[
         bool, typer.Option("--fleet/--no-fleet", help="Train MLP runs that share a shape as batched fleets.")
     ] = True,
+    strict_numeric_path: Annotated[
+        bool,
+        typer.Option(
+            "--strict-numeric-path",
+            help="Refuse to analyse runs computed on different numeric paths (backend, fast path); default: a note.",
+        ),
+    ] = False,
 ) -> None:
     """Test every claim: train the runs the store lacks, analyse them, write the report (HTML, JSON, Markdown)."""
     from normdrop.claims.setting import StudySetting
-    from normdrop.study import run_study
+    from normdrop.study import MixedNumericPaths, run_study
 
     setting = StudySetting.create(quick=quick, dataset=_check_dataset(dataset), seeds=seeds)
     check_out_dir(out, "--out")
@@ -81,8 +88,9 @@ def study(
             ray_address=ray_address,
             progress=not quiet,
             fleet=fleet,
+            strict_numeric_path=strict_numeric_path,
         )
-    except (StoreError, ImportError) as error:
+    except (StoreError, ImportError, MixedNumericPaths) as error:
         _fail(str(error))
     _finish(outcome, out, quiet)
 

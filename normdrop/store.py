@@ -55,6 +55,14 @@ ExportFormat = Literal["csv", "parquet"]
 EXPORT_TABLES: tuple[str, ...] = ("runs", "metrics", "probe_records")
 
 SCHEMA_VERSION = 1
+
+LEASE_SECONDS = 60.0
+"""A sweep's claim on a run lapses when its heartbeat is older than this (its owner is taken for dead); a live
+sweep renews its leases every quarter of it. ``$NORMDROP_LEASE_SECONDS`` overrides it for sweeps."""
+
+_LEASES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS leases (run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, heartbeat REAL NOT NULL)"
+)
 # PRAGMA application_id marks the file as a normdrop store: the bytes "NDRS".
 _APPLICATION_ID = int.from_bytes(b"NDRS", "big")
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -357,6 +365,63 @@ class Store:
         placeholders = ", ".join("?" * len(COMPLETED_STATUSES))
         rows = self._query(f"SELECT run_id FROM runs WHERE status IN ({placeholders})", COMPLETED_STATUSES)
         return {run_id for (run_id,) in rows}
+
+    # ---- leases: which sweep is training a run right now --------------------------------------------------
+    #
+    # Two sweeps on one store (two terminals, two machines on a shared file system, a crashed sweep and its resume)
+    # must not train the same run at once. Before training, a sweep claims its runs: a row in ``leases`` with its
+    # owner id and a heartbeat time, renewed while it works (:class:`LeaseKeeper`). A lease whose heartbeat is older
+    # than ``lease_seconds`` belongs to a dead owner (killed, or its machine gone) and may be taken over. The table
+    # is created on first use, so stores written before it keep their schema; it holds nothing a run's result needs.
+
+    def claim(self, run_ids: Iterable[str], owner: str, lease_seconds: float = LEASE_SECONDS) -> list[str]:
+        """Claim the runs of ``run_ids`` that are not completed and not held by a live other owner; returns the
+        ids ``owner`` now holds, in the given order (runs it already held included). One write transaction, so two
+        sweeps claiming at once never both get a run."""
+        wanted = list(dict.fromkeys(run_ids))
+
+        def transaction() -> list[str]:
+            with self._write_transaction() as connection:
+                connection.execute(_LEASES_TABLE)
+                now = time.time()
+                connection.execute("DELETE FROM leases WHERE heartbeat < ?", (now - lease_seconds,))
+                completed = self.completed_ids()
+                held = {
+                    run_id: holder
+                    for run_id, holder in connection.execute("SELECT run_id, owner FROM leases").fetchall()
+                    if holder == owner or _owner_may_be_alive(holder)
+                }
+                mine = []
+                for run_id in wanted:
+                    if run_id in completed or held.get(run_id, owner) != owner:
+                        continue
+                    connection.execute(
+                        "INSERT OR REPLACE INTO leases (run_id, owner, heartbeat) VALUES (?, ?, ?)",
+                        (run_id, owner, now),
+                    )
+                    mine.append(run_id)
+                return mine
+
+        with self._reporting_corruption():
+            return self._retrying(transaction)
+
+    def release(self, owner: str) -> None:
+        """Drop every lease ``owner`` holds (the end of its sweep, whatever became of its runs)."""
+
+        def transaction() -> None:
+            with self._write_transaction() as connection:
+                connection.execute(_LEASES_TABLE)
+                connection.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+
+        with self._reporting_corruption():
+            self._retrying(transaction)
+
+    def leases(self) -> dict[str, tuple[str, float]]:
+        """run id -> (owner, last heartbeat in Unix seconds) of every lease in the store."""
+        exists = self._query("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'leases'")[0][0]
+        if not exists:
+            return {}
+        return {run_id: (owner, beat) for run_id, owner, beat in self._query("SELECT * FROM leases")}
 
     def runs(self, status: str | Iterable[str] | None = None, **spec_filters: Any) -> list[StoredRun]:
         """Stored runs, oldest finish first, optionally filtered.
@@ -948,3 +1013,49 @@ def _stored_run(row: tuple[Any, ...]) -> StoredRun:
         host=host,
         versions=json.loads(versions),
     )
+
+
+def _owner_may_be_alive(owner: str) -> bool:
+    """False only when ``owner`` (``host:pid:token``, as sweeps name themselves) is a process on this host that no
+    longer exists: a killed sweep's leases are then taken over at once instead of after they lapse."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class LeaseKeeper:
+    """Renews ``owner``'s leases in the store file at ``path`` every ``lease_seconds / 4`` from a thread of its own
+    (with its own SQLite connection), until closed; then releases them. Use as a context manager around the work."""
+
+    def __init__(self, path: str | Path, owner: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        import threading
+
+        self.path, self.owner, self.lease_seconds = Path(path), owner, lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="normdrop-lease", daemon=True)
+
+    def _beat(self) -> None:
+        connection = sqlite3.connect(self.path, timeout=30.0)
+        try:
+            while not self._stop.wait(self.lease_seconds / 4):
+                # a missed beat is retried at the next; a lapse lets another sweep take the runs over
+                with contextlib.suppress(sqlite3.Error), connection:
+                    connection.execute("UPDATE leases SET heartbeat = ? WHERE owner = ?", (time.time(), self.owner))
+        finally:
+            connection.close()
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -28,10 +28,12 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 import tomllib
 import traceback
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,7 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from normdrop.spec import RunResult, RunSpec
-from normdrop.store import RunProvenance, Store, StoreError
+from normdrop.store import LEASE_SECONDS, LeaseKeeper, RunProvenance, Store, StoreError
 
 ExecutorName = Literal["local", "ray"]
 RunFunction = Callable[[RunSpec], RunResult]
@@ -351,37 +353,90 @@ def run_sweep(
         if not pending:
             return report
         run_fn = run_fn or default_run_function()  # imports the trainer (torch): only when there is a run to train
-        tasks: list[Task] = list(pending)
         if fleet and fleet_fn is None:
             fleet_fn = fleet_twin(run_fn)
-        if fleet and fleet_fn is not None:
-            tasks = plan_tasks(pending, workers or available_cores())
-        else:
+        if not fleet:
             fleet_fn = None
-        if executor == "local":
-            results = _local_results(tasks, run_fn, workers or available_cores(), fleet_fn)
-        else:
-            results = _ray_results(tasks, run_fn, ray_address, fleet_fn, quiet=not progress)
-        with contextlib.closing(results), _SweepProgress(len(pending), enabled=progress) as bar:
-            for result, provenance in results:
-                try:
-                    saved = store.save(result, provenance)
-                except StoreError as error:  # disk full, file gone read-only or damaged: say what was kept
-                    raise StoreError(
-                        f"{error}; {report.executed} runs of this sweep were saved before it "
-                        f"({report.reused} were already there); re-run the sweep to resume"
-                    ) from error
-                if saved:
-                    setattr(report, result.status, getattr(report, result.status) + 1)
-                    if result.status == "failed":
-                        report.failed_ids.append(result.run_id)
-                else:  # another sweep on the same store completed it first
-                    report.reused += 1
-                bar.advance(result.status)
+        lease_seconds = _lease_seconds()
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        with LeaseKeeper(store.path, owner, lease_seconds), _SweepProgress(len(pending), enabled=progress) as bar:
+            try:
+                while pending:
+                    # Train only what no live sweep holds; wait for the rest (another sweep is training it, or its
+                    # owner died and its lease lapses), then take over what is still missing.
+                    claimed = set(store.claim([spec.run_id for spec in pending], owner, lease_seconds))
+                    mine = [spec for spec in pending if spec.run_id in claimed]
+                    if mine:
+                        _execute(mine, store, report, bar, executor, workers, ray_address, progress, run_fn, fleet_fn)
+                    elsewhere = [spec for spec in pending if spec.run_id not in claimed]
+                    if not elsewhere:
+                        break
+                    time.sleep(min(2.0, lease_seconds / 4))
+                    completed = store.completed_ids()
+                    done_elsewhere = [spec for spec in elsewhere if spec.run_id in completed]
+                    report.reused += len(done_elsewhere)
+                    for _ in done_elsewhere:
+                        bar.advance("done by another sweep")
+                    pending = [spec for spec in elsewhere if spec.run_id not in completed]
+            finally:
+                with contextlib.suppress(StoreError):
+                    store.release(owner)
         return report
     finally:
         if owns_store:
             store.close()
+
+
+def _lease_seconds() -> float:
+    """``$NORMDROP_LEASE_SECONDS`` or :data:`normdrop.store.LEASE_SECONDS`."""
+    text = os.environ.get("NORMDROP_LEASE_SECONDS")
+    if text is None:
+        return LEASE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"$NORMDROP_LEASE_SECONDS={text!r} is not a positive number of seconds")
+    return value
+
+
+def _execute(
+    pending: list[RunSpec],
+    store: Store,
+    report: SweepReport,
+    bar: _SweepProgress,
+    executor: ExecutorName,
+    workers: int | None,
+    ray_address: str | None,
+    progress: bool,
+    run_fn: RunFunction,
+    fleet_fn: FleetFunction | None,
+) -> None:
+    """Train ``pending`` (runs this sweep holds) on the executor and save each result as it comes."""
+    tasks: list[Task] = list(pending)
+    if fleet_fn is not None:
+        tasks = plan_tasks(pending, workers or available_cores())
+    if executor == "local":
+        results = _local_results(tasks, run_fn, workers or available_cores(), fleet_fn)
+    else:
+        results = _ray_results(tasks, run_fn, ray_address, fleet_fn, quiet=not progress)
+    with contextlib.closing(results):
+        for result, provenance in results:
+            try:
+                saved = store.save(result, provenance)
+            except StoreError as error:  # disk full, file gone read-only or damaged: say what was kept
+                raise StoreError(
+                    f"{error}; {report.executed} runs of this sweep were saved before it "
+                    f"({report.reused} were already there); re-run the sweep to resume"
+                ) from error
+            if saved:
+                setattr(report, result.status, getattr(report, result.status) + 1)
+                if result.status == "failed":
+                    report.failed_ids.append(result.run_id)
+            else:  # another sweep on the same store completed it first
+                report.reused += 1
+            bar.advance(result.status)
 
 
 class _SweepProgress:

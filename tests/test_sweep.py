@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -370,3 +371,69 @@ def test_provenance_records_cpu_time_and_load_beside_the_wall_time():
     assert idle.versions["accounting"]["cpu_seconds"] < 0.1
     load = busy.versions["accounting"]["load_average"]
     assert load is None or (len(load) == 3 and all(value >= 0 for value in load))
+
+
+TRAINED_LOG_ENV = "NORMDROP_TEST_TRAINED_LOG"
+
+
+def logged_run(spec: RunSpec) -> RunResult:
+    """fake_run that appends the run id to ``$NORMDROP_TEST_TRAINED_LOG``: counts how often each run is trained."""
+    with open(os.environ[TRAINED_LOG_ENV], "a") as log:
+        log.write(spec.run_id + "\n")
+    return fake_run(spec)
+
+
+LEASE_SPECS = [RunSpec(width=8, seed=seed) for seed in range(6)]
+LEASE_SWEEP = f"""
+import sys
+sys.path.insert(0, {str(TESTS_DIR)!r})
+from test_sweep import LEASE_SPECS, logged_run
+from normdrop.sweep import run_sweep
+report = run_sweep(LEASE_SPECS, sys.argv[1], workers=1, progress=False, run_fn=logged_run)
+print(report.executed, report.reused)
+"""
+
+
+def test_two_concurrent_sweeps_never_train_one_run_twice(tmp_path: Path) -> None:
+    store_path, log = tmp_path / "runs.sqlite", tmp_path / "trained.log"
+    Store(store_path).close()
+    env = {**os.environ, SLEEP_ENV: "0.4", TRAINED_LOG_ENV: str(log)}
+    sweeps = [
+        subprocess.Popen(
+            [sys.executable, "-c", LEASE_SWEEP, str(store_path)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [sweep.communicate(timeout=240)[0].split() for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0]
+    trained = log.read_text().split()
+    assert sorted(trained) == sorted(spec.run_id for spec in LEASE_SPECS)  # each run trained exactly once
+    assert sum(int(executed) for executed, _ in outputs) == len(LEASE_SPECS)
+    with Store(store_path) as store:
+        assert store.completed_ids() == {spec.run_id for spec in LEASE_SPECS}
+        assert store.leases() == {}  # both released theirs
+
+
+def test_a_dead_owners_leases_are_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILLed sweep on this host: its leases are taken at once (its pid is gone). A sweep elsewhere that stopped
+    beating: its leases lapse after NORMDROP_LEASE_SECONDS, and only then are its runs trained here."""
+    store_path, log = tmp_path / "runs.sqlite", tmp_path / "trained.log"
+    monkeypatch.setenv(TRAINED_LOG_ENV, str(log))
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    victim.kill()
+    victim.wait()
+    with Store(store_path) as store:
+        assert store.claim([LEASE_SPECS[0].run_id], f"{socket.gethostname()}:{victim.pid}:dead") == [
+            LEASE_SPECS[0].run_id
+        ]
+        assert store.claim([LEASE_SPECS[1].run_id], "other-machine:123:alive") == [LEASE_SPECS[1].run_id]
+        assert store.claim([spec.run_id for spec in LEASE_SPECS[:2]], "someone-else") == [LEASE_SPECS[0].run_id]
+        store.release("someone-else")
+    monkeypatch.setenv("NORMDROP_LEASE_SECONDS", "1.5")
+    started = time.monotonic()
+    report = run_sweep(LEASE_SPECS[:2], store_path, workers=1, progress=False, run_fn=logged_run)
+    assert report.executed == 2 and sorted(log.read_text().split()) == sorted(s.run_id for s in LEASE_SPECS[:2])
+    assert time.monotonic() - started >= 1.0  # the other machine's run waited for its lease to lapse
+    monkeypatch.setenv("NORMDROP_LEASE_SECONDS", "0")
+    with pytest.raises(ValueError, match="NORMDROP_LEASE_SECONDS"):
+        run_sweep([RunSpec(width=8, seed=99)], store_path, workers=1, progress=False, run_fn=logged_run)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,3 +369,39 @@ def test_dataloaders_go_through_the_whole_path_and_reproduce(tmp_path):
     assert first.data["form"] == "DataLoaders" and first.runs["trained"] == 4
     per_seed = [o.claims[0].analysis.primary.per_seed for o in (first, second)]
     assert per_seed[0] == per_seed[1] and len(per_seed[0]) == 2  # shuffling loaders, same numbers in a fresh store
+
+
+CHROMIUM = os.environ.get("NORMDROP_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def test_the_report_opens_in_headless_chromium_and_its_first_screen_describes_the_model(tmp_path):
+    """The report's first screen, rendered by a real browser: the user's model (parameters, layers per arm), the
+    verdict table; the screenshot is kept in test-artifacts/ablate-report.png."""
+    normdrop.ablate(
+        cnn,
+        tiny_data(),
+        claims=["dropout-bn-shift"],
+        seeds=2,
+        steps=12,
+        batch_size=16,
+        out=tmp_path / "report",
+        store=tmp_path / "runs.sqlite",
+        progress=False,
+    )
+    page = (tmp_path / "report" / "report.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1200,900"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "ablate-report.png"
+    shot.unlink(missing_ok=True)
+    subprocess.run(
+        [CHROMIUM, *flags, "--hide-scrollbars", f"--screenshot={shot}", page],
+        check=True,
+        timeout=90,
+        capture_output=True,
+    )
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], check=True, timeout=90, capture_output=True, text=True)
+    parameters = sum(p.numel() for p in cnn().parameters())
+    assert f"{parameters} parameters" in dom.stdout
+    assert "Where BN and dropout sit, per arm" in dom.stdout and "dropout-bn-shift" in dom.stdout

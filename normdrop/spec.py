@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from normdrop.probe_catalog import DEFAULT_EVERY, KEEPABLE, expand_probes, kept_by_default
 
@@ -144,51 +144,12 @@ class RunSpec(BaseModel):
             return {**data, "keep": kept_by_default(probes)}
         return data
 
-    # The name tables live with what they name (datasets, layers); they are imported when a spec is validated, not
-    # when this module is, so that a process that only parses flags (normdrop --help) does not import torch.
-    @field_validator("dataset")
+    @field_validator("dataset", "norm", "dropout_kind", "activation", "layers")
     @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        from normdrop.data import DATASET_NAMES
-
-        if value not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {value!r}; expected one of {', '.join(DATASET_NAMES)}")
-        return value
-
-    @field_validator("norm")
-    @classmethod
-    def _known_norm(cls, value: str) -> str:
-        from normdrop.nn.factory import norm_names
-
-        if value not in norm_names():
-            raise ValueError(f"unknown norm {value!r}; expected one of {sorted(norm_names())}")
-        return value
-
-    @field_validator("dropout_kind")
-    @classmethod
-    def _known_dropout(cls, value: str) -> str:
-        from normdrop.nn.factory import dropout_names
-
-        if value not in dropout_names():
-            raise ValueError(f"unknown dropout kind {value!r}; expected one of {sorted(dropout_names())}")
-        return value
-
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, value: str) -> str:
-        from normdrop.nn.factory import ACTIVATIONS
-
-        if value not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {value!r}; expected one of {', '.join(ACTIVATIONS)}")
-        return value
-
-    @field_validator("layers")
-    @classmethod
-    def _known_layers(cls, value: str) -> str:
-        from normdrop.nn.factory import LAYER_SOURCES
-
-        if value not in LAYER_SOURCES:
-            raise ValueError(f"unknown layer source {value!r}; expected one of {', '.join(LAYER_SOURCES)}")
+    def _known_name(cls, value: str, info: ValidationInfo) -> str:
+        what, names, listing = _name_table(info.field_name)
+        if value not in names:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {listing}")
         return value
 
     @field_validator("dataset_options", "norm_options", "dropout_options", mode="before")
@@ -332,6 +293,27 @@ class RunResult:
         fields["metrics"] = [(int(step), str(name), float(value)) for step, name, value in fields["metrics"]]
         fields["artifacts"] = {name: base64.b64decode(text) for name, text in fields.get("artifacts", {}).items()}
         return cls(**fields)
+
+
+def _name_table(field_name: str) -> tuple[str, tuple[str, ...], str]:
+    """(what the field names, the valid names, how an error lists them) for a field naming a dataset or a layer.
+
+    The name tables live with what they name (datasets, layers); they are imported when a spec is validated, not
+    when this module is, so that a process that only parses flags (normdrop --help) does not import torch.
+    """
+    if field_name == "dataset":
+        from normdrop.data import DATASET_NAMES
+
+        return "dataset", tuple(DATASET_NAMES), ", ".join(DATASET_NAMES)
+    from normdrop.nn.factory import ACTIVATIONS, LAYER_SOURCES, dropout_names, norm_names
+
+    if field_name == "norm":
+        return "norm", tuple(norm_names()), str(sorted(norm_names()))
+    if field_name == "dropout_kind":
+        return "dropout kind", tuple(dropout_names()), str(sorted(dropout_names()))
+    if field_name == "activation":
+        return "activation", tuple(ACTIVATIONS), ", ".join(ACTIVATIONS)
+    return "layer source", tuple(LAYER_SOURCES), ", ".join(LAYER_SOURCES)
 
 
 def parse_spec(data: Mapping[str, Any]) -> RunSpec | UserRunSpec:

@@ -306,26 +306,42 @@ def run(
             all_hooks = [*(hooks or []), *(probe_hooks or [])]
             diverged_step, summary = _train(spec, all_hooks, data_root, metrics, probe_records, artifacts, bar)
     except Exception:
-        return RunResult(
-            run_id=spec.run_id,
-            spec=spec,
-            status="failed",
-            error=traceback.format_exc().strip(),  # the whole traceback: `normdrop runs show RUN_ID` prints it
-            metrics=metrics,
-            probe_records=probe_records,
-            summary={"diverged": False},
-            wall_time=time.perf_counter() - start,
-        )
+        # the whole traceback: `normdrop runs show RUN_ID` prints it
+        return _result(spec, start, metrics, probe_records, error=traceback.format_exc().strip())
+    return _result(
+        spec, start, metrics, probe_records, diverged_step=diverged_step, summary=summary, artifacts=artifacts
+    )
+
+
+def _result(
+    spec: Any,
+    start: float,
+    metrics: list[tuple[int, str, float]],
+    probe_records: list[dict[str, Any]],
+    *,
+    diverged_step: int | None = None,
+    summary: dict[str, float | bool | None] | None = None,
+    artifacts: dict[str, bytes] | None = None,
+    error: str | None = None,
+) -> RunResult:
+    """The result of a run that started at ``start`` (``time.perf_counter``): failed with ``error`` when one is
+    given (what it recorded before kept), else finished or diverged at ``diverged_step``. Shared by :func:`run`
+    and :func:`fit`."""
+    if error is not None:
+        status, summary = "failed", {"diverged": False}
+    else:
+        status = "finished" if diverged_step is None else "diverged"
     return RunResult(
         run_id=spec.run_id,
         spec=spec,
-        status="finished" if diverged_step is None else "diverged",
+        status=status,
         diverged_step=diverged_step,
+        error=error,
         metrics=metrics,
         probe_records=probe_records,
-        summary=summary,
+        summary=summary or {},
         wall_time=time.perf_counter() - start,
-        artifacts=artifacts,
+        artifacts=artifacts or {},
     )
 
 
@@ -539,26 +555,10 @@ def fit(
         with _reproducible(spec.seed, num_threads):
             diverged_step, summary = _fit(spec, model, train, test, list(hooks or []), metrics, probe_records)
     except Exception as error:
-        return RunResult(
-            run_id=spec.run_id,
-            spec=spec,
-            status="failed",
-            error="".join(traceback.format_exception_only(error)).strip(),
-            metrics=metrics,
-            probe_records=probe_records,
-            summary={"diverged": False},
-            wall_time=time.perf_counter() - start,
+        return _result(
+            spec, start, metrics, probe_records, error="".join(traceback.format_exception_only(error)).strip()
         )
-    return RunResult(
-        run_id=spec.run_id,
-        spec=spec,
-        status="finished" if diverged_step is None else "diverged",
-        diverged_step=diverged_step,
-        metrics=metrics,
-        probe_records=probe_records,
-        summary=summary,
-        wall_time=time.perf_counter() - start,
-    )
+    return _result(spec, start, metrics, probe_records, diverged_step=diverged_step, summary=summary)
 
 
 def _fit(

@@ -85,6 +85,7 @@ from normdrop.train import (
     learning_rate,
     load_run_dataset,
     make_optimizer,
+    record_evaluation,
 )
 
 PER_MEMBER_FIELDS = (
@@ -654,16 +655,7 @@ def _train_fleet(
         results = [_fleet_evaluate(fleet, flat_x_train, y_train), _fleet_evaluate(fleet, x_test, y_test)]
         for position, k in zip(alive, range(fleet.size), strict=False):
             member = everyone[position]
-            (train_loss, train_accuracy), (test_loss, test_accuracy) = results[0][k], results[1][k]
-            evaluation = {
-                "train_loss": train_loss,
-                "train_accuracy": train_accuracy,
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "train_time": member.train_time,
-            }
-            member.summary.update(evaluation)
-            member.metrics.extend((step, name, value) for name, value in evaluation.items())
+            record_evaluation(step, results[0][k], results[1][k], member.train_time, member.summary, member.metrics)
 
     def call_hooks_at(step: int) -> None:
         for k, position in enumerate(alive):

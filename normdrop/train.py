@@ -377,18 +377,9 @@ def _train(
     summary: dict[str, float | bool | None] = {}
 
     def evaluate_at(step: int) -> None:
-        train_loss, train_accuracy = evaluate(model, x_train, y_train)
-        test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test)
-        evaluation = {
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "train_time": train_time,
-        }
-        summary.update(evaluation)
-        metrics.extend((step, name, value) for name, value in evaluation.items())
-        bar.update(step, f"{spec.model} on {spec.dataset}: test accuracy {test_accuracy:.3f}")
+        train_eval, test_eval = evaluate(model, x_train, y_train), evaluate(model, data.x_test, data.y_test)
+        record_evaluation(step, train_eval, test_eval, train_time, summary, metrics)
+        bar.update(step, f"{spec.model} on {spec.dataset}: test accuracy {test_eval[1]:.3f}")
 
     def call_hooks_at(step: int) -> None:
         for hook in hooks:
@@ -420,6 +411,28 @@ def _train(
         torch.save(model.state_dict(), buffer)
         artifacts["final_weights"] = buffer.getvalue()
     return None, summary
+
+
+def record_evaluation(
+    step: int,
+    train_eval: tuple[float, float],
+    test_eval: tuple[float, float],
+    train_time: float,
+    summary: dict[str, float | bool | None],
+    metrics: list[tuple[int, str, float]],
+) -> None:
+    """Record one evaluation at ``step``: (loss, accuracy) on the training and test sets and the training time so
+    far, into ``summary`` (the latest) and ``metrics`` (long format, in this order). Shared by :func:`run`,
+    :func:`fit` and the fleet's members, so every path stores the same rows."""
+    evaluation = {
+        "train_loss": train_eval[0],
+        "train_accuracy": train_eval[1],
+        "test_loss": test_eval[0],
+        "test_accuracy": test_eval[1],
+        "train_time": train_time,
+    }
+    summary.update(evaluation)
+    metrics.extend((step, name, value) for name, value in evaluation.items())
 
 
 def _update(
@@ -589,17 +602,9 @@ def _fit(
     first_batch = next(batches)
 
     def evaluate_at(step: int) -> None:
-        train_loss, train_accuracy = evaluate_batches(model, train)
-        test_loss, test_accuracy = evaluate_batches(model, test)
-        evaluation = {
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "train_time": train_time,
-        }
-        summary.update(evaluation)
-        metrics.extend((step, name, value) for name, value in evaluation.items())
+        record_evaluation(
+            step, evaluate_batches(model, train), evaluate_batches(model, test), train_time, summary, metrics
+        )
 
     def call_hooks_at(step: int) -> None:
         for hook in hooks:

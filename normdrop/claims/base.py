@@ -84,22 +84,34 @@ class ClaimData:
     """The finished runs of one claim's experiment, as its analysis sees them.
 
     ``results`` maps run id to the stored result (failed runs included; a run the store does not hold is
-    absent). ``others`` holds the results of the claims analysed before this one (the summary reads them).
+    absent). ``others`` holds the results of the claims analysed before this one, in the same setting (the summary
+    reads them). ``budget`` is the fraction of each run's steps the results were cut to (1: whole runs; the study
+    re-analyses at smaller budgets by cutting each run's records at ``budget * steps``).
     """
 
     setting: StudySetting
     experiment: Experiment
     results: Mapping[str, RunResult]
     others: Mapping[str, ClaimResult] = field(default_factory=dict)
+    budget: float = 1.0
 
     def runs(self, arm: str) -> dict[int, RunResult | None]:
         """Replicate seed -> result of an arm (None when the store does not hold the run).
 
-        The i-th spec of an arm belongs to the i-th seed of the setting (for most arms it is that seed; an arm of
-        ensemble members uses other seeds for each replicate).
+        The i-th spec of an arm belongs to the i-th replicate seed: ``experiment.replicates[arm]`` where the arm
+        names them, else the i-th seed of the setting's evaluation seeds. Replicates outside the setting's
+        evaluation and selection seeds are left out (a re-analysis on half the seeds passes a setting with fewer).
         """
         specs = self.experiment.arms[arm]
-        return {seed: self.results.get(spec.run_id) for seed, spec in zip(self.setting.seed_list, specs, strict=False)}
+        replicates = self.experiment.replicates.get(arm)
+        if replicates is None:
+            return {
+                seed: self.results.get(spec.run_id) for seed, spec in zip(self.setting.seed_list, specs, strict=False)
+            }
+        allowed = set(self.setting.seed_list) | set(self.setting.selection_seed_list)
+        return {
+            seed: self.results.get(spec.run_id) for seed, spec in zip(replicates, specs, strict=True) if seed in allowed
+        }
 
     def finished(self, arm: str) -> dict[int, RunResult]:
         """Seed -> result of the arm's runs that finished (neither diverged nor failed)."""

@@ -16,11 +16,22 @@ class Experiment:
     """The runs a claim needs, by arm: ``arms[label]`` holds one spec per seed, in seed order.
 
     ``description`` says what was run and why, for the report. An experiment with no arms needs no training (the
-    mechanics claims).
+    mechanics claims). ``replicates[label]`` names the replicate seed of each spec of an arm, in order, where it is
+    not :attr:`StudySetting.seed_list` (e.g. an arm on the selection seeds,
+    :attr:`StudySetting.selection_seed_list`); :meth:`ClaimData.runs` keys results by it.
     """
 
     arms: dict[str, list[RunSpec]] = field(default_factory=dict)
     description: str = ""
+    replicates: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, label: str, specs: list[RunSpec], replicates: list[int] | None = None) -> None:
+        """Add an arm (``replicates``: its seeds, when not the setting's evaluation seeds)."""
+        if replicates is not None and len(replicates) != len(specs):
+            raise ValueError(f"arm {label!r}: {len(specs)} specs but {len(replicates)} replicate seeds")
+        self.arms[label] = specs
+        if replicates is not None:
+            self.replicates[label] = list(replicates)
 
     def specs(self) -> list[RunSpec]:
         """Every spec, each once, in arm order."""

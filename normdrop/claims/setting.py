@@ -9,14 +9,31 @@ The two experiment families (see :class:`StudySetting`) were chosen so every cla
 - ``small``: a 2-hidden-layer MLP (128 units) trained with Adam on a 500-example subset of the training set, long
   enough to fit it perfectly: the regime in which regularizers can matter. Used by the dropout claims,
   bn-regularizes, bn-less-dropout, dropout-bn-shift and summary.
+
+A verdict from one setup describes that setup, so the study runs every claim in several **settings**
+(:data:`SETTINGS`): MNIST-1D MLPs trained with SGD and with Adam, a 1-D CNN on MNIST-1D, MLPs on scikit-learn's
+digits, and, for the BN claims only, MNIST-1D MLPs with He init (so "BN vs a badly initialized net" and "BN vs a
+well initialized net" are both shown). A setting changes the two families' fields (:attr:`SettingDef.families`);
+the claims build their runs the same way in every setting.
+
+**Seeds.** Every choice a claim makes (a learning rate, a target, a dropout rate, a matched accuracy) is made on
+the *selection* seeds and every reported effect is measured on the disjoint *evaluation* seeds
+(:attr:`StudySetting.seed_split`, :mod:`normdrop.selection`). Evaluation seeds are ``0 .. seeds-1`` (so adding seeds
+keeps the stored runs), selection seeds ``SELECTION_SEED_BASE ..``.
+
+**Data per seed.** A run on a subset of the training set (``train_size``) or with label noise draws that subset and
+that noise from its own seed (``data_seed = seed``), so the intervals include the variance of which examples were
+drawn. The test set is a property of the dataset (fixed); claims whose effect is a test accuracy resample test
+examples too (:func:`normdrop.significance.paired_example_bootstrap`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from normdrop.selection import SeedSplit
 from normdrop.spec import RunSpec
 from normdrop.stats import DEFAULT_SEEDS
 
@@ -48,6 +65,89 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 """Spec fields of the two experiment families (see the module docstring); the quick study shortens ``steps``."""
 
+SELECTION_SEEDS = 3
+"""Selection seeds per arm (quick: :data:`QUICK_SELECTION_SEEDS`): where claims make their choices."""
+QUICK_SELECTION_SEEDS = 2
+SELECTION_SEED_BASE = 1000
+"""First selection seed; evaluation seeds start at 0, so the two never meet."""
+
+
+@dataclass(frozen=True)
+class SettingDef:
+    """One entry of the settings catalogue.
+
+    Attributes:
+        name: the key (``normdrop study --settings NAME``).
+        title: a few words for the report ("MNIST-1D, MLP, Adam").
+        dataset: the dataset every run trains on.
+        families: per family (``"deep"``, ``"small"``), spec fields that replace the family's defaults of
+            :data:`FAMILIES` in this setting (e.g. ``{"deep": {"optimizer": "adam", "lr": 1e-3}}``).
+        claims: ids of the claims run in this setting; None: every claim.
+        description: what the setting tests, for the report.
+    """
+
+    name: str
+    title: str
+    dataset: str
+    families: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    claims: frozenset[str] | None = None
+    description: str = ""
+
+    def applies_to(self, claim_id: str) -> bool:
+        """Whether the claim runs in this setting."""
+        return self.claims is None or claim_id in self.claims
+
+
+BN_CLAIMS = frozenset({"bn-faster", "bn-higher-lr", "bn-stable-inputs", "bn-smooth", "bn-regularizes"})
+"""The empirical BN claims: the ones the He-init setting is for."""
+
+SETTINGS: dict[str, SettingDef] = {
+    setting.name: setting
+    for setting in (
+        SettingDef(
+            "mlp-sgd",
+            "MNIST-1D, MLP, SGD",
+            "mnist1d",
+            {"small": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05}},
+            description="MLPs on MNIST-1D trained with SGD + momentum 0.9 (torch's default init).",
+        ),
+        SettingDef(
+            "mlp-adam",
+            "MNIST-1D, MLP, Adam",
+            "mnist1d",
+            {"deep": {"optimizer": "adam", "momentum": 0.0, "lr": 1e-3}},
+            description="MLPs on MNIST-1D trained with Adam (torch's default init).",
+        ),
+        SettingDef(
+            "cnn1d",
+            "MNIST-1D, 1-D CNN",
+            "mnist1d",
+            {"deep": {"model": "cnn1d", "depth": 5, "width": 32}, "small": {"model": "cnn1d", "depth": 2, "width": 32}},
+            description="1-D convolutional networks on MNIST-1D (stride-2 convolutions, a linear head).",
+        ),
+        SettingDef(
+            "digits",
+            "digits, MLP",
+            "digits",
+            description="MLPs on scikit-learn's 8x8 digits (1797 images; a different input distribution).",
+        ),
+        SettingDef(
+            "mlp-sgd-he",
+            "MNIST-1D, MLP, SGD, He init",
+            "mnist1d",
+            {
+                "deep": {"init": "kaiming"},
+                "small": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "init": "kaiming"},
+            },
+            claims=BN_CLAIMS,
+            description="As mlp-sgd, with He (kaiming) init: BN against a well initialized plain network.",
+        ),
+    )
+}
+"""The settings catalogue, in report order (``normdrop study --list-settings``)."""
+
+DEFAULT_SETTING = "mlp-sgd"
+
 QUICK_STEPS = {"deep": 150, "small": 200}
 QUICK_EVAL_EVERY = {"deep": 25, "small": 25}
 PROBES_PER_RUN = 4
@@ -61,20 +161,28 @@ class StudySetting:
 
     Args:
         dataset: a name of ``normdrop.data.DATASET_NAMES`` (all claims train on it).
-        seeds: seeds per arm (default 5, quick 3).
+        seeds: evaluation seeds per arm (default 5, quick 3): the seeds every reported effect is measured on.
         quick: short runs and thinned grids (``normdrop study --quick``).
         overrides: spec fields applied to every run of every claim, e.g. ``(("model", "cnn1d"),)`` to point the
             study at another architecture. Fields a claim varies (``norm``, ``dropout``, ``lr``...) still win.
+        name: the setting of :data:`SETTINGS` whose family fields apply ("custom": none, only the overrides).
+        selection_seeds: seeds per arm on which claims make their choices (disjoint from the evaluation seeds).
     """
 
     dataset: str = "mnist1d"
     seeds: int = DEFAULT_SEEDS
     quick: bool = False
     overrides: tuple[tuple[str, Any], ...] = ()
+    name: str = DEFAULT_SETTING
+    selection_seeds: int = SELECTION_SEEDS
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.selection_seeds < 1:
+            raise ValueError(f"selection_seeds must be at least 1, got {self.selection_seeds}")
+        if self.name != "custom" and self.name not in SETTINGS:
+            raise ValueError(f"unknown setting {self.name!r}; expected one of {', '.join(SETTINGS)} or 'custom'")
         unknown = [name for name, _ in self.overrides if name not in RunSpec.model_fields]
         if unknown:
             raise ValueError(f"overrides name unknown spec fields {unknown}")
@@ -87,35 +195,79 @@ class StudySetting:
         dataset: str = "mnist1d",
         seeds: int | None = None,
         overrides: Mapping[str, Any] | None = None,
+        name: str = DEFAULT_SETTING,
+        selection_seeds: int | None = None,
     ) -> StudySetting:
-        """The default setting, or the quick one; ``seeds`` None takes the default of either."""
+        """A setting of the catalogue (default or quick); ``seeds`` / ``selection_seeds`` None take the defaults.
+
+        ``dataset`` is the dataset of a ``"custom"`` setting; a catalogue setting trains on its own dataset unless
+        ``dataset`` names another one than the default ``"mnist1d"`` (``normdrop study --dataset``)."""
+        if name != "custom" and name in SETTINGS and dataset == "mnist1d":
+            dataset = SETTINGS[name].dataset
         return cls(
             dataset=dataset,
             seeds=seeds if seeds is not None else (QUICK_SEEDS if quick else DEFAULT_SEEDS),
             quick=quick,
             overrides=tuple(sorted((overrides or {}).items())),
+            name=name,
+            selection_seeds=selection_seeds
+            if selection_seeds is not None
+            else (QUICK_SELECTION_SEEDS if quick else SELECTION_SEEDS),
         )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON (the report and ``normdrop report`` read it back with :meth:`from_dict`)."""
-        return {"dataset": self.dataset, "seeds": self.seeds, "quick": self.quick, "overrides": dict(self.overrides)}
+        return {
+            "name": self.name,
+            "dataset": self.dataset,
+            "seeds": self.seeds,
+            "selection_seeds": self.selection_seeds,
+            "quick": self.quick,
+            "overrides": dict(self.overrides),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudySetting:
-        """Inverse of :meth:`as_dict`."""
+        """Inverse of :meth:`as_dict` (a dict written before settings had names is the ``"custom"`` setting)."""
         return cls.create(
             quick=bool(data.get("quick", False)),
             dataset=str(data.get("dataset", "mnist1d")),
             seeds=int(data["seeds"]) if data.get("seeds") is not None else None,
             overrides=data.get("overrides") or {},
+            name=str(data.get("name", "custom")),
+            selection_seeds=int(data["selection_seeds"]) if data.get("selection_seeds") is not None else None,
         )
+
+    @property
+    def definition(self) -> SettingDef | None:
+        """The catalogue entry (None for a ``"custom"`` setting)."""
+        return SETTINGS.get(self.name)
+
+    @property
+    def title(self) -> str:
+        """How the report names this setting."""
+        return self.definition.title if self.definition is not None else f"custom ({self.dataset})"
+
+    def applies_to(self, claim_id: str) -> bool:
+        """Whether the claim runs in this setting (the He-init setting runs the BN claims only)."""
+        return self.definition is None or self.definition.applies_to(claim_id)
 
     # ---- seeds and grids -------------------------------------------------------------------------------------
 
     @property
     def seed_list(self) -> list[int]:
-        """The seeds every arm runs with."""
+        """The evaluation seeds: every reported effect is measured on these (``0 .. seeds-1``)."""
         return list(range(self.seeds))
+
+    @property
+    def selection_seed_list(self) -> list[int]:
+        """The selection seeds: choices (learning rates, targets, p) are made on these only."""
+        return list(range(SELECTION_SEED_BASE, SELECTION_SEED_BASE + self.selection_seeds))
+
+    @property
+    def seed_split(self) -> SeedSplit:
+        """Selection and evaluation seeds as a :class:`normdrop.selection.SeedSplit`."""
+        return SeedSplit(tuple(self.selection_seed_list), tuple(self.seed_list))
 
     @property
     def lr_grid(self) -> tuple[float, ...]:
@@ -156,25 +308,38 @@ class StudySetting:
 
     # ---- specs -----------------------------------------------------------------------------------------------
 
-    def steps(self, family: str) -> int:
-        """The step budget of a family's runs."""
-        return QUICK_STEPS[family] if self.quick else int(FAMILIES[family]["steps"])
-
-    def spec(self, family: str, **fields: Any) -> RunSpec:
-        """A run of ``family`` on this setting's data: the family's fields, then the overrides, then ``fields``."""
+    def family_fields(self, family: str) -> dict[str, Any]:
+        """The spec fields of a family in this setting: :data:`FAMILIES`, then the setting's, then quick budgets,
+        then the overrides (what :meth:`spec` starts from)."""
         if family not in FAMILIES:
             raise ValueError(f"unknown experiment family {family!r}; expected one of {sorted(FAMILIES)}")
         values: dict[str, Any] = {**FAMILIES[family], "dataset": self.dataset}
+        if self.definition is not None:
+            values.update(self.definition.families.get(family, {}))
         if self.quick:
             values["steps"] = QUICK_STEPS[family]
             values["eval_every"] = QUICK_EVAL_EVERY[family]
         values.update(dict(self.overrides))
+        return values
+
+    def steps(self, family: str) -> int:
+        """The step budget of a family's runs."""
+        return int(self.family_fields(family)["steps"])
+
+    def spec(self, family: str, **fields: Any) -> RunSpec:
+        """A run of ``family`` on this setting's data: :meth:`family_fields`, then ``fields``.
+
+        A run on a training subset or with label noise draws them from its own seed (``data_seed = seed``) unless
+        ``fields`` set ``data_seed``."""
+        values = self.family_fields(family)
         values.update(fields)
+        if "data_seed" not in fields and (values.get("train_size") is not None or values.get("label_noise", 0) > 0):
+            values["data_seed"] = values.get("seed", 0)
         if values.get("probes") and "probe_every" not in fields:
             calls = QUICK_PROBES_PER_RUN if self.quick else PROBES_PER_RUN
             values["probe_every"] = max(1, values["steps"] // calls) if family == "deep" else values["steps"]
         return RunSpec(**values)
 
-    def arm(self, family: str, **fields: Any) -> list[RunSpec]:
-        """One spec per seed of :attr:`seed_list`."""
-        return [self.spec(family, seed=seed, **fields) for seed in self.seed_list]
+    def arm(self, family: str, *, seeds: list[int] | None = None, **fields: Any) -> list[RunSpec]:
+        """One spec per seed of ``seeds`` (default :attr:`seed_list`, the evaluation seeds)."""
+        return [self.spec(family, seed=seed, **fields) for seed in (self.seed_list if seeds is None else seeds)]

@@ -52,6 +52,8 @@ DEFAULT_OUT_DIR = Path("normdrop-report")
 """Where ``normdrop study`` and ``normdrop report`` write the report."""
 
 POLL_SECONDS = 0.5
+MAX_ROUNDS = 64
+"""Most rounds of adaptive experiments (:attr:`Experiment.extend`) a study runs: a guard, far above a bisection's."""
 
 
 @dataclass
@@ -206,6 +208,28 @@ def run_study(
             )
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
+        rounds_started = time.perf_counter()
+        for _ in range(MAX_ROUNDS):
+            pending = next_round(plans, results)
+            if not pending:
+                break
+            results.update(load_results(store, [spec.run_id for spec in pending]))
+            missing = [spec for spec in pending if spec.run_id not in results]
+            if not missing:
+                continue
+            if not train:
+                break
+            swept = _sweep(
+                plans, missing, store, executor, workers, ray_address, progress, run_fn, console, outcome, fleet=fleet
+            )
+            for key, value in swept.items():
+                outcome.sweep[key] = outcome.sweep.get(key, 0) + value
+            results.update(load_results(store, [spec.run_id for spec in missing]))
+            if any(spec.run_id not in results for spec in missing):
+                break  # the sweep stopped early (its note says why)
+        if train:
+            outcome.phase_seconds["adaptive rounds"] = time.perf_counter() - rounds_started
+        all_specs = [spec for plan in plans for spec in plan.specs]
         paths = numeric_paths(store, results.keys())
     if len(paths) > 1:
         described = "; ".join(f"{count} runs on {path}" for path, count in sorted(paths.items()))
@@ -228,6 +252,23 @@ def run_study(
     outcome.phase_seconds["analysis"] = time.perf_counter() - analysis_started
     outcome.wall_seconds = time.perf_counter() - started
     return outcome
+
+
+def next_round(plans: Sequence[ClaimPlan], results: dict[str, RunResult]) -> list[RunSpec]:
+    """Extend every adaptive experiment (:attr:`Experiment.extend`) given ``results`` and return the specs of all
+    plans that have no result yet (each once)."""
+    for plan in plans:
+        extend = plan.experiment.extend
+        if extend is None or plan.missing_probes:
+            continue
+        for label, (specs, replicates) in extend(results).items():
+            plan.experiment.add(label, list(specs), None if replicates is None else list(replicates))
+    pending: dict[str, RunSpec] = {}
+    for plan in plans:
+        for spec in plan.specs:
+            if spec.run_id not in results:
+                pending.setdefault(spec.run_id, spec)
+    return list(pending.values())
 
 
 def _sweep(

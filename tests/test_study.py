@@ -7,12 +7,14 @@ import json
 import math
 import random
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from normdrop.claims import CLAIM_IDS, Analysis, Claim, ClaimData, Experiment, StudySetting, all_claims, get, measure
 from normdrop.claims.experiment import probed_deep_arms
+from normdrop.lr_search import LogBisection, rounds_needed
 from normdrop.report import summary_dict, write_report
 from normdrop.spec import RunResult, RunSpec
 from normdrop.stats import VERDICTS
@@ -241,3 +243,59 @@ def test_runs_on_mixed_numeric_paths_are_noted_or_refused(tmp_path: Path) -> Non
     assert any("2 numeric paths" in note and "backend=composite" in note for note in mixed.notes)
     with pytest.raises(MixedNumericPaths, match="numeric paths"):
         run_study(setting, store_path, claims=claims, train=False, progress=False, strict_numeric_path=True)
+
+
+# ---- adaptive experiments (Experiment.extend) ---------------------------------------------------------------
+
+
+class BisectsTheLimit(Claim):
+    """Bisects each seed's largest non-diverging learning rate with rounds of runs (fake_run: plain nets diverge
+    at lr >= 1), replaying the searches from the results each round."""
+
+    id = "bisects-the-limit"
+    title = "A bisection over rounds"
+    statement = "The plain net's limit is 1."
+
+    def _searches(self, setting: StudySetting, results: Mapping[str, RunResult]) -> dict[int, LogBisection]:
+        searches = {}
+        for seed in setting.seed_list:
+            search = LogBisection(0.01, 10.0, 1.25)
+            while (lr := search.pending()) is not None:
+                result = results.get(setting.spec("deep", seed=seed, lr=lr).run_id)
+                if result is None:
+                    break
+                search.record(lr, result.status == "finished")
+            searches[seed] = search
+        return searches
+
+    def experiment(self, setting: StudySetting) -> Experiment:
+        def extend(results: Mapping[str, RunResult]) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
+            arms = {}
+            for seed, search in self._searches(setting, results).items():
+                lrs = [lr for lr, _ in search.evaluations]
+                if (lr := search.pending()) is not None:
+                    lrs.append(lr)
+                arms[f"seed {seed}"] = ([setting.spec("deep", seed=seed, lr=lr) for lr in lrs], [seed] * len(lrs))
+            return arms
+
+        return Experiment(extend=extend)
+
+    def analyze(self, data: ClaimData) -> Analysis:
+        searches = self._searches(data.setting, data.results)
+        values = {seed: search.result().value for seed, search in searches.items() if search.done}
+        return Analysis(measure("limit", "largest stable lr", values, "increase", null=0.5))
+
+
+def test_adaptive_rounds_run_a_bisection_and_report_replays_it(tmp_path: Path) -> None:
+    setting = StudySetting.create(quick=True, seeds=2)
+    store = tmp_path / "runs.sqlite"
+    outcome = run_study(setting, store, claims=[BisectsTheLimit()], workers=1, progress=False, run_fn=fake_run)
+    (result,) = outcome.results
+    values = result.analysis.primary.per_seed
+    assert sorted(values) == [0, 1]
+    for value in values.values():  # the bracket straddles the fake's threshold 1.0 to within x1.25
+        assert 1.0 / 1.25 < value < 1.0 * 1.25
+    runs = outcome.sweep["finished"] + outcome.sweep["diverged"]
+    assert runs == result.runs.planned and runs <= 2 * rounds_needed(0.01, 10.0, 1.25)
+    again = run_study(setting, store, claims=[BisectsTheLimit()], train=False, progress=False)
+    assert again.results[0].analysis.primary.per_seed == values and again.results[0].runs.missing == 0

@@ -39,6 +39,7 @@ class Claim(ABC):
         probes: names of ``normdrop.probe_catalog.PROBES`` the runs need; a name outside the catalogue makes the
             claim not measurable, with the reason.
         references: papers the measurement follows.
+        budget_reanalysis: see the attribute.
     """
 
     id: ClassVar[str]
@@ -49,6 +50,10 @@ class Claim(ABC):
     caveats: ClassVar[str] = ""
     probes: ClassVar[tuple[str, ...]] = ()
     references: ClassVar[tuple[str, ...]] = ()
+    budget_reanalysis: ClassVar[bool] = True
+    """Whether the analysis can be repeated on the runs cut to a fraction of their steps (the study shows each
+    effect at smaller budgets and tests robustness to half the budget that way). False for a claim whose primary
+    reads what only whole runs hold (final weights)."""
 
     @abstractmethod
     def experiment(self, setting: StudySetting) -> Experiment:

@@ -3,12 +3,17 @@ shared runs have one spec (and one run id) whichever claim asks for them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from normdrop.claims.setting import StudySetting
 from normdrop.probe_catalog import PRESETS
-from normdrop.spec import RunSpec
+from normdrop.spec import RunResult, RunSpec
+
+Extension = Callable[[Mapping[str, RunResult]], Mapping[str, tuple[list[RunSpec], list[int] | None]]]
+"""An adaptive experiment's next round: given every result known so far (run id -> result), the arms it needs
+now, as ``label -> (specs, replicates)`` (see :attr:`Experiment.extend`)."""
 
 
 @dataclass
@@ -24,6 +29,11 @@ class Experiment:
     arms: dict[str, list[RunSpec]] = field(default_factory=dict)
     description: str = ""
     replicates: dict[str, list[int]] = field(default_factory=dict)
+    extend: Extension | None = None
+    """For an adaptive experiment (a bisection): called by the study after each round of runs with every result
+    known so far; it returns the arms needed given those results (a pure function of them, so ``normdrop report``
+    replays the same rounds from the store). Returned arms are added (a label already present is replaced); the
+    study stops when every spec has a result and a call adds no new spec."""
 
     def add(self, label: str, specs: list[RunSpec], replicates: list[int] | None = None) -> None:
         """Add an arm (``replicates``: its seeds, when not the setting's evaluation seeds)."""

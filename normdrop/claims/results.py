@@ -16,6 +16,9 @@ class Measurement:
 
     ``metric`` names the quantity and its unit; ``display`` turns an effect value into words for readers (e.g. a
     log2 ratio into "2.1x"); ``null`` and ``margin`` are those of :func:`normdrop.stats.decide`.
+    ``resolution_limited``: the per-seed values agree to the resolution of the measurement (e.g. a bisection's
+    x1.25, :func:`normdrop.scope.resolution_limited`), so the report says "resolution-limited" instead of showing
+    the interval.
     """
 
     name: str
@@ -28,6 +31,7 @@ class Measurement:
     margin: float | None = None
     unit: str = ""
     note: str = ""
+    resolution_limited: bool = False
 
     @property
     def verdict(self) -> str:

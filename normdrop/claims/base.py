@@ -91,7 +91,9 @@ class ClaimData:
     ``results`` maps run id to the stored result (failed runs included; a run the store does not hold is
     absent). ``others`` holds the results of the claims analysed before this one, in the same setting (the summary
     reads them). ``budget`` is the fraction of each run's steps the results were cut to (1: whole runs; the study
-    re-analyses at smaller budgets by cutting each run's records at ``budget * steps``).
+    re-analyses at smaller budgets by cutting each run's records at ``budget * steps``). ``draw`` False: a
+    re-analysis (half the seeds, a smaller budget) that reads only the primary and secondary measurements, so the
+    claim should skip its figures and any in-process measurement the primary does not need.
     """
 
     setting: StudySetting
@@ -99,6 +101,7 @@ class ClaimData:
     results: Mapping[str, RunResult]
     others: Mapping[str, ClaimResult] = field(default_factory=dict)
     budget: float = 1.0
+    draw: bool = True
 
     def runs(self, arm: str) -> dict[int, RunResult | None]:
         """Replicate seed -> result of an arm (None when the store does not hold the run).

@@ -59,7 +59,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "lr": 3e-3,
         "batch_size": 100,
         "train_size": 500,
-        "steps": 750,
+        "steps": 1000,
         "eval_every": 50,
     },
 }
@@ -129,6 +129,7 @@ SETTINGS: dict[str, SettingDef] = {
             "digits",
             "digits, MLP",
             "digits",
+            {"small": {"steps": 500, "eval_every": 25}},
             description="MLPs on scikit-learn's 8x8 digits (1797 images; a different input distribution).",
         ),
         SettingDef(
@@ -279,12 +280,25 @@ class StudySetting:
 
     @property
     def dropout_grid(self) -> tuple[float, ...]:
-        """Dropout probabilities of the small family."""
-        return (0.0, 0.5) if self.quick else (0.0, 0.1, 0.3, 0.5)
+        """Dropout probabilities of the small family on the evaluation seeds (0 and every candidate)."""
+        return (0.0, *self.dropout_candidates)
+
+    @property
+    def dropout_candidates(self) -> tuple[float, ...]:
+        """The dropout rates p > 0 among which the dropout claims choose, on the selection seeds (the quick study
+        has only the primary p, so its "choice" is fixed)."""
+        return (self.primary_dropout,) if self.quick else (0.1, 0.3, 0.5)
 
     primary_dropout: ClassVar[float] = 0.5
-    """The p every dropout claim's verdict compares with p = 0, fixed before seeing data (Srivastava et al. 2014
-    recommend 0.5 for hidden units)."""
+    """The fixed p of the pre-registered comparisons (bn-less-dropout, the factorial, the whole-training-set
+    cells; a secondary comparison of dropout-generalizes and dropout-overfit), fixed before seeing data
+    (Srivastava et al. 2014 recommend 0.5 for hidden units)."""
+
+    @property
+    def full_data_grid(self) -> tuple[float, ...]:
+        """Dropout probabilities of the runs on the whole training set: 0 and :attr:`primary_dropout` (an
+        exploratory comparison; those runs are the most expensive of the family)."""
+        return (0.0, self.primary_dropout)
 
     @property
     def small_train_size(self) -> int:
@@ -298,8 +312,15 @@ class StudySetting:
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        """Batch sizes of bn-regularizes (the family's own, 100, is among them; the quick study has only it)."""
-        return (100,) if self.quick else (25, 100, 400)
+        """Batch sizes of bn-regularizes' batch-size comparison, each trained for as many epochs as the family's
+        runs (the family's own, 100, is among them; the quick study has only it)."""
+        return (100,) if self.quick else (100, 250)
+
+    @property
+    def ghost_batch_sizes(self) -> tuple[int, ...]:
+        """Ghost-batch sizes of bn-regularizes' dose-response (Hoffer et al. 2017), besides the full batch: BN's
+        statistics over ghost batches of this many examples within each batch of the family's size."""
+        return (25,) if self.quick else (10, 25, 50)
 
     @property
     def ensemble_members(self) -> int:

@@ -40,11 +40,16 @@ SMALL_N = int(FAMILIES["small"]["train_size"])
 """Training examples of the small family (the statements and notes say it)."""
 
 
-def small_scope(data: ClaimData, examples: str = f"{SMALL_N} training examples (a fresh subset per seed)") -> str:
-    """The scope facts a note starts with: data, budget in steps (the cut budget in a re-analysis), seeds."""
+def small_scope(
+    data: ClaimData,
+    examples: str = f"{SMALL_N} training examples (a fresh subset per seed)",
+    seeds: Sequence[int] | None = None,
+) -> str:
+    """The scope facts a note starts with: data, budget in steps (the cut budget in a re-analysis), evaluation
+    seeds (default the setting's)."""
     spec = data.setting.spec("small")
     budget = f"{round(data.budget * spec.steps)} of {spec.steps} steps" if data.budget < 1 else f"{spec.steps} steps"
-    return f"{examples}, {budget}, evaluation seeds {data.setting.seed_list}"
+    return f"{examples}, {budget}, evaluation seeds {list(data.setting.seed_list if seeds is None else seeds)}"
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,12 @@ class BNRegularizes(Claim):
             "increase",
             unit="pp",
             note=f"{scope}; t interval over seeds (test examples not resampled); {mde_phrase(effect)}",
+            unmeasurable=None
+            if len(effect) >= 2
+            else (
+                f"only {len(effect)} seed(s) reached {MATCH_TARGET:.0%} training accuracy in both arms (the others "
+                "failed, diverged, are missing or never reached the target)"
+            ),
         )
         effects = ghost_effects(data)
         slopes = dose_slopes(effects, data.setting.seed_list)

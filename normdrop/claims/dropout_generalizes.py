@@ -133,7 +133,7 @@ class DropoutGeneralizes(Claim):
         secondary = [
             accuracy_gain(
                 data,
-                f"pre-registered: test accuracy with dropout {p:g} (fixed) minus without ({SMALL_N} examples)",
+                f"pre-registered: test accuracy with dropout {p:g} (fixed) minus without ({SMALL_N} training examples)",
                 p,
                 s.small_train_size,
                 f"{small_scope(data)}; p fixed in code before any data",
@@ -150,7 +150,7 @@ class DropoutGeneralizes(Claim):
         if choice.p is not None:
             secondary.append(
                 measure(
-                    f"test loss with dropout {choice.p:g} (chosen) minus without ({SMALL_N} examples)",
+                    f"test loss with dropout {choice.p:g} (chosen) minus without ({SMALL_N} training examples)",
                     "final test cross-entropy, with minus without dropout, nats",
                     paired_difference(
                         finals(data, choice.p, s.small_train_size, "test_loss"),

@@ -91,7 +91,7 @@ class DropoutOverfit(Claim):
             description=(
                 f"The runs of dropout-generalizes: plain {spec.model} {spec.depth} x {spec.width} (no BN), "
                 f"{spec.optimizer} lr {spec.lr:g}, {spec.steps} steps; dropout p in {list(setting.dropout_candidates)}"
-                f" on {SMALL_N} examples (a fresh subset per seed) on the selection seeds "
+                f" on {SMALL_N} training examples (a fresh subset per seed) on the selection seeds "
                 f"{setting.selection_seed_list} (p chosen there), p in {list(setting.dropout_grid)} on the "
                 f"evaluation seeds {setting.seed_list}, p in {list(setting.full_data_grid)} on all training examples."
             ),
@@ -114,7 +114,8 @@ class DropoutOverfit(Claim):
         else:
             primary = gap_reduction(
                 data,
-                f"generalization gap without dropout minus with dropout {choice.p:g} (chosen, {SMALL_N} examples)",
+                f"generalization gap without dropout minus with dropout {choice.p:g} (chosen) "
+                f"({SMALL_N} training examples)",
                 choice.p,
                 small,
                 f"{small_scope(data)}; {choice.describe()}; "
@@ -123,7 +124,7 @@ class DropoutOverfit(Claim):
         secondary = [
             gap_reduction(
                 data,
-                f"pre-registered: gap without dropout minus with dropout {p:g} (fixed, {SMALL_N} examples)",
+                f"pre-registered: gap without dropout minus with dropout {p:g} (fixed) ({SMALL_N} training examples)",
                 p,
                 small,
                 f"{small_scope(data)}; p fixed in code before any data",
@@ -137,7 +138,7 @@ class DropoutOverfit(Claim):
                 + convergence_phrase(data.runs(dropout_label(s, p, None)), f"p = {p:g} arm"),
             ),
             measure(
-                f"loss gap without dropout minus with dropout {p:g} ({SMALL_N} examples)",
+                f"loss gap without dropout minus with dropout {p:g} ({SMALL_N} training examples)",
                 "final (test - training) loss, without minus with dropout, nats",
                 paired_difference(gaps(data, 0.0, small, loss_gap), gaps(data, p, small, loss_gap)),
                 "increase",

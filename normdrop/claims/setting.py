@@ -122,7 +122,10 @@ SETTINGS: dict[str, SettingDef] = {
             "cnn1d",
             "MNIST-1D, 1-D CNN",
             "mnist1d",
-            {"deep": {"model": "cnn1d", "depth": 5, "width": 32}, "small": {"model": "cnn1d", "depth": 2, "width": 32}},
+            {
+                "deep": {"model": "cnn1d", "depth": 5, "width": 32},
+                "small": {"model": "cnn1d", "depth": 2, "width": 32, "steps": 1500},
+            },
             description="1-D convolutional networks on MNIST-1D (stride-2 convolutions, a linear head).",
         ),
         SettingDef(

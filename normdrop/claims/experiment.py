@@ -171,8 +171,11 @@ def dropout_grid_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
 def dropout_selection_arms(setting: StudySetting) -> dict[str, tuple[list[RunSpec], list[int]]]:
     """The plain small network on the family's subset at every candidate rate of
     :attr:`StudySetting.dropout_candidates`, on the *selection* seeds: where the dropout rate is chosen
-    (:func:`normdrop.claims.choices.chosen_dropout`); ``label -> (specs, replicates)``, labels
-    ``selection_label(dropout_label(...))``."""
+    (:func:`normdrop.claims.small_family.chosen_dropout`); ``label -> (specs, replicates)``, labels
+    ``selection_label(dropout_label(...))``. Empty when there is a single candidate (the quick study): nothing to
+    choose."""
+    if len(setting.dropout_candidates) < 2:
+        return {}
     seeds = setting.selection_seed_list
     arms = {}
     for p in setting.dropout_candidates:

@@ -108,7 +108,7 @@ SETTINGS: dict[str, SettingDef] = {
             "mlp-sgd",
             "MNIST-1D, MLP, SGD",
             "mnist1d",
-            {"small": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05}},
+            {"small": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "steps": 750}},
             description="MLPs on MNIST-1D trained with SGD + momentum 0.9 (torch's default init).",
         ),
         SettingDef(
@@ -124,7 +124,7 @@ SETTINGS: dict[str, SettingDef] = {
             "mnist1d",
             {
                 "deep": {"model": "cnn1d", "depth": 5, "width": 32},
-                "small": {"model": "cnn1d", "depth": 2, "width": 32, "steps": 1500},
+                "small": {"model": "cnn1d", "depth": 2, "width": 32, "steps": 1000},
             },
             description="1-D convolutional networks on MNIST-1D (stride-2 convolutions, a linear head).",
         ),

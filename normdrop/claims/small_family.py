@@ -68,6 +68,8 @@ class DropoutChoice:
         """One sentence for a note: what was chosen, on which seeds, from what."""
         if self.p is None:
             return f"no dropout rate could be chosen ({self.reason})"
+        if not self.seeds:
+            return f"p = {self.p:g}, {self.reason}"
         scores = ", ".join(f"p={q:g}: {m:.1%}" for q, m in self.means.items())
         return (
             f"p = {self.p:g} chosen on selection seeds {list(self.seeds)} by mean final test accuracy ({scores}); "
@@ -89,6 +91,8 @@ def chosen_dropout(data: ClaimData) -> DropoutChoice:
     the experiment must hold :func:`normdrop.claims.experiment.dropout_selection_arms`."""
     setting = data.setting
     candidates = setting.dropout_candidates
+    if len(candidates) == 1:
+        return DropoutChoice(candidates[0], {}, (), "the only candidate (quick study): nothing chosen")
     scores = {p: selection_accuracy(data, p) for p in candidates}
     means = {
         p: float(np.mean([v for s, v in values.items() if s in setting.selection_seed_list]))

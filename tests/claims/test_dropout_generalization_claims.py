@@ -297,3 +297,13 @@ def test_the_small_family_claims_run_through_the_study_engine(tmp_path: Path) ->
     less = by_id["bn-less-dropout"].analysis.primary
     assert sorted(less.per_seed) == claim_seeds(SETTING)  # the extra seeds were trained by the engine too
     assert outcome.sweep["failed"] == 0
+
+
+def test_the_quick_study_has_one_candidate_and_no_selection_runs() -> None:
+    quick = StudySetting.create(quick=True, seeds=3)
+    experiment = get("dropout-generalizes").experiment(quick)
+    assert not any(spec.seed >= 1000 for spec in experiment.specs())
+    data = data_for("dropout-generalizes", dropout_runs(0.5, 0.5), setting=quick)
+    choice = chosen_dropout(data)
+    assert choice.p == quick.primary_dropout and "nothing chosen" in choice.describe()
+    assert get("dropout-generalizes").analyze(data).primary.verdict == "supported"

@@ -159,7 +159,7 @@ SETTINGS: dict[str, SettingDef] = {
             "mnist1d",
             {
                 "deep": {"init": "kaiming"},
-                "small": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "init": "kaiming"},
+                "small": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "steps": 750, "init": "kaiming"},
             },
             claims=BN_CLAIMS,
             description="As mlp-sgd, with He (kaiming) init: BN against a well initialized plain network.",

@@ -133,7 +133,10 @@ def accuracy_estimate(
         return t, "t interval over seeds (final weights not available, e.g. a re-analysis at a smaller budget)"
     a = {s: np.sum([c[s] for c in correct_plus], axis=0) for s in seeds}
     b = {s: np.sum([c[s] for c in correct_minus], axis=0) for s in seeds}
-    boot = paired_example_bootstrap(a, b, shared_test_set=True)
+    try:
+        boot = paired_example_bootstrap(a, b, shared_test_set=True)
+    except ValueError:  # test sets of different sizes: runs of different datasets, not a shared test set
+        boot = None
     if boot is None:
         return t, "t interval over seeds"
     low, high = min(t.ci_low, scale * boot.ci_low), max(t.ci_high, scale * boot.ci_high)

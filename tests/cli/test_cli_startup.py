@@ -115,7 +115,7 @@ def _store_holding_every_run(tmp_path: Path, text: str) -> tuple[Path, Path, int
         'model = "cnn2d"\ndataset = "digits"\nnorm = "batch"\ndropout = 0.1\n\n[grid]\n'
         'dropout_kind = ["channel", "feature_alpha"]\n',
         'model = "cnn2d"\ndataset = "digits"\ndropout = 0.1\ndropout_kind = "dropblock"\n'
-        'dropout_options = {block_size = 3}\n',
+        "dropout_options = {block_size = 3}\n",
     ],
 )
 def test_sweep_with_nothing_left_to_run_imports_no_torch(tmp_path, body):

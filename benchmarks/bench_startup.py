@@ -1,6 +1,6 @@
 """Start-up of the command line against ``import torch``: wall time of ``normdrop --help``, of every
 ``normdrop CMD --help`` and of ``normdrop sweep FILE`` with every run of FILE already in the store (16 runs over
-every norm kind, saved without training), over ``python -c "import torch"``; the commands interleaved, medians (and
+four norm kinds, saved without training), over ``python -c "import torch"``; the commands interleaved, medians (and
 extremes) over rounds. Goals: the helps at most 0.25x, the stored sweep at most 2 s.
 
     python -m benchmarks.bench_startup [ROUNDS] [ONLY]

@@ -118,3 +118,30 @@ def test_scripted_alpha_dropout_ignores_inplace_as_torch_and_eager_do(layer, twi
     torch.testing.assert_close(outputs["script"], outputs["eager"], rtol=0, atol=0)
     if p == 1.0:  # every unit dropped: the same constant as torch's layer
         torch.testing.assert_close(outputs["script"], outputs["torch"], rtol=0, atol=0)
+
+
+EXPORTED_IN_TRAINING = ["GhostBatchNorm2d", "FrozenBatchNorm2d", "DropPath", "DropConnect"]
+"""The variants torch.export captures in training mode (README); the others stop on a data-dependent ``.item()``."""
+
+
+@pytest.mark.parametrize("name", EXPORTED_IN_TRAINING)
+def test_export_in_training_runs_the_variant(name):
+    model, x = model_with(name)
+    exported = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
+    if name in ("GhostBatchNorm2d", "FrozenBatchNorm2d"):  # no randomness: the same outputs as eager
+        torch.testing.assert_close(exported(x), model.train()(x), rtol=1e-6, atol=1e-6)
+    elif name == "DropPath":  # each sample dropped whole or kept and scaled by 1 / (1 - p), as in eager mode
+        y = exported(x)
+        for sample, given in zip(y, x, strict=True):
+            assert torch.equal(sample, torch.zeros_like(sample)) or torch.allclose(sample, given / 0.7)
+    else:
+        assert exported(x).shape == model(x).shape
+
+
+@pytest.mark.parametrize("name", ["GhostBatchNorm2d", "BatchRenorm1d", "FrozenBatchNorm1d", "DropPath", "DropConnect"])
+def test_compile_default_has_no_graph_break_on_the_variant(name):
+    import torch._dynamo
+
+    model, x = model_with(name)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model.train())(x).graph_break_count == 0

@@ -23,6 +23,7 @@ from torch import Tensor
 from normdrop.nn import functional as F
 from normdrop.nn import ops
 from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normdrop.nn.interop import fx_leaf_layer
 from normdrop.nn.kernels.composite import channel_view
 
 __all__ = [
@@ -65,6 +66,7 @@ def ghost_batch_sizes(batch: int, ghost_batch_size: int, spatial_size: int = 1) 
     return sizes
 
 
+@fx_leaf_layer
 class _GhostBatchNorm:
     """Training forward of ghost batch norm; mixed in before normdrop's BatchNorm class."""
 
@@ -151,6 +153,7 @@ def _ramp(start: float, final: float, step: int, warmup_steps: int, full_steps: 
     return start + (final - start) * fraction
 
 
+@fx_leaf_layer
 class _BatchRenorm:
     """Training forward of batch renormalization; mixed in before normdrop's BatchNorm class."""
 
@@ -261,6 +264,7 @@ class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
 # ------------------------------------------------------------------------------------------------ frozen BN
 
 
+@fx_leaf_layer
 class _FrozenBatchNorm(torch.nn.Module):
     """Batch norm with fixed statistics and affine map, all buffers (an optimizer never sees them)."""
 

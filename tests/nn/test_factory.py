@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import normdrop.nn as nd
+from normdrop.layer_catalog import NORM_KINDS
 from normdrop.nn import factory
 
 NORM_CASES = [  # (name, dims, kwargs, expected class)
@@ -102,3 +103,4 @@ def test_register_adds_a_name_once():
             factory.register_dropout("odd", {5: torch.nn.Dropout})
     finally:
         factory._NORMS.pop("instance", None)
+        NORM_KINDS.pop("instance", None)  # the torch-free catalog that specs are validated against

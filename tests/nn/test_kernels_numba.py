@@ -460,3 +460,29 @@ def test_functional_dropout_numba_vs_composite(numba_backend, fn, shape, channel
     reference = run_dropout("composite", fn, x)
     for got, want in zip(ours, reference, strict=True):
         assert torch.equal(got, want)
+
+
+def test_batch_norm_parallel_blocks_are_scheduled_dynamically_and_deterministically(monkeypatch):
+    """The parallel batch norm splits its planes into several blocks per thread, handed out one at a time (so a
+    descheduled thread holds little work); which thread runs a block changes from call to call, the bits do not."""
+    import numba
+
+    from normdrop.nn.kernels.numba_cpu.memory import PARALLEL_BLOCKS_PER_THREAD, parallel_blocks
+
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 0)
+    torch.set_num_threads(2)
+    x = make_input((64, 6, 5, 7), torch.contiguous_format, torch.float32)
+    grad_out = torch.randn_like(x)
+    weight = torch.linspace(0.5, 1.5, 6)
+    runs = []
+    for _ in range(6):
+        y, mean, var = numba_cpu.batch_norm_forward(x, weight, None, None, None, True, 1e-5)
+        runs.append((y, mean, var, *numba_cpu.batch_norm_backward(grad_out, x, weight, mean, var, True, 1e-5)))
+    assert numba.get_num_threads() == 2 and parallel_blocks(64 * 6) == 2 * PARALLEL_BLOCKS_PER_THREAD
+    assert parallel_blocks(3) == 3 and parallel_blocks(0) == 1
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True))
+    for got, want in zip(
+        runs[0][:3], composite.batch_norm_forward(x, weight, None, None, None, True, 1e-5), strict=True
+    ):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])

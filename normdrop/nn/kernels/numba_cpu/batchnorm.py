@@ -21,6 +21,7 @@ from normdrop.nn.kernels.numba_cpu.memory import (
     _plain_type,
     _plane_size,
     _with_layout,
+    parallel_blocks,
 )
 
 # ------------------------------------------------------------------------------------------ batch norm kernels
@@ -350,7 +351,9 @@ def batch_norm_forward(
     addresses = (x.data_ptr(), _address(weight), _address(bias), mean.data_ptr(), var.data_ptr())
     spatial = _plane_size(y.size, x, layout)
     if _parallel(y.size):
-        _forward_parallel(y, *addresses, channels, spatial, training, eps, numba.get_num_threads())
+        blocks = parallel_blocks(y.size // (channels if spatial == 1 else spatial))
+        with numba.parallel_chunksize(1):  # blocks handed out one at a time (see PARALLEL_BLOCKS_PER_THREAD)
+            _forward_parallel(y, *addresses, channels, spatial, training, eps, blocks)
     else:
         _forward(y, *addresses, channels, spatial, training, eps)
     if not training:
@@ -387,7 +390,9 @@ def batch_norm_backward(
     addresses = tuple(map(_address, tensors))
     spatial = _plane_size(grad_x.size, x, layout)
     if _parallel(grad_x.size):
-        _backward_parallel(grad_x, *addresses, channels, spatial, training, eps, numba.get_num_threads())
+        blocks = parallel_blocks(grad_x.size // (channels if spatial == 1 else spatial))
+        with numba.parallel_chunksize(1):
+            _backward_parallel(grad_x, *addresses, channels, spatial, training, eps, blocks)
     else:
         _backward(grad_x, *addresses, channels, spatial, training, eps)
     if param_dtype != x.dtype:

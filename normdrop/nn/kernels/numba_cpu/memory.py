@@ -19,6 +19,12 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 PARALLEL_MIN_NUMEL = 1 << 18
 # Work unit of the parallel dropout loops, in elements.
 PARALLEL_BLOCK = 1 << 14
+# Blocks per thread of the parallel batch-norm loops, handed out one at a time (dynamic schedule: numba's
+# ``parallel_chunksize(1)``). With one block per thread (a static split), a thread descheduled by another process
+# on the machine holds half the work while the others wait at the loop's end; with several small blocks the running
+# threads take the descheduled one's share. The block count depends on the thread count only, not on which thread
+# ran a block, so results stay deterministic (the per-block float64 sums are added in block order).
+PARALLEL_BLOCKS_PER_THREAD = 8
 
 # Batch norm may reassociate sums (SIMD reductions), fuse multiply-adds and divide by reciprocals: it changes
 # results within float tolerance only. No "nnan"/"ninf": NaN and inf in the input propagate as in composite.
@@ -143,6 +149,11 @@ def _parallel(numel: int) -> bool:
         numba.set_num_threads(threads)
     _pool["started"] = True
     return True
+
+
+def parallel_blocks(units: int) -> int:
+    """How many blocks a parallel batch-norm loop over ``units`` rows or planes splits into (at least one)."""
+    return max(1, min(units, PARALLEL_BLOCKS_PER_THREAD * numba.get_num_threads()))
 
 
 @intrinsic

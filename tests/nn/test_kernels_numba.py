@@ -16,6 +16,7 @@ pytest.importorskip("numba")
 from normdrop.nn import functional as NF
 from normdrop.nn import kernels, rng
 from normdrop.nn.kernels import composite, numba_cpu
+from normdrop.nn.kernels.numba_cpu import memory as numba_memory
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 DTYPES = [torch.float32, torch.float64]
@@ -38,7 +39,7 @@ LAYOUT_IDS = [f"{'x'.join(map(str, shape))}-{str(fmt).split('.')[-1]}" for shape
 def kernel_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """Run a test on the serial kernels (one thread) and on the parallel ones (two threads, no size threshold)."""
     if request.param == "parallel":
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 0)
+        monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)  # the module _parallel reads it from
         torch.set_num_threads(2)  # the autouse fixture in conftest.py restores the thread count
     return request.param
 
@@ -385,7 +386,7 @@ def test_uniform_bit_identical_to_composite(kernel_threads, count, offset):
 def test_forked_child_of_a_parallel_parent_still_computes(monkeypatch):
     """After the parent has run a parallel kernel, a forked child must not restart OpenMP's pool (numba would
     terminate it): it takes the serial kernels and gets the same result."""
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)  # the module _parallel reads it from
     torch.set_num_threads(2)
     x = torch.randn(8, 3, 16)
     expected = numba_cpu.dropout_forward(x, 5, 0, 0.5, 3, False, True)
@@ -469,7 +470,7 @@ def test_batch_norm_parallel_blocks_are_scheduled_dynamically_and_deterministica
 
     from normdrop.nn.kernels.numba_cpu.memory import PARALLEL_BLOCKS_PER_THREAD, parallel_blocks
 
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)  # the module _parallel reads it from
     torch.set_num_threads(2)
     x = make_input((64, 6, 5, 7), torch.contiguous_format, torch.float32)
     grad_out = torch.randn_like(x)

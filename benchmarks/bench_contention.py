@@ -4,9 +4,10 @@ A busy-loop child process is pinned to the last core this process may use (``os.
 normdrop and the torch.nn layer of each case are timed round-robin in this process (``normdrop.bench.layers``'
 ops and callables), ``--rounds`` rounds of ``--round-seconds`` each. Under contention the *median* round says
 what a user sees; the best round says what an undisturbed round costs (both printed, as torch time / normdrop
-time). ``--no-busy`` measures the same without the child. On a shared machine only the ratios mean anything.
+time). ``--no-busy`` measures the same without the child; ``--fixed`` also times normdrop's kernels on the fixed
+thread count they used before they gave up cores other processes keep busy. Only the ratios mean anything.
 
-    python -m benchmarks.bench_contention [--threads 2] [--rounds 15] [--no-busy] [--shape 128 64 32 32]
+    python -m benchmarks.bench_contention [--threads 2] [--rounds 15] [--no-busy] [--fixed] [--shape 128 64 32 32]
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
-from typing import Any
 
-import numba
 import torch
 
 from normdrop.bench.layers import OPS, make_layers, op_callable
@@ -34,44 +33,36 @@ def _busy(core: int) -> None:
 
 
 @contextlib.contextmanager
-def _static_split() -> Iterator[None]:
-    """Batch norm's parallel loops as they were scheduled before: one block per thread, a static split."""
-    from normdrop.nn.kernels.numba_cpu import batchnorm
+def _fixed_threads() -> Iterator[None]:
+    """The parallel kernels as they were before: on torch's thread count whatever other processes do."""
+    from normdrop.nn.kernels.numba_cpu import memory
 
-    class _Static:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(numba, name)
-
-        @staticmethod
-        def parallel_chunksize(_: int) -> Any:
-            return numba.parallel_chunksize(0)  # 0: numba's default static schedule
-
-    saved = batchnorm.numba, batchnorm.parallel_blocks
-    batchnorm.numba, batchnorm.parallel_blocks = _Static(), lambda units: min(units, numba.get_num_threads())
+    saved = memory.free_cores
+    memory.free_cores = lambda: len(os.sched_getaffinity(0))
     try:
         yield
     finally:
-        batchnorm.numba, batchnorm.parallel_blocks = saved
+        memory.free_cores = saved
 
 
 def measure(
-    shape: tuple[int, ...], op_name: str, threads: int, rounds: int, round_seconds: float, static: bool = False
+    shape: tuple[int, ...], op_name: str, threads: int, rounds: int, round_seconds: float, fixed: bool = False
 ) -> dict:
-    """Per-round seconds per call of both layers (and, with ``static``, normdrop's batch norm with the static split
-    it had before), interleaved; best and median ratios torch / normdrop."""
+    """Per-round seconds per call of both layers (and, with ``fixed``, normdrop's kernels on a fixed thread count,
+    as before they gave up busy cores), interleaved; best and median ratios torch / normdrop."""
     op = next(o for o in OPS if o.name == op_name)
     x = torch.randn(*shape)
     grad = torch.randn(*shape)
     with num_threads(threads):
         impls = {impl: op_callable(layer, op, x, grad) for impl, layer in make_layers(op, x).items()}
-        if static:
-            dynamic = impls["normdrop"]
+        if fixed:
+            adaptive = impls["normdrop"]
 
-            def static_call() -> object:
-                with _static_split():
-                    return dynamic()
+            def fixed_call() -> object:
+                with _fixed_threads():
+                    return adaptive()
 
-            impls["normdrop static"] = static_call
+            impls["normdrop fixed"] = fixed_call
         calls = {name: calibrate(fn, time.perf_counter, round_seconds) for name, fn in impls.items()}
         times: dict[str, list[float]] = {name: [] for name in impls}
         for _ in range(rounds):
@@ -88,9 +79,9 @@ def measure(
         "median_speedup": median["torch"] / median["normdrop"],
         "best_speedup": best["torch"] / best["normdrop"],
     }
-    if static:
-        row["static_median_speedup"] = median["torch"] / median["normdrop static"]
-        row["static_best_speedup"] = best["torch"] / best["normdrop static"]
+    if fixed:
+        row["fixed_median_speedup"] = median["torch"] / median["normdrop fixed"]
+        row["fixed_best_speedup"] = best["torch"] / best["normdrop fixed"]
     return row
 
 
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs="+", default=[128, 64, 32, 32])
     parser.add_argument("--ops", nargs="+", default=["bn train fwd+bwd", "bn train fwd"])
     parser.add_argument("--no-busy", action="store_true", help="no busy-loop child: the quiet reference")
-    parser.add_argument("--static", action="store_true", help="also time batch norm with its former static split")
+    parser.add_argument("--fixed", action="store_true", help="also time the kernels on a fixed thread count")
     args = parser.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
     child = None
@@ -113,16 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(f"load average {os.getloadavg()}; busy child on core {cores[-1] if child else None}; {args.threads} thr")
         for op in args.ops:
-            row = measure(tuple(args.shape), op, args.threads, args.rounds, args.round_seconds, args.static)
-            static = (
-                f"; static split: median {row['static_median_speedup']:.2f}x, best {row['static_best_speedup']:.2f}x"
-                if args.static
+            row = measure(tuple(args.shape), op, args.threads, args.rounds, args.round_seconds, args.fixed)
+            fixed = (
+                f"; fixed threads: median {row['fixed_median_speedup']:.2f}x, best {row['fixed_best_speedup']:.2f}x"
+                if args.fixed
                 else ""
             )
             print(
                 f"{row['op']:<18} {'x'.join(map(str, row['shape']))}: normdrop {row['normdrop_median_ms']:.2f} ms, "
                 f"torch {row['torch_median_ms']:.2f} ms (medians); speedup median {row['median_speedup']:.2f}x, "
-                f"best {row['best_speedup']:.2f}x{static}"
+                f"best {row['best_speedup']:.2f}x{fixed}"
             )
     finally:
         if child is not None:

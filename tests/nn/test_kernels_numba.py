@@ -5,6 +5,7 @@ through ``normdrop.nn.functional``."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 
@@ -463,27 +464,53 @@ def test_functional_dropout_numba_vs_composite(numba_backend, fn, shape, channel
         assert torch.equal(got, want)
 
 
-def test_batch_norm_parallel_blocks_are_scheduled_dynamically_and_deterministically(monkeypatch):
-    """The parallel batch norm splits its planes into several blocks per thread, handed out one at a time (so a
-    descheduled thread holds little work); which thread runs a block changes from call to call, the bits do not."""
+def test_parallel_kernels_give_up_the_cores_other_processes_use(monkeypatch):
+    """Under contention the parallel kernels run on the free cores only (one thread when none is free), and the
+    results do not change: batch norm's blocks follow the thread count asked for, not the threads that run."""
     import numba
 
-    from normdrop.nn.kernels.numba_cpu.memory import PARALLEL_BLOCKS_PER_THREAD, parallel_blocks
+    from normdrop.nn.kernels.numba_cpu.memory import parallel_blocks
 
-    monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)  # the module _parallel reads it from
+    monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)
     torch.set_num_threads(2)
     x = make_input((64, 6, 5, 7), torch.contiguous_format, torch.float32)
     grad_out = torch.randn_like(x)
     weight = torch.linspace(0.5, 1.5, 6)
-    runs = []
-    for _ in range(6):
+    runs, threads = [], []
+    for free in (2, 1, 0):
+        monkeypatch.setattr(numba_memory, "free_cores", lambda free=free: free)
         y, mean, var = numba_cpu.batch_norm_forward(x, weight, None, None, None, True, 1e-5)
+        threads.append(numba.get_num_threads())
         runs.append((y, mean, var, *numba_cpu.batch_norm_backward(grad_out, x, weight, mean, var, True, 1e-5)))
-    assert numba.get_num_threads() == 2 and parallel_blocks(64 * 6) == 2 * PARALLEL_BLOCKS_PER_THREAD
-    assert parallel_blocks(3) == 3 and parallel_blocks(0) == 1
+    assert threads == [2, 1, 1] and parallel_blocks(64 * 6) == 2 and parallel_blocks(0) == 1
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True))
-    for got, want in zip(
-        runs[0][:3], composite.batch_norm_forward(x, weight, None, None, None, True, 1e-5), strict=True
-    ):
+    reference = composite.batch_norm_forward(x, weight, None, None, None, True, 1e-5)
+    for got, want in zip(runs[0][:3], reference, strict=True):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_free_cores_counts_a_busy_process_on_this_process_cores():
+    """A busy-loop child pinned to one of this process's cores takes that core off :func:`free_cores`."""
+    import multiprocessing
+    import time
+
+    cores = sorted(os.sched_getaffinity(0))
+    numba_memory._contention["checked"] = -math.inf
+    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(cores[-1],), daemon=True)
+    child.start()
+    try:
+        time.sleep(1.0)  # the child is spinning
+        numba_memory.free_cores()  # a first sample
+        time.sleep(2 * numba_memory.CONTENTION_WINDOW)
+        assert numba_memory.free_cores() <= len(cores) - 1
+    finally:
+        child.terminate()
+        child.join()
+        numba_memory._contention["checked"] = -math.inf
+
+
+def _spin(core: int) -> None:
+    os.sched_setaffinity(0, {core})
+    while True:
+        pass

@@ -3,7 +3,6 @@ the forward / backward functions with composite's signatures (see :mod:`normdrop
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 from torch import Tensor
@@ -352,8 +351,7 @@ def batch_norm_forward(
     spatial = _plane_size(y.size, x, layout)
     if _parallel(y.size):
         blocks = parallel_blocks(y.size // (channels if spatial == 1 else spatial))
-        with numba.parallel_chunksize(1):  # blocks handed out one at a time (see PARALLEL_BLOCKS_PER_THREAD)
-            _forward_parallel(y, *addresses, channels, spatial, training, eps, blocks)
+        _forward_parallel(y, *addresses, channels, spatial, training, eps, blocks)
     else:
         _forward(y, *addresses, channels, spatial, training, eps)
     if not training:
@@ -391,8 +389,7 @@ def batch_norm_backward(
     spatial = _plane_size(grad_x.size, x, layout)
     if _parallel(grad_x.size):
         blocks = parallel_blocks(grad_x.size // (channels if spatial == 1 else spatial))
-        with numba.parallel_chunksize(1):
-            _backward_parallel(grad_x, *addresses, channels, spatial, training, eps, blocks)
+        _backward_parallel(grad_x, *addresses, channels, spatial, training, eps, blocks)
     else:
         _backward(grad_x, *addresses, channels, spatial, training, eps)
     if param_dtype != x.dtype:

@@ -235,7 +235,9 @@ def test_sweep_with_and_without_fleet_stores_the_same_runs(tmp_path):
     # with probes and kept weights: the sweep's fleets build each member's probes as run_spec does
     options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.1, "probes": ("layer_inputs",), "probe_every": 3}
     options["keep"] = ("final_weights",)
-    specs = [RunSpec(**options, seed=k, lr=0.01 * (k + 1)) for k in range(3)]
+    # data_seed = seed on a training subset with label noise, as the study runs them: still one fleet
+    options.update(train_size=200, label_noise=0.1)
+    specs = [RunSpec(**options, seed=k, data_seed=k, lr=0.01 * (k + 1)) for k in range(3)]
     specs += [RunSpec(**options, seed=0, width=50), RunSpec(**{**options, "model": "cnn1d", "width": 8})]
     assert [len(task) if isinstance(task, tuple) else 1 for task in plan_tasks(specs, workers=1)] == [3, 1, 1]
     stored = {}

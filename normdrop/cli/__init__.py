@@ -15,7 +15,7 @@ from typer import _click as click
 from typer.core import TyperCommand, TyperGroup
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    # name: (module, function, the first line of its docstring)
+    # name: (module, function or Typer app, the first line of its docstring)
     "sweep": (
         "normdrop.cli.lab",
         "sweep",
@@ -56,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "bench": (
         "normdrop.cli.bench",
-        "bench",
+        "bench_app",
         "Time normdrop's BatchNorm and Dropout against torch.nn's, and the study's models with either layers.",
     ),
     "build-fastpath": (
@@ -81,6 +81,10 @@ def load_command(name: str) -> click.Command:
     """Import the module of sub-command ``name`` and build its click command (Typer's, from the function)."""
     module, function, _ = COMMANDS[name]
     callback = getattr(importlib.import_module(module), function)
+    if isinstance(callback, typer.Typer):  # a command with sub-commands of its own (``normdrop bench fleet``)
+        group = typer.main.get_command(callback)
+        group.name = name
+        return group
     single = typer.Typer(add_completion=False)
     single.command(name)(callback)
     return typer.main.get_command(single)

@@ -56,6 +56,12 @@ def test_command_help_imports_no_torch(name):
     assert "Usage" in out
 
 
+def test_bench_fleet_help_imports_no_torch():
+    code, heavy, out = imported_after(["bench", "fleet", "--help"])
+    assert code == 0 and "torch" not in heavy, heavy
+    assert "Usage: normdrop bench fleet" in out
+
+
 def test_listing_is_each_commands_own_help():
     for name, (_, _, short_help) in COMMANDS.items():
         command = load_command(name)

@@ -525,10 +525,28 @@ def detectable_effect(m: Measurement) -> float | None:
     return min_detectable_effect(sd, len(values))
 
 
+def plain_reason(m: Measurement) -> str:
+    """The measurement's reason, with a zero-width interval worded as what it is: seeds that agree to the
+    resolution of the measurement ("resolution-limited") or tie exactly ("zero-width: seeds tie"), not precision.
+
+    The interval is found in the words :func:`normdrop.stats.decide` writes ("95% CI [a, b] over n seeds")."""
+    e, reason = m.estimate, m.decision.reason
+    if e is None or not (m.resolution_limited or e.ci_low == e.ci_high):
+        return reason
+    interval = f"{e.confidence:.0%} CI [{e.ci_low:.4g}, {e.ci_high:.4g}] over {e.n} seeds"
+    what = (
+        "resolution-limited: the seeds agree to the measurement's resolution"
+        if m.resolution_limited
+        else "zero-width: seeds tie"
+    )
+    words = f"all {e.n} seeds at {e.value:.4g} ({what}; no interval)"
+    return reason.replace(interval, words) if interval in reason else f"{reason} ({what})"
+
+
 def shown_verdict(m: Measurement, adjusted: Adjusted | None, tests: int) -> tuple[str, str]:
     """The verdict and reason the report shows for a primary: a "supported" that is not significant after Holm
     over ``tests`` primary tests becomes "inconclusive"; every other verdict is the claim's own."""
-    reason = m.decision.reason
+    reason = plain_reason(m)
     if m.verdict != "supported":
         return m.verdict, reason
     if adjusted is None:

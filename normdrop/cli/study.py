@@ -65,7 +65,7 @@ def _check_dataset(dataset: str | None) -> str | None:
     from normdrop.data import DATASET_NAMES
 
     if dataset is not None and dataset not in DATASET_NAMES:
-        raise typer.BadParameter(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASET_NAMES)}")
+        _fail(f"--dataset: unknown dataset {dataset!r}; expected one of {', '.join(DATASET_NAMES)}")
     return dataset
 
 
@@ -76,7 +76,7 @@ def _check_model(model: str | None) -> dict[str, str]:
 
     names = typing.get_args(ModelName)
     if model is not None and model not in names:
-        raise typer.BadParameter(f"unknown model {model!r}; expected one of {', '.join(names)}")
+        _fail(f"--model: unknown model {model!r}; expected one of {', '.join(names)}")
     return {} if model is None else {"model": model}
 
 

@@ -54,7 +54,7 @@ from normdrop.report.text import (
     zero_width,
 )
 from normdrop.significance import ALPHA
-from normdrop.study import StudyOutcome
+from normdrop.study import StudyOutcome, plain_reason
 
 HTML_NAME = "report.html"
 JSON_NAME = "summary.json"
@@ -80,7 +80,7 @@ def measurement_dict(m: Measurement, *, exploratory: bool = False) -> dict[str, 
     data = {
         "name": m.name,
         "verdict": m.verdict,
-        "reason": m.decision.reason,
+        "reason": plain_reason(m),
         "effect": _number(e.value) if e else None,
         "ci_low": _number(e.ci_low) if e else None,
         "ci_high": _number(e.ci_high) if e else None,

@@ -20,6 +20,7 @@ from normdrop.report.text import (
     short_effect,
 )
 from normdrop.significance import ALPHA
+from normdrop.study import plain_reason
 
 if TYPE_CHECKING:
     from normdrop.study import StudyOutcome
@@ -229,7 +230,7 @@ def _measurement_rows(measurements: list[Measurement], exploratory: bool = False
     for m in measurements:
         rows.append(
             f"<tr><td>{escape(m.name)}</td><td>{verdict_badge(m.verdict)}</td><td>{escape(effect_text(m))}</td>"
-            f"<td>{escape(m.metric)}</td><td>{escape(m.decision.reason)}"
+            f"<td>{escape(m.metric)}</td><td>{escape(plain_reason(m))}"
             + (f"<br><span class='small'>{escape(m.note)}</span>" if m.note else "")
             + "</td></tr>"
         )

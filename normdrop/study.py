@@ -43,6 +43,7 @@ from normdrop.claims.base import Claim, ClaimData, ClaimResult, ScopedClaimResul
 from normdrop.claims.experiment import Experiment
 from normdrop.claims.figures import message_figure, not_rendered
 from normdrop.claims.results import Analysis, Measurement, RunCounts, not_measurable
+from normdrop.claims.scope_figure import small_multiples
 from normdrop.claims.setting import SETTINGS, StudySetting
 from normdrop.probe_catalog import PROBES
 from normdrop.scope import ScopedVerdict, SettingVerdict, fragile, overall_verdict
@@ -635,6 +636,13 @@ def _analyze_all(
     started = time.perf_counter()
     scoped, tests = _combine(plans, by_key)
     seconds["multiplicity and overall verdicts"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for result in scoped:
+        try:
+            result.figure = small_multiples(result)
+        except Exception as error:  # a figure never stops the study
+            result.figure = message_figure(result.claim.title, f"the settings figure failed: {error}")
+    seconds["settings figures"] = time.perf_counter() - started
     return scoped, tests, seconds
 
 
@@ -669,7 +677,7 @@ def _combine(
                 item.p = p_values[f"{key[0]}@{key[1]}"]
                 adj = adjusted.get(f"{key[0]}@{key[1]}")
                 item.p_adjusted = adj.adjusted if adj is not None else None
-                item.mde = detectable_effect(m)
+                item.mde = None if m.verdict == "not measurable" else detectable_effect(m)
     scoped_results = []
     for claim in dict.fromkeys(plan.claim for plan in plans):
         items = [by_key[(plan.claim.id, plan.setting.name)] for plan in plans if plan.claim is claim]

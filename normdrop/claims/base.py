@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from normdrop.claims.experiment import Experiment
-from normdrop.claims.results import Analysis, Measurement, RunCounts
+from normdrop.claims.results import Analysis, Figure, Measurement, RunCounts
 from normdrop.claims.setting import StudySetting
 from normdrop.scope import ScopedVerdict
 from normdrop.spec import RunResult
@@ -148,6 +148,9 @@ class ScopedClaimResult:
     fragile_detail: str = ""
     reanalyses: dict[str, ScopedVerdict] = field(default_factory=dict)
     """Overall verdicts of the re-analyses ("half the seeds", "half the budget", "a quarter of the budget")."""
+    figure: Figure | None = None
+    """The primary effect in every setting and at every budget (the study draws it:
+    :mod:`normdrop.claims.scope_figure`)."""
 
     @property
     def verdict(self) -> str:

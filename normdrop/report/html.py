@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from normdrop.claims.base import BUDGETS, ScopedClaimResult, SettingResult
 from normdrop.claims.results import Measurement
-from normdrop.report.figures import small_multiples
 from normdrop.report.text import (
     QUICK_BANNER,
     budget_label,
@@ -342,7 +341,8 @@ def _claim_section(result: ScopedClaimResult, outcome: StudyOutcome) -> str:
     ]
     if claim.mechanism:
         parts.append(f'<div class="mechanism"><b>In plain words.</b> {escape(claim.mechanism)}</div>')
-    parts.append(_figure(small_multiples(result)))
+    if result.figure is not None:
+        parts.append(_figure(result.figure))
     parts.append("<h3>Per setting</h3>" + _settings_table(result))
     parts += [_setting_details(item, index == 0) for index, item in enumerate(result.settings)]
     parts.append("<h3>What was measured, and why this experiment</h3>")

@@ -12,6 +12,7 @@ import math
 
 from normdrop.claims.base import BUDGETS, SettingResult
 from normdrop.claims.results import Measurement
+from normdrop.claims.scope_figure import budget_label
 
 QUICK_BANNER = "quick: a first look, not for citing"
 """The line on every page and section of a quick study's report."""
@@ -76,11 +77,6 @@ def p_text(item: SettingResult) -> str:
         return "—"
     adjusted = "—" if item.p_adjusted is None else f"{item.p_adjusted:.2g}"
     return f"{item.p:.2g} (Holm {adjusted})"
-
-
-def budget_label(budget: float) -> str:
-    """1/4, 1/2, full."""
-    return {0.25: "1/4", 0.5: "1/2", 1.0: "full"}.get(budget, f"{budget:g}")
 
 
 def budgets_text(item: SettingResult) -> str:

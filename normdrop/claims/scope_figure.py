@@ -1,9 +1,9 @@
-"""The report's own figure: per claim, a small multiple of its primary effect in every setting and at every budget.
+"""The study's own figure: per claim, a small multiple of its primary effect in every setting and at every budget.
 
 One row per setting; in each row the primary effect at a quarter, half and the whole of each run's steps, each with
 its 95% interval (a resolution-limited value is drawn as an open marker without an interval), the null value as a
-vertical line and an equivalence band where the claim has a margin. It is drawn from the measurements the study
-already made: the report computes nothing.
+vertical line and an equivalence band where the claim has a margin. The study engine draws it
+(:attr:`normdrop.claims.base.ScopedClaimResult.figure`) from the measurements it made; the report only shows it.
 """
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ from __future__ import annotations
 from normdrop.claims.base import BUDGETS, ScopedClaimResult
 from normdrop.claims.figures import finish, new_figure
 from normdrop.claims.results import Figure
-from normdrop.report.text import budget_label
 
 BUDGET_COLORS = {0.25: "#9ab8d8", 0.5: "#4f8cc9", 1.0: "#0b3d73"}
 """Light to dark: the longer the runs, the darker the marker."""
+
+
+def budget_label(budget: float) -> str:
+    """1/4, 1/2, full."""
+    return {0.25: "1/4", 0.5: "1/2", 1.0: "full"}.get(budget, f"{budget:g}")
 
 
 def small_multiples(result: ScopedClaimResult) -> Figure:

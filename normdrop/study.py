@@ -481,7 +481,7 @@ def cut_result(result: RunResult, budget: float) -> RunResult:
     spec = result.spec
     cutoff = math.floor(budget * spec.steps)
     metrics = [row for row in result.metrics if row[0] <= cutoff]
-    probe_records = [r for r in result.probe_records if int(r.get("step", 0)) <= cutoff]
+    probe_records = [r for r in result.probe_records if int(r.get("step") or 0) <= cutoff]
     status, diverged_step = result.status, result.diverged_step
     if status == "diverged" and diverged_step is not None and diverged_step > cutoff:
         status, diverged_step = "finished", None

@@ -237,7 +237,12 @@ def report(
     claim_ids = _names(claims, list(registered), "claim(s)", "--claims")
     setting_names = _names(settings, list(SETTINGS), "setting(s)", "--settings")
     if claim_ids is None and recorded is not None and recorded["claims"]:
+        unknown = [i for i in recorded["claims"] if i not in registered]
         claim_ids = [i for i in recorded["claims"] if i in registered]
+        if not claim_ids:
+            _fail(f"{out}: the recorded claims {', '.join(unknown)} are not registered; pass --claims")
+        if unknown and not quiet:
+            _stderr.print(f"note: recorded claims not registered, left out: {', '.join(unknown)}")
     dicts = recorded["settings"] if recorded is not None else [{"name": name} for name in SETTINGS]
     if setting_names is not None:
         by_name = {d.get("name"): d for d in dicts}

@@ -706,9 +706,11 @@ def _combine(
                 details.append(f"{variant}{subset}")
         skipped = [item for item in items if item.budget_skipped]
         if changed:
-            detail = "fragile: " + "; ".join(changed)
+            detail = "; ".join(changed)
+        elif details:
+            detail = f"{full.verdict} also with " + " and with ".join(details)
         else:
-            detail = f"stable: {full.verdict} also with " + (" and ".join(details) if details else "no re-analysis")
+            detail = "no re-analysis could be made"
         if skipped:
             detail += f"; budget not re-analysed in {len(skipped)}/{len(items)} settings: {skipped[0].budget_skipped}"
         scoped_results.append(ScopedClaimResult(claim, items, full, bool(changed), detail, reanalyses))

@@ -138,7 +138,11 @@ class ScopedClaimResult:
     """A claim over every setting it ran in: the per-setting results, the overall verdict with its scope, and
     whether that verdict survives half the seeds and half the budget.
 
-    ``analysis``, ``runs`` and ``n_seeds`` are those of the first setting (a one-setting study reads as before).
+    ``fragile``: the overall verdict changes with half the evaluation seeds or at half the budget (each
+    re-analysis with its own Holm correction); ``fragile_detail`` says which way ("inconclusive with half the
+    seeds, supported in full") or what held ("supported also with half the seeds and with half the budget"), and
+    where the budget could not be re-analysed. ``analysis``, ``runs`` and ``n_seeds`` are those of the first
+    setting (a one-setting study reads as before).
     """
 
     claim: Claim

@@ -24,7 +24,7 @@ def budget_label(budget: float) -> str:
 def small_multiples(result: ScopedClaimResult) -> Figure:
     """The claim's primary effect per setting (rows) at each budget, with intervals, null and margin."""
     items = result.settings
-    figure, ax = new_figure(height=1.1 + 0.55 * len(items))
+    figure, ax = new_figure(height=1.4 + 0.55 * len(items))
     first = items[0].primary
     offsets = {0.25: -0.22, 0.5: 0.0, 1.0: 0.22}
     drawn: set[float] = set()
@@ -57,7 +57,7 @@ def small_multiples(result: ScopedClaimResult) -> Figure:
     ax.set_ylim(len(items) - 0.5, -0.5)
     ax.set_xlabel(f"{first.metric}" + (f" ({first.unit})" if first.unit else ""), fontsize=8)
     if drawn:
-        ax.legend(fontsize=7, loc="lower right", ncols=3)
+        figure.legend(fontsize=7, loc="outside lower center", ncols=3, frameon=False)
     names = ", ".join(item.setting.name for item in items)
     caption = (
         f"The primary effect ({first.name}) in each setting ({names}), at a quarter, half and the whole of each "

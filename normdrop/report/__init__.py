@@ -273,7 +273,8 @@ def markdown(outcome: StudyOutcome) -> str:
             "",
             f"## {result.claim.id}: {result.claim.title} — {result.verdict}",
             "",
-            f"*Scope.* {result.scope}. *Robustness.* {result.fragile_detail}.",
+            f"*Scope.* {result.scope}. *Robustness.* {'fragile' if result.fragile else 'stable'}: "
+            f"{result.fragile_detail}.",
         ]
         if outcome.quick:
             lines += ["", f"> {QUICK_BANNER}"]

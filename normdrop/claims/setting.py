@@ -192,7 +192,7 @@ class StudySetting:
         cls,
         *,
         quick: bool = False,
-        dataset: str = "mnist1d",
+        dataset: str | None = None,
         seeds: int | None = None,
         overrides: Mapping[str, Any] | None = None,
         name: str = DEFAULT_SETTING,
@@ -200,10 +200,10 @@ class StudySetting:
     ) -> StudySetting:
         """A setting of the catalogue (default or quick); ``seeds`` / ``selection_seeds`` None take the defaults.
 
-        ``dataset`` is the dataset of a ``"custom"`` setting; a catalogue setting trains on its own dataset unless
-        ``dataset`` names another one than the default ``"mnist1d"`` (``normdrop study --dataset``)."""
-        if name != "custom" and name in SETTINGS and dataset == "mnist1d":
-            dataset = SETTINGS[name].dataset
+        ``dataset`` None: a catalogue setting's own dataset (``"mnist1d"`` for a ``"custom"`` one); a name: that
+        dataset instead (``normdrop study --dataset``)."""
+        if dataset is None:
+            dataset = SETTINGS[name].dataset if name in SETTINGS else "mnist1d"
         return cls(
             dataset=dataset,
             seeds=seeds if seeds is not None else (QUICK_SEEDS if quick else DEFAULT_SEEDS),
@@ -231,7 +231,7 @@ class StudySetting:
         """Inverse of :meth:`as_dict` (a dict written before settings had names is the ``"custom"`` setting)."""
         return cls.create(
             quick=bool(data.get("quick", False)),
-            dataset=str(data.get("dataset", "mnist1d")),
+            dataset=str(data["dataset"]) if data.get("dataset") is not None else None,
             seeds=int(data["seeds"]) if data.get("seeds") is not None else None,
             overrides=data.get("overrides") or {},
             name=str(data.get("name", "custom")),

@@ -46,13 +46,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "study": (
         "normdrop.cli.study",
         "study",
-        "Test every claim: train the runs the store lacks, analyse them, write the report (HTML, JSON, Markdown).",
+        "Test every claim in every setting: train the runs the store lacks, analyse them, write the report (HTML, "
+        "JSON, Markdown).",
     ),
     "report": (
         "normdrop.cli.study",
         "report",
-        "Re-render the report from the runs in the store, without training (the setting recorded in --out by the "
-        "last `normdrop study`, unless flags change it).",
+        "Re-render the report from the runs in the store, without training (the settings and claims recorded in "
+        "--out by the last `normdrop study`, unless flags change them).",
     ),
     "bench": (
         "normdrop.cli.bench",

@@ -216,13 +216,15 @@ class CoadaptationProbe(Probe):
     A conv layer's unit is a channel, its samples taken over examples and positions. Records (one per layer, and one
     per unit when ``per_unit``): ``layer``, ``unit`` (None for a layer row), and for a layer row the fields of
     :func:`coadaptation_stats`; a unit row has ``mean_activation`` and ``active_fraction`` of that unit. All rows
-    have ``bn_mode`` and ``threshold``. With ``usefulness`` (default), at the run's last step (``step ==
-    spec.steps``: it costs one forward pass of :data:`TEST_EXAMPLES` test examples per unit) and in a context that
-    carries the dataset (the trainer's always does), a layer row adds ``unit_probe_accuracy`` / ``unit_probe_accuracy_max`` (mean / max over
-    units of the single-unit probe's test accuracy), ``ablation_drop`` / ``ablation_drop_max`` (mean / max over
-    units of the test-accuracy drop when the unit is zeroed), ``test_accuracy`` (the network's on the ablation
-    examples, in inference mode), ``fit_examples``, ``test_examples`` and ``ablation_examples``; a unit row adds its ``probe_accuracy`` and ``ablation_drop``. These are
-    always measured in inference mode, whatever ``bn_mode`` says for the statistics above.
+    have ``bn_mode`` and ``threshold``.
+
+    With ``usefulness`` (default), at the run's last step (``step == spec.steps``: it costs about one forward pass
+    of :data:`ABLATION_EXAMPLES` test examples per unit) and in a context that carries the dataset (the trainer's
+    always does), a layer row adds ``unit_probe_accuracy`` / ``unit_probe_accuracy_max`` (mean / max over units of
+    the single-unit probe's test accuracy), ``ablation_drop`` / ``ablation_drop_max`` (mean / max over units of the
+    test-accuracy drop when the unit is zeroed), ``test_accuracy`` (the network's on the ablation examples, in
+    inference mode), ``fit_examples``, ``test_examples`` and ``ablation_examples``; a unit row adds its
+    ``probe_accuracy`` and ``ablation_drop``. These are always measured in inference mode, whatever ``bn_mode`` says for the statistics above.
     """
 
     name = "coadaptation"

@@ -68,7 +68,6 @@ def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int 
     confidence, predicted = probabilities.double().max(dim=1)
     correct = (predicted == labels.long()).double()
     index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
-    counts = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
     hits = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
     confidences = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
     return float((hits - confidences).abs().sum() / len(labels))

@@ -224,7 +224,8 @@ class CoadaptationProbe(Probe):
     the single-unit probe's test accuracy), ``ablation_drop`` / ``ablation_drop_max`` (mean / max over units of the
     test-accuracy drop when the unit is zeroed), ``test_accuracy`` (the network's on the ablation examples, in
     inference mode), ``fit_examples``, ``test_examples`` and ``ablation_examples``; a unit row adds its
-    ``probe_accuracy`` and ``ablation_drop``. These are always measured in inference mode, whatever ``bn_mode`` says for the statistics above.
+    ``probe_accuracy`` and ``ablation_drop``. These are always measured in inference mode, whatever ``bn_mode``
+    says for the statistics above.
     """
 
     name = "coadaptation"

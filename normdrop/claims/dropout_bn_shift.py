@@ -8,7 +8,8 @@ classifier (``before_head``, Li et al.'s fix). At the family's depth the fix wou
 layer instead of one per hidden layer), so the depth-2 ``before_head`` network is not run. The ``variance_shift``
 probe measures at the end of training, per BN layer on training examples, the running variance (accumulated in
 training, with dropout on) against the variance the layer really sees at inference (dropout off), and the closed-form
-prediction (c^2 + v)/q - c^2 over v; it also re-estimates BN's statistics with dropout off (``recalibrate_bn``) and records the test accuracy before and after.
+prediction (c^2 + v)/q - c^2 over v; it also re-estimates BN's statistics with dropout off (``recalibrate_bn``) and
+records the test accuracy before and after.
 The probe measures at the first and the last step only, so the claim is not re-analysed at smaller budgets.
 
 Verdict: the shift itself, per seed ln(running variance / inference variance) averaged over the BN layers of the

@@ -25,9 +25,11 @@ is a channel, its value per example the mean over positions):
       score_c(x) = x mu_cu / s_u^2 - mu_cu^2 / (2 s_u^2) + ln pi_c,   predict argmax_c score_c(x_u)
 
   with pi_c the class frequencies, mu_cu the class means and s_u^2 = (1/N) sum_i (x_iu - mu_{y_i u})^2 the pooled
-  within-class variance; its accuracy on the test set (``unit_probe_accuracy``, mean over the layer's units). A
-  constant unit (a dead ReLU) predicts the most frequent class. The score is linear in x, so this is a linear probe
-  of one unit; sklearn's ``LinearDiscriminantAnalysis(solver="lsqr")`` fits the same rule (the tests compare them).
+  within-class variance (floored at 1e-12 of the unit's total variance, so a unit that separates the classes
+  exactly predicts the nearest class mean); its accuracy on the test set (``unit_probe_accuracy``, mean over the
+  layer's units). A constant unit (a dead ReLU) predicts the most frequent training class. The score is linear in
+  x, so this is a linear probe of one unit; sklearn's ``LinearDiscriminantAnalysis(solver="lsqr")`` fits the same
+  rule (the tests compare them).
 - ablation: the test accuracy of the whole network minus its accuracy with unit u zeroed (``ablation_drop``, mean
   over the layer's units, in accuracy fraction): how much the network relies on that unit.
 """
@@ -100,11 +102,14 @@ def single_unit_probe_accuracy(
     present = counts > 0
     means = (onehot.T @ x) / counts.clamp_min(1.0)[:, None]  # (C, U)
     residual = x - means[train_labels.long()]
-    variance = residual.pow(2).mean(dim=0)  # (U,)
+    variance = residual.pow(2).mean(dim=0)  # (U,) pooled within-class variance
+    total = x.var(dim=0, unbiased=False)  # (U,)
     log_prior = torch.where(present, counts.clamp_min(1.0).log() - math.log(len(x)), -math.inf)  # (C,)
-    scale = variance.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    live = variance > 1e-12 * scale
-    inverse = torch.where(live, 1.0 / variance.clamp_min(torch.finfo(torch.float64).tiny), 0.0)  # dead: prior only
+    tiny = torch.finfo(torch.float64).tiny
+    live = total > 1e-12 * total.max().clamp_min(tiny)  # a constant unit predicts from the priors alone
+    # a unit that separates the classes exactly (no within-class spread) is scored as nearest class mean
+    variance = torch.maximum(variance, 1e-12 * total).clamp_min(tiny)
+    inverse = torch.where(live, 1.0 / variance, 0.0)
     # score_c(x) = x a_uc + b_uc with a = mu / s^2 and b = -mu^2 / (2 s^2) + ln pi, shapes (U, C)
     slope = means.T * inverse[:, None]
     offset = -means.T.pow(2) * inverse[:, None] / 2 + log_prior[None, :]

@@ -54,6 +54,10 @@ DROPOUT_ARM = "dropout net"
 KEEP = ("final_weights",)
 """What every run of this claim keeps: the analysis evaluates the trained networks again."""
 
+_SCORED: dict[tuple[Any, ...], tuple[tuple[int, ...], list[dict[str, Any]]]] = {}
+"""(dropout net, members, scorer) -> (ks, records) already computed in this process: the study's re-analysis on
+half the seeds reads the same stored runs again (records depend only on them, the ks and the fixed MC seed)."""
+
 
 def member_label(index: int) -> str:
     """Arm label of the ``index``-th extra member of the first replicates' explicit ensembles."""
@@ -235,16 +239,25 @@ def _scores(
     result: RunResult | None, members: Sequence[RunResult | None], ks: Sequence[int]
 ) -> list[dict[str, Any]] | None:
     """The records of :func:`ensemble_comparison` for one replicate (None when its dropout net is unusable); the
-    explicit ensemble only when every member is usable."""
+    explicit ensemble only when every member is usable. Served from :data:`_SCORED` when these runs were scored
+    before with these ks among others and the same largest k (the same max(ks) passes from the fixed MC seed)."""
     if result is None or result.status != "finished":
         return None
+    key = (result.run_id, tuple(None if m is None else (m.run_id, m.status) for m in members), ensemble_comparison)
+    cached = _SCORED.get(key)
+    if cached is not None and set(ks) <= set(cached[0]) and max(ks) == max(cached[0]):
+        return [r for r in cached[1] if r["method"] != "mc" or r["k"] in ks]
     model = final_model(result)
     if model is None:
         return None
     nets = [final_model(member) for member in members]
     ensemble = [model, *nets] if all(net is not None for net in nets) else []
     dataset = load_run_dataset(result.spec)
-    return ensemble_comparison(model, ensemble, dataset.x_test, dataset.y_test, ks)
+    rows = ensemble_comparison(model, ensemble, dataset.x_test, dataset.y_test, ks)
+    if len(_SCORED) >= 512:
+        _SCORED.clear()
+    _SCORED[key] = (tuple(ks), rows)
+    return rows
 
 
 def _pick(rows: list[dict[str, Any]], method: str, k: int | None, field: str) -> float | None:

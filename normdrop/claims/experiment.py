@@ -137,3 +137,23 @@ def dropout_grid_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
 def size_name(setting: StudySetting, train_size: int | None) -> str:
     """How the report names a training-set size."""
     return "all training examples" if train_size is None else f"{train_size} training examples"
+
+
+# ---- (dropmech) ----------------------------------------------------------------------------------------------
+
+
+def factorial_selection_label(label: str) -> str:
+    """Arm label of a 2 x 2 factorial cell run on the selection seeds."""
+    return f"{label} (selection seeds)"
+
+
+def factorial_selection_arms(setting: StudySetting) -> dict[str, tuple[list[RunSpec], list[int]]]:
+    """The cells of :func:`factorial_arms` on the selection seeds, as ``label -> (specs, replicates)``: where a
+    claim on the factorial makes its choices (e.g. a speed target), so the evaluation seeds are only measured."""
+    seeds = setting.selection_seed_list
+    arms = {}
+    for norm in NORMS:
+        for p in (0.0, setting.primary_dropout):
+            _, specs = small_arm(setting, norm, p, seeds=seeds)
+            arms[factorial_selection_label(small_label(norm, p))] = (specs, seeds)
+    return arms

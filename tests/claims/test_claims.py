@@ -395,19 +395,24 @@ def test_bn_regularizes_each_verdict() -> None:
 
 
 def coadaptation_runs(with_dropout: Callable[[RunSpec], float]) -> Make:
-    """Mean |correlation| between units 0.3 without dropout and ``with_dropout(spec)`` with it, at the last step."""
+    """Mean single-unit probe accuracy 0.2 without dropout and ``with_dropout(spec)`` with it, mean |correlation|
+    0.3 without dropout and 0.1 with it, at the last step."""
 
     def make(label: str, spec: RunSpec) -> RunResult:
-        correlation = 0.3 if spec.dropout == 0 else with_dropout(spec)
+        usefulness = 0.2 if spec.dropout == 0 else with_dropout(spec)
+        correlation = 0.3 if spec.dropout == 0 else 0.1
         rows = [
             {
                 "probe": "coadaptation",
                 "step": spec.steps,
                 "unit": None,
                 "layer": layer,
+                "units": 128,
                 "mean_abs_correlation": correlation * (1 + noise(spec, 0.01)),
                 "decov": correlation,
                 "active_fraction": 0.5,
+                "unit_probe_accuracy": usefulness * (1 + noise(spec, 0.01)),
+                "ablation_drop": 0.01 if spec.dropout == 0 else 0.001,
             }
             for layer in ("hidden1.act", "hidden2.act")
         ]
@@ -417,17 +422,19 @@ def coadaptation_runs(with_dropout: Callable[[RunSpec], float]) -> Make:
 
 
 def test_dropout_coadapt_each_verdict() -> None:
-    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.1)) == "supported"
-    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.6)) == "contradicted"
-    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.3 * math.exp(alternating(spec, 1.0)))) == (
-        "inconclusive"
-    )
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.3)) == "supported"
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.1)) == "contradicted"
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.2 + alternating(spec, 0.1))) == "inconclusive"
+    analysis = get("dropout-coadapt").analyze(data_for("dropout-coadapt", coadaptation_runs(lambda spec: 0.3)))
+    by_name = {m.name.split(",")[0]: m for m in analysis.secondary}
+    assert by_name["mean |correlation| between units"].verdict == "supported"  # ln(0.3 / 0.1) > 0
+    assert by_name["accuracy drop when one unit is zeroed"].estimate.value == pytest.approx(-0.9)  # pp
 
 
 def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     """The analysis combines the kept networks through ``ensemble_comparison`` (tested on real networks in
-    tests/probes/test_probes_ensemble.py); here it returns rows whose MC average beats weight scaling by
-    ``gap(seed)``."""
+    tests/probes/test_probes_ensemble.py); here it returns rows whose MC average has an NLL ``gap(seed)`` nats
+    below weight scaling (the primary) and the same accuracy."""
     from normdrop.claims import dropout_ensemble
 
     monkeypatch.setattr(dropout_ensemble, "final_model", lambda result: None if result is None else result.spec.seed)
@@ -435,21 +442,30 @@ def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def check(gap: Callable[[int], float], expected: str) -> None:
         def comparison(model: int, nets: list[int], x: Any, y: Any, ks: Any) -> list[dict[str, Any]]:
-            scaled = 0.6 + noise(SETTING.spec("small", seed=model), 0.001)
-            rows = [{"method": "weight_scaled", "k": None, "accuracy": scaled, "nll": 1.0}]
+            nll = 1.0 + noise(SETTING.spec("small", seed=model), 0.001)
+            rows = [{"method": "weight_scaled", "k": None, "accuracy": 0.6, "nll": nll, "ece": 0.1}]
             rows += [
-                {"method": "mc", "k": k, "accuracy": scaled + gap(model), "nll": 1.0, "agreement_weight_scaled": 0.99}
+                {
+                    "method": "mc",
+                    "k": k,
+                    "accuracy": 0.6,
+                    "nll": nll - gap(model),
+                    "ece": 0.05,
+                    "agreement_weight_scaled": 0.99,
+                }
                 for k in ks
             ]
-            rows += [{"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9} for n in range(len(nets))]
+            rows += [
+                {"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9, "ece": 0.03} for n in range(len(nets))
+            ]
             return rows
 
         monkeypatch.setattr(dropout_ensemble, "ensemble_comparison", comparison)
         assert verdict("dropout-ensemble", lambda label, spec: run_result(spec)) == expected
 
-    check(lambda seed: 0.001, "supported")  # 0.1 points apart: within the 1-point margin
-    check(lambda seed: 0.05, "contradicted")  # 5 points apart
-    check(lambda seed: 0.02 if seed % 2 == 0 else 0.0, "inconclusive")  # 0 or 2 points: the interval spans the margin
+    check(lambda seed: 0.001, "supported")  # 0.001 nats apart: within the 0.05-nat margin
+    check(lambda seed: 0.2, "contradicted")  # the MC average is clearly better in likelihood
+    check(lambda seed: 0.1 if seed % 2 == 0 else 0.0, "inconclusive")  # 0 or 0.1 nats: spans the margin's edge
 
 
 def factorial_runs(bn_speed: float, dropout_speed: float, bn_error: float, dropout_error: float) -> Make:

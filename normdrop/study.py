@@ -44,7 +44,7 @@ from normdrop.claims.experiment import Experiment
 from normdrop.claims.figures import message_figure, not_rendered
 from normdrop.claims.results import Analysis, Measurement, RunCounts, not_measurable
 from normdrop.claims.scope_figure import small_multiples
-from normdrop.claims.setting import SETTINGS, StudySetting
+from normdrop.claims.setting import DEFAULT_SETTING, SETTINGS, StudySetting
 from normdrop.probe_catalog import PROBES
 from normdrop.scope import ScopedVerdict, SettingVerdict, fragile, overall_verdict
 from normdrop.significance import ALPHA, Adjusted, holm, min_detectable_effect, p_value
@@ -125,6 +125,11 @@ def study_settings(settings: StudySetting | Sequence[StudySetting] | None = None
     return chosen
 
 
+QUICK_SETTINGS: tuple[str, ...] = (DEFAULT_SETTING,)
+"""The settings of ``normdrop study --quick``: one, so a first look fits a minute and a half; its verdicts have no
+replication across settings (every page of its report says so)."""
+
+
 def default_settings(
     names: Sequence[str] | None = None,
     *,
@@ -133,9 +138,10 @@ def default_settings(
     dataset: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> list[StudySetting]:
-    """Settings of the catalogue (default: all of :data:`normdrop.claims.setting.SETTINGS`, in its order), each with
-    the same quick flag, seeds, dataset (None: each setting's own) and spec overrides."""
-    chosen = list(SETTINGS) if names is None else list(names)
+    """Settings of the catalogue (default: all of :data:`normdrop.claims.setting.SETTINGS`, in its order; quick:
+    :data:`QUICK_SETTINGS`), each with the same quick flag, seeds, dataset (None: each setting's own) and spec
+    overrides."""
+    chosen = (list(QUICK_SETTINGS) if quick else list(SETTINGS)) if names is None else list(names)
     unknown = [name for name in chosen if name not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; expected names from {', '.join(SETTINGS)}")
@@ -163,6 +169,8 @@ def plan_study(
             if name not in PROBES
         }
         applicable = [setting for setting in chosen if setting.applies_to(claim.id)]
+        if not claim.per_setting:
+            applicable = applicable[:1]
         if not applicable:
             where = [name for name, d in SETTINGS.items() if d.applies_to(claim.id)]
             raise ValueError(

@@ -60,6 +60,10 @@ class Claim(ABC):
     """Whether the analysis can be repeated on the runs cut to a fraction of their steps (the study shows each
     effect at smaller budgets and tests robustness to half the budget that way). False for a claim whose primary
     reads what only whole runs hold (final weights)."""
+    per_setting: ClassVar[bool] = True
+    """Whether the claim is tested in every setting. False for a check of what a layer computes (the mechanics
+    claims), which trains nothing: measured once, in the first chosen setting, so the same check is not counted
+    several times among the primary tests."""
 
     @abstractmethod
     def experiment(self, setting: StudySetting) -> Experiment:

@@ -6,9 +6,9 @@
 
 ``dims`` is the number of spatial dims of the layer's input: 0 for (N, C) features, 1 for (N, C, L), 2 for
 (N, C, H, W), 3 for (N, C, D, H, W). Norms with dims 0 or 1 are the ``1d`` classes. Extra keyword arguments go to
-the layer's constructor (``ghost_batch_size`` for "ghost", ``noise`` for "noisy", ``r_max`` ... for "renorm", ``block_size`` for
-"dropblock", ``eps`` / ``momentum`` for the BNs). ``layers="torch"`` builds torch.nn's class where one exists, to
-compare against torch. ``norm_names()`` / ``dropout_names()`` list the names; ``register_norm`` /
+the layer's constructor (``ghost_batch_size`` for "ghost", ``noise`` for "noisy", ``r_max`` ... for "renorm",
+``block_size`` for "dropblock", ``eps`` / ``momentum`` for the BNs). ``layers="torch"`` builds torch.nn's class
+where one exists, to compare against torch. ``norm_names()`` / ``dropout_names()`` list the names; ``register_norm`` /
 ``register_dropout`` add one.
 """
 

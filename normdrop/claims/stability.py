@@ -159,3 +159,66 @@ def search_arms(
 def bracket_value(bracket: Bracket | None) -> tuple[float, str] | None:
     """``(value, censoring)`` of a finished bracket (None for none)."""
     return None if bracket is None else (bracket.value, bracket.censoring)
+
+
+# ---- the probed runs' learning rates (bn-smooth, bn-stable-inputs) ----------------------------------------
+
+PROBE_FRACTION = 0.5
+"""The probed runs train each arm at half of its own stability limit (definition (a), the geometric mean over the
+selection seeds' bisections), so BN and the plain net are probed at the same relative distance from divergence,
+not at one shared rate that is a third of one arm's limit and a tenth of the other's."""
+
+
+def probe_rates(setting: StudySetting, results: Mapping[str, RunResult]) -> dict[str, float] | None:
+    """Norm -> learning rate of its probed runs, from the selection seeds' divergence bisections; None while a
+    selection search still waits for a run. An arm whose searches all failed or were censored below is left out."""
+    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results, good=False)
+    if any(s.state == "pending" for s in searches.values()):
+        return None
+    rates = {}
+    for norm in ("none", "batch"):
+        values = [s.diverge.value for (n, _), s in searches.items() if n == norm and s.diverge is not None]
+        if values:
+            rates[norm] = PROBE_FRACTION * math.exp(sum(math.log(v) for v in values) / len(values))
+    return rates
+
+
+def selection_limits(setting: StudySetting, results: Mapping[str, RunResult]) -> dict[str, list[tuple[float, str]]]:
+    """Norm -> ``(limit, censoring)`` of each finished selection-seed divergence search (for notes and findings)."""
+    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results, good=False)
+    out: dict[str, list[tuple[float, str]]] = {"none": [], "batch": []}
+    for (norm, _), search in searches.items():
+        if search.diverge is not None:
+            out[norm].append((search.diverge.value, search.diverge.censoring))
+    return out
+
+
+def probed_arms_from(
+    setting: StudySetting, results: Mapping[str, RunResult], *, noisy: bool = False
+) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
+    """An adaptive round of the probed experiments: the selection seeds' divergence searches, then (once they are
+    done) the probed runs of each arm at :data:`PROBE_FRACTION` of its limit, and with ``noisy`` the noisy-BN
+    control at BN's rate."""
+    from normdrop.claims.experiment import probed_deep_arms
+
+    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results, good=False)
+    arms: dict[str, tuple[list[RunSpec], list[int] | None]] = dict(search_arms(searches, "selection limit"))
+    rates = probe_rates(setting, results)
+    if rates:
+        if noisy and "batch" in rates:
+            rates = {**rates, "noisy": rates["batch"]}
+        arms.update({label: (specs, None) for label, specs in probed_deep_arms(setting, rates).items()})
+    return arms
+
+
+def probed_runs(
+    setting: StudySetting, results: Mapping[str, RunResult], rates: Mapping[str, float]
+) -> dict[str, dict[int, RunResult]]:
+    """Norm -> evaluation seed -> finished probed run, looked up by spec (missing, failed, diverged left out)."""
+    from normdrop.claims.experiment import probed_spec
+
+    out: dict[str, dict[int, RunResult]] = {}
+    for norm, lr in rates.items():
+        found = {seed: results.get(probed_spec(setting, norm, lr, seed).run_id) for seed in setting.seed_list}
+        out[norm] = {seed: r for seed, r in found.items() if r is not None and r.status == "finished"}
+    return out

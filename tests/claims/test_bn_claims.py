@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 
@@ -95,3 +94,125 @@ def test_each_seed_brackets_its_own_limit() -> None:
         assert search.diverge.ratio <= 1.25 * (1 + 1e-9)
         assert search.good.largest_stable < good <= search.good.smallest_unstable
         assert search.good.ratio <= 1.25 * (1 + 1e-9)
+
+
+def _complete(experiment, run=fake_run) -> dict[str, RunResult]:
+    """Run an adaptive experiment's rounds outside the study (what run_study does, in process)."""
+    results: dict[str, RunResult] = {}
+    for _ in range(40):
+        arms = experiment.extend(results)
+        missing = {spec.run_id: spec for specs, _ in arms.values() for spec in specs if spec.run_id not in results}
+        if not missing:
+            for label, (specs, replicates) in arms.items():
+                experiment.add(label, specs, replicates)
+            return results
+        results.update({run_id: run(spec) for run_id, spec in missing.items()})
+    raise AssertionError("the experiment did not finish")
+
+
+def _cheating_run(spec: RunSpec) -> RunResult:
+    """As fake_run, but an evaluation seed's plain run at the smallest grid rate reaches 100% at once: a choice
+    that read evaluation seeds would pick that rate."""
+    result = fake_run(spec)
+    if spec.seed < 1000 and spec.norm == "none" and spec.lr == 0.01 and result.status == "finished":
+        result.metrics = [(t, m, 1.0 if m == "train_accuracy" else v) for t, m, v in result.metrics]
+    return result
+
+
+def test_bn_faster_chooses_on_selection_seeds_only() -> None:
+    from normdrop.claims.bn_faster import BNFaster, choices, deep_lr_grid, deep_spec
+
+    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    clean = _complete(BNFaster().experiment(setting))
+    # every grid rate also run on the evaluation seeds, with values that would change the choice
+    cheating = dict(clean)
+    for norm in ("none", "batch"):
+        for lr in deep_lr_grid(setting):
+            for seed in setting.seed_list:
+                spec = deep_spec(setting, norm, lr, seed)
+                cheating[spec.run_id] = _cheating_run(spec)
+    chosen, leaked = choices(setting, clean), choices(setting, cheating)
+    assert not isinstance(chosen, str) and chosen == leaked
+    assert chosen[1]["none"] != 0.01  # the cheat's rate is not what the selection seeds pick
+
+
+def test_selection_view_refuses_an_evaluation_seed() -> None:
+    from normdrop.selection import SelectionLeak, SelectionView
+
+    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    view = SelectionView({0: 1.0, 1000: 0.5}, setting.seed_split)
+    assert list(view) == [1000]
+    with pytest.raises(SelectionLeak):
+        view[0]
+
+
+def test_bn_faster_measures_the_fakes_speed_up_on_evaluation_seeds() -> None:
+    from normdrop.claims.bn_faster import BNFaster
+
+    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    experiment = BNFaster().experiment(setting)
+    results = _complete(experiment)
+    analysis = BNFaster().analyze(ClaimData(setting, experiment, results, draw=False))
+    assert sorted(analysis.primary.per_seed) == setting.seed_list
+    # the fake's BN is ~4x faster in steps; steps are interpolated between evaluations, so only roughly
+    assert all(1.0 < v < 3.0 for v in analysis.primary.per_seed.values())
+    assert analysis.primary.verdict == "supported" and not analysis.figures
+    assert "selection seeds" in analysis.primary.note and "Budget" in analysis.primary.note
+
+
+def test_bn_claims_do_not_raise_on_missing_failed_or_diverged_runs() -> None:
+    from normdrop.claims.bn_faster import BNFaster
+    from normdrop.claims.bn_smooth import BNSmooth
+    from normdrop.claims.bn_stable_inputs import BNStableInputs
+
+    setting = StudySetting.create(quick=True, seeds=2, name="mlp-sgd")
+
+    def failing(spec: RunSpec) -> RunResult:
+        return RunResult(spec.run_id, spec, "failed", error="boom")
+
+    for claim in (BNFaster(), BNHigherLR(), BNSmooth(), BNStableInputs()):
+        for results in ({}, _complete(claim.experiment(setting), failing)):
+            analysis = claim.analyze(ClaimData(setting, claim.experiment(setting), results, draw=False))
+            assert analysis.primary.verdict == "not measurable", claim.id
+
+
+def test_resolution_limited_is_set_when_seeds_tie() -> None:
+    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+
+    def alike(spec: RunSpec) -> RunResult:  # no seed factor: every seed has the same limits
+        return fake_run(spec.model_copy(update={"seed": 0}))
+
+    experiment = BNHigherLR().experiment(setting)
+    results = _complete(experiment, alike)
+    primary = BNHigherLR().analyze(ClaimData(setting, experiment, results, draw=False)).primary
+    assert primary.resolution_limited and len(set(primary.per_seed.values())) == 1
+
+    def apart(spec: RunSpec) -> RunResult:  # BN's limits grow x1.5 per seed, the plain net's do not
+        if spec.norm == "none":
+            return alike(spec)
+        result = alike(spec.model_copy(update={"lr": spec.lr / 1.5**spec.seed}))
+        result.run_id, result.spec = spec.run_id, spec
+        return result
+
+    spread = BNHigherLR().analyze(ClaimData(setting, experiment, _complete(experiment, apart), draw=False)).primary
+    assert not spread.resolution_limited and spread.estimate is not None
+    assert spread.estimate.ci_high - spread.estimate.ci_low > 0.1
+
+
+def test_bn_mechanics_on_a_1d_cnn_and_per_channel_statistics() -> None:
+    import torch
+
+    from normdrop.claims.bn_mechanics import CHECKS, measure_seed, per_channel
+
+    x = torch.randn(4, 3, 5)
+    flat = per_channel(x)
+    assert flat.shape == (20, 3)
+    torch.testing.assert_close(flat.mean(0), x.mean(dim=(0, 2)))
+    image = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(per_channel(image).var(0, unbiased=False), image.var(dim=(0, 2, 3), unbiased=False))
+    setting = StudySetting.create(quick=True, name="cnn1d")
+    deviation, pictures = measure_seed(setting, 0)
+    assert set(deviation) == set(CHECKS)
+    for name, (_, tolerance) in CHECKS.items():
+        assert deviation[name] < tolerance, name
+    assert pictures["inputs"].shape[1] == 3

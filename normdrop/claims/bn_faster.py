@@ -126,7 +126,7 @@ class BNFaster(Claim):
         "slower arm's curve; the effect is measured on separate evaluation seeds. Limits: the budget (stated per "
         "setting) is a few thousand steps at most, so 'converged' means the training curve has flattened, not "
         "100%; a run that never reaches the target counts at the budget (understating the speed-up); the grid has "
-        "four rates a factor ~3 apart; wall-clock speed also depends on the cost of a BN step (reported "
+        "three rates a factor ~3 apart; wall-clock speed also depends on the cost of a BN step (reported "
         "separately)."
     )
     caveats = (

@@ -120,6 +120,7 @@ class BNSmooth(Claim):
         metric = "ln(beta without BN / with BN); beta = " + LANDSCAPE_FIELDS["beta_smoothness"]
         name = "effective beta-smoothness after initialization, without BN / with BN"
         rates = probe_rates(setting, data.results)
+        half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             return Analysis(
                 not_measurable(
@@ -134,7 +135,7 @@ class BNSmooth(Claim):
         note = (
             f"Each arm at {PROBE_FRACTION:g} x its own stability limit (geometric mean over selection seeds "
             f"{setting.selection_seed_list} of the bisected largest non-diverging rate): lr {rates['none']:.3g} "
-            f"without BN, {rates['batch']:.3g} with BN; {setting.spec('deep').steps} steps on {setting.dataset}; "
+            f"without BN, {rates['batch']:.3g} with BN; {half} steps (half the family's budget) on {setting.dataset}; "
             f"averaged over probe steps after 0, on evaluation seeds {setting.seed_list}"
             + (f"; limits censored by the bisection range: {', '.join(censored)}" if censored else "")
         )

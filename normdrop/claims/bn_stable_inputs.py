@@ -146,6 +146,7 @@ class BNStableInputs(Claim):
         name = "layer-input drift, without BN / with BN"
         metric = "ln(relative drift without BN / with BN); drift = W1 between successive probe steps / input std"
         rates = probe_rates(setting, data.results)
+        half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"
             return Analysis(not_measurable(name, metric, "increase", reason))
@@ -153,8 +154,8 @@ class BNStableInputs(Claim):
         runs = probed_runs(setting, data.results, rates)
         note = (
             f"Probed runs at half of each arm's own stability limit (selection seeds {setting.selection_seed_list}):"
-            f" lr {rates['none']:.3g} without BN, {rates['batch']:.3g} with BN; {setting.spec('deep').steps} steps "
-            f"on {setting.dataset}; evaluation seeds {setting.seed_list}"
+            f" lr {rates['none']:.3g} without BN, {rates['batch']:.3g} with BN; {half} steps (half the "
+            f"family's budget) on {setting.dataset}; evaluation seeds {setting.seed_list}"
         )
         drift = {norm: {seed: relative_drift(r) for seed, r in runs[norm].items()} for norm in rates}
         primary = measure(

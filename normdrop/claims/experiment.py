@@ -68,11 +68,13 @@ each), read by dropout-coadapt and dropout-bn-shift; every small run has them, s
 # ---- the deep family (bnclaims) ------------------------------------------------------------------------
 
 DEEP_LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "sgd": (0.01, 0.03, 0.1, 0.3),
-    "adam": (3e-4, 1e-3, 3e-3, 1e-2),
+    "sgd": (0.01, 0.03, 0.1),
+    "adam": (3e-4, 1e-3, 3e-3),
 }
 """Per optimizer, the learning rates (a factor ~3 apart) tried on the selection seeds to choose each arm's rate
-(bn-faster); they bracket the measured best rates of both arms in every setting (curves in the issue-14 note)."""
+(bn-faster). They hold the measured best rates of both arms in every setting (SGD: BN 0.01-0.03, plain 0.1 with
+torch's init, 0.01-0.03 with He init; the plain net diverges or collapses at 0.3; Adam: BN 3e-4-1e-3, plain 3e-3),
+three points to keep the selection runs affordable; a choice at the grid's edge is flagged in the findings."""
 
 BISECTION_RANGES: dict[str, tuple[float, float]] = {"sgd": (0.03, 30.0), "adam": (1e-3, 1.0)}
 """Per optimizer, the starting bracket of the stability-limit bisections (three decades; a limit outside it is
@@ -82,8 +84,13 @@ BISECTION_RESOLUTION = 1.25
 """Bisections stop when ``bad / good <= 1.25`` (about a tenth of a decade)."""
 
 STABILITY_FRACTION = 5
-"""Runs of a stability bisection train ``steps // 5`` steps of the family's budget (at least 30): divergence at a
-large rate shows within a few hundred steps, and the bisection needs ~7 runs per seed and arm."""
+STABILITY_MAX_STEPS = 300
+"""Runs of a stability bisection train ``steps // 5`` steps of the family's budget, at least 30 and at most 300:
+divergence at a large rate shows within a few hundred steps, and the bisection needs ~7-10 runs per seed and arm."""
+
+PROBED_FRACTION = 2
+"""Probed runs (bn-smooth, bn-stable-inputs) train half the family's budget: the probes follow the trajectory
+where the two arms differ most, and each probed step costs a landscape scan and a Hessian power iteration."""
 
 
 def deep_optimizer(setting: StudySetting) -> str:
@@ -104,7 +111,7 @@ def bisection_range(setting: StudySetting) -> tuple[float, float]:
 
 def stability_steps(setting: StudySetting) -> int:
     """Steps of a stability-bisection run (:data:`STABILITY_FRACTION`)."""
-    return max(30, setting.steps("deep") // STABILITY_FRACTION)
+    return max(30, min(STABILITY_MAX_STEPS, setting.steps("deep") // STABILITY_FRACTION))
 
 
 def lr_label(norm: str, lr: float) -> str:
@@ -147,9 +154,11 @@ def probed_label(norm: str) -> str:
 
 
 def probed_spec(setting: StudySetting, norm: str, lr: float, seed: int) -> RunSpec:
-    """A probed deep run: the full budget with the :data:`DEEP_PROBES` (noisy BN with its noise option)."""
+    """A probed deep run: half the budget (:data:`PROBED_FRACTION`) with the :data:`DEEP_PROBES` (noisy BN with its
+    noise option)."""
     options = NOISY_OPTIONS if norm == "noisy" else ()
-    return deep_spec(setting, norm, lr, seed, probes=DEEP_PROBES, norm_options=options)
+    steps = max(1, setting.steps("deep") // PROBED_FRACTION)
+    return deep_spec(setting, norm, lr, seed, steps=steps, probes=DEEP_PROBES, norm_options=options)
 
 
 NOISY_NOISE = 1.0

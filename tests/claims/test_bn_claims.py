@@ -216,3 +216,70 @@ def test_bn_mechanics_on_a_1d_cnn_and_per_channel_statistics() -> None:
     for name, (_, tolerance) in CHECKS.items():
         assert deviation[name] < tolerance, name
     assert pictures["inputs"].shape[1] == 3
+
+
+def _probed_fake(spec: RunSpec) -> RunResult:
+    """fake_run plus landscape and curvature records: after initialization the plain net is 10x less smooth, at
+    step 0 BN is (as the issue reports for real runs); noisy BN learns as fast as BN and its inputs drift more."""
+    result = fake_run(spec)
+    if not spec.probes or result.status != "finished":
+        return result
+    records = []
+    for step in range(0, spec.steps + 1, spec.probe_every):
+        bn = spec.norm != "none"
+        beta = (5.0 if bn else 1.0) if step == 0 else (1.0 if bn else 10.0)
+        beta *= 1 + 0.01 * (spec.seed % 5)
+        records += [
+            {
+                "probe": "landscape",
+                "step": step,
+                "eta": None,
+                "beta_smoothness": beta,
+                "grad_change_max": beta,
+                "loss_range": 0.1 * beta,
+            },
+            {
+                "probe": "curvature",
+                "step": step,
+                "bn_mode": "batch" if spec.norm != "none" else "no_bn",
+                "top_eigenvalue": 3 * beta,
+            },
+        ]
+    result.probe_records = records
+    return result
+
+
+def test_bn_smooth_probes_each_arm_at_half_its_own_limit_and_reports_step_0_apart() -> None:
+    from normdrop.claims.bn_smooth import BNSmooth
+    from normdrop.claims.experiment import probed_label
+    from normdrop.claims.stability import PROBE_FRACTION, selection_limits
+
+    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    experiment = BNSmooth().experiment(setting)
+    results = _complete(experiment, _probed_fake)
+    limits = selection_limits(setting, results)
+    for norm in ("none", "batch"):
+        (spec, *_) = experiment.arms[probed_label(norm)]
+        expected = PROBE_FRACTION * math.exp(sum(math.log(v) for v, _ in limits[norm]) / len(limits[norm]))
+        assert spec.lr == pytest.approx(expected)
+        true = DIVERGE[norm] * math.exp(sum(math.log(1 + 0.1 * (s % 7)) for s in setting.selection_seed_list) / 2)
+        assert spec.lr == pytest.approx(PROBE_FRACTION * true, rel=0.12)  # the bisection's x1.25, halved
+        assert spec.steps == setting.steps("deep") // 2
+    analysis = BNSmooth().analyze(ClaimData(setting, experiment, results, draw=False))
+    assert analysis.primary.verdict == "supported"  # after initialization: plain 10x, BN 1x
+    at_init = next(m for m in analysis.secondary if "step 0" in m.name)
+    assert at_init.verdict == "contradicted"  # at step 0 BN is the less smooth
+    assert any("step 0" in f for f in analysis.findings)
+
+
+def test_bn_stable_inputs_runs_the_noisy_control_at_bns_rate() -> None:
+    from normdrop.claims.bn_stable_inputs import BNStableInputs
+    from normdrop.claims.experiment import probed_label
+
+    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    experiment = BNStableInputs().experiment(setting)
+    _complete(experiment, _probed_fake)
+    noisy, batch = experiment.arms[probed_label("noisy")], experiment.arms[probed_label("batch")]
+    assert [s.lr for s in noisy] == [s.lr for s in batch] and {s.norm for s in noisy} == {"noisy"}
+    assert dict(noisy[0].norm_options)["noise"] > 0
+    assert [s.seed for s in noisy] == setting.seed_list

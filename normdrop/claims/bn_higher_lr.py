@@ -27,10 +27,10 @@ import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
 from normdrop.claims.experiment import (
-    BISECTION_RESOLUTION,
     NORMS,
     Experiment,
     bisection_range,
+    bisection_resolution,
     stability_steps,
 )
 from normdrop.claims.figures import LABELS, color, finish, legend, new_figure
@@ -112,6 +112,7 @@ class BNHigherLR(Claim):
 
     def experiment(self, setting: StudySetting) -> Experiment:
         low, high = bisection_range(setting)
+        resolution = bisection_resolution(setting)
         spec = setting.spec("deep")
 
         def extend(results: Mapping[str, RunResult]) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
@@ -122,8 +123,8 @@ class BNHigherLR(Claim):
             extend=extend,
             description=(
                 f"Per evaluation seed ({setting.seed_list}) and arm (BN, none): bisection on a log scale of the "
-                f"learning rate over [{low:g}, {high:g}] to x{BISECTION_RESOLUTION} (at most "
-                f"{rounds_needed(low, high, BISECTION_RESOLUTION)} runs for (a), a few more for (b)), each run the "
+                f"learning rate over [{low:g}, {high:g}] to x{resolution:g} (at most "
+                f"{rounds_needed(low, high, resolution)} runs for (a), a few more for (b)), each run the "
                 f"deep net ({spec.model}, depth {spec.depth}, width {spec.width}, {spec.optimizer}, batch "
                 f"{spec.batch_size}, init {spec.init}) trained {stability_steps(setting)} steps on {setting.dataset}. "
                 "(a) largest rate that does not diverge; (b, primary) largest rate ending within 90% of the seed's "
@@ -138,7 +139,8 @@ class BNHigherLR(Claim):
         seeds = setting.seed_list
         searches = replay_all(setting, NORMS, seeds, data.results)
         scope = (
-            f"Limits by per-seed bisection to x{BISECTION_RESOLUTION} over {list(bisection_range(setting))} on the "
+            f"Limits by per-seed bisection to x{bisection_resolution(setting):g} over "
+            f"{list(bisection_range(setting))} on the "
             f"{len(seeds)} evaluation seeds; runs of {stability_steps(setting)} steps on {setting.dataset}"
         )
         measurements: dict[str, Measurement] = {}
@@ -165,7 +167,7 @@ class BNHigherLR(Claim):
                 unit="decades",
                 note=note,
             )
-            m.resolution_limited = resolution_limited([10**v for v in ratios.values()], BISECTION_RESOLUTION)
+            m.resolution_limited = resolution_limited([10**v for v in ratios.values()], bisection_resolution(setting))
             measurements[definition] = m
         primary = measurements[PRIMARY]
         secondary = [m for d, m in measurements.items() if d != PRIMARY]

@@ -1,7 +1,8 @@
 """bn-smooth: BN makes optimization better behaved (Santurkar, Tsipras, Ilyas & Madry 2018).
 
 Probed deep runs (BN vs none, evaluation seeds), each arm at ``PROBE_FRACTION`` (1/2) of its OWN stability limit:
-the geometric mean over the selection seeds of the largest non-diverging rate, bisected to x1.25
+the geometric mean over the selection seeds of the largest rate that trains within 90% of the seed's best
+accuracy (bn-higher-lr's definition (b)), bisected to x1.25
 (:func:`normdrop.claims.stability.probe_rates`), so the arms are compared at the same distance from divergence
 instead of at one shared rate. The ``landscape`` probe moves the weights along the gradient by 1/4 to 4 times the
 learning rate and records the range of the loss, the change of the gradient (predictiveness) and the effective
@@ -82,8 +83,9 @@ class BNSmooth(Claim):
         "Probed deep-net runs (BN vs none, evaluation seeds) measure the loss along the gradient at step sizes "
         "from 1/4 to 4 times the learning rate (landscape probe) and the top Hessian eigenvalue (curvature probe) "
         "at initialization and a few times during training, on a fixed batch of 256 training examples. Each arm "
-        "trains at half of its own stability limit (the largest non-diverging rate, bisected on the selection "
-        "seeds), so both are probed equally far from divergence. The verdict averages the probe steps after "
+        "trains at half of its own stability limit (the largest rate that trains within 90% of the seed's best "
+        "accuracy, bisected on the selection seeds), so both are probed equally far from divergence. The verdict "
+        "averages the probe steps after "
         "initialization (the trajectory Santurkar et al. measured); step 0 is reported separately, and so is the "
         "average over all steps. Limits: a few probe points, one batch; 'smooth' is measured in each network's "
         "own parametrization, so BN and plain networks are different functions of different weights."
@@ -107,7 +109,8 @@ class BNSmooth(Claim):
         return Experiment(
             extend=extend,
             description=(
-                f"Selection seeds {setting.selection_seed_list}: each arm's largest non-diverging rate by bisection "
+                f"Selection seeds {setting.selection_seed_list}: each arm's largest usable rate by bisection "
+                "(within 90% of the seed's best accuracy) "
                 f"(shared with bn-stable-inputs). Evaluation seeds {setting.seed_list}: the deep net ({spec.model}, "
                 f"depth {spec.depth}, {spec.optimizer}, {spec.steps} steps, {setting.dataset}) with and without BN, "
                 f"each at {PROBE_FRACTION:g} x its own limit, probes {', '.join(spec.probes)} at step 0 and every "
@@ -134,7 +137,8 @@ class BNSmooth(Claim):
         censored = [f"{LABELS[n]} {c} {v:.3g}" for n in NORMS for v, c in limits[n] if c]
         note = (
             f"Each arm at {PROBE_FRACTION:g} x its own stability limit (geometric mean over selection seeds "
-            f"{setting.selection_seed_list} of the bisected largest non-diverging rate): lr {rates['none']:.3g} "
+            f"{setting.selection_seed_list} of the bisected largest rate that trains within 90% of the seed's "
+            f"best): lr {rates['none']:.3g} "
             f"without BN, {rates['batch']:.3g} with BN; {half} steps (half the family's budget) on {setting.dataset}; "
             f"averaged over probe steps after 0, on evaluation seeds {setting.seed_list}"
             + (f"; limits censored by the bisection range: {', '.join(censored)}" if censored else "")

@@ -131,7 +131,8 @@ class BNStableInputs(Claim):
         return Experiment(
             extend=extend,
             description=(
-                f"Selection seeds {setting.selection_seed_list}: each arm's largest non-diverging rate by bisection. "
+                f"Selection seeds {setting.selection_seed_list}: each arm's largest usable rate by bisection "
+                "(within 90% of the seed's best accuracy). "
                 f"Evaluation seeds {setting.seed_list}: the deep net ({spec.model}, depth {spec.depth}, "
                 f"{spec.optimizer}, {spec.steps} steps, {setting.dataset}) with BN, without, and with noisy BN "
                 f"(noise {NOISY_NOISE:g}: shift U(-{NOISY_NOISE:g}, {NOISY_NOISE:g}), scale in "

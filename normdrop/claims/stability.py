@@ -5,8 +5,8 @@ Two definitions of "the largest usable learning rate" of one seed and arm, both 
 
 (a) **does not diverge**: the largest rate whose run finishes (no non-finite loss, no loss above the spec's
     ``diverge_loss``). Found by :class:`normdrop.lr_search.LogBisection` over the setting's
-    :func:`~normdrop.claims.experiment.bisection_range` to a ratio of x1.25. Divergence is monotone in the rate in
-    practice (and for gradient descent on a quadratic), which bisection assumes.
+    :func:`~normdrop.claims.experiment.bisection_range` to a ratio of x1.25 (x2 quick). Divergence is monotone in
+    the rate in practice (and for gradient descent on a quadratic), which bisection assumes.
 (b) **trains well**: the largest rate whose run ends with a training accuracy of at least ``GOOD_FRACTION`` (90%)
     of the seed's best, where *best* is the highest final training accuracy among the finished runs of that seed's
     search (a) (fixed once (a) is done, so the predicate does not move while (b) bisects). Too small a rate is also
@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from normdrop.claims.experiment import BISECTION_RESOLUTION, bisection_range, stability_spec
+from normdrop.claims.experiment import bisection_range, bisection_resolution, stability_spec
 from normdrop.claims.readers import final
 from normdrop.claims.setting import StudySetting
 from normdrop.lr_search import Bracket, LogBisection
@@ -108,7 +108,8 @@ def replay(
     """Replay seed ``seed``'s searches for arm ``norm`` from ``results``: definition (a), then (b) if ``good``."""
     low, high = bisection_range(setting)
     outcome = LimitSearch(norm, seed)
-    diverge = LogBisection(low, high, BISECTION_RESOLUTION)
+    resolution = bisection_resolution(setting)
+    diverge = LogBisection(low, high, resolution)
     if not _drive(diverge, outcome, setting, results, lambda lr: outcome.stable[lr]):
         return outcome
     outcome.diverge = diverge.result()
@@ -124,7 +125,7 @@ def replay(
         outcome.good = Bracket(top, None, "at least", tuple((lr, True) for lr in sorted(good_rates)))
         outcome.state = "done"
         return outcome
-    refine = LogBisection(top, min(above), BISECTION_RESOLUTION)
+    refine = LogBisection(top, min(above), resolution)
     if not _drive(refine, outcome, setting, results, outcome.is_good):
         return outcome
     outcome.good = refine.result()
@@ -164,44 +165,46 @@ def bracket_value(bracket: Bracket | None) -> tuple[float, str] | None:
 # ---- the probed runs' learning rates (bn-smooth, bn-stable-inputs) ----------------------------------------
 
 PROBE_FRACTION = 0.5
-"""The probed runs train each arm at half of its own stability limit (definition (a), the geometric mean over the
-selection seeds' bisections), so BN and the plain net are probed at the same relative distance from divergence,
-not at one shared rate that is a third of one arm's limit and a tenth of the other's."""
+"""The probed runs train each arm at half of its own stability limit (definition (b), the largest rate that still
+trains well, geometric mean over the selection seeds' bisections), so BN and the plain net are probed at the same
+relative distance from their limits, not at one shared rate that is a third of one arm's limit and a tenth of the
+other's. Definition (b), not (a): a plain ReLU net at a large rate often neither diverges nor learns (its units
+die), so half of its non-divergence limit can be a rate at which it sits at chance (measured in the quick study)."""
 
 
 def probe_rates(setting: StudySetting, results: Mapping[str, RunResult]) -> dict[str, float] | None:
-    """Norm -> learning rate of its probed runs, from the selection seeds' divergence bisections; None while a
-    selection search still waits for a run. An arm whose searches all failed or were censored below is left out."""
-    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results, good=False)
+    """Norm -> learning rate of its probed runs, from the selection seeds' bisections of definition (b); None while a
+    selection search still waits for a run. An arm whose searches all failed or found no stable rate is left out."""
+    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results)
     if any(s.state == "pending" for s in searches.values()):
         return None
     rates = {}
     for norm in ("none", "batch"):
-        values = [s.diverge.value for (n, _), s in searches.items() if n == norm and s.diverge is not None]
+        values = [s.good.value for (n, _), s in searches.items() if n == norm and s.good is not None]
         if values:
             rates[norm] = PROBE_FRACTION * math.exp(sum(math.log(v) for v in values) / len(values))
     return rates
 
 
 def selection_limits(setting: StudySetting, results: Mapping[str, RunResult]) -> dict[str, list[tuple[float, str]]]:
-    """Norm -> ``(limit, censoring)`` of each finished selection-seed divergence search (for notes and findings)."""
-    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results, good=False)
+    """Norm -> ``(limit, censoring)`` of each finished selection-seed search, definition (b) (notes, findings)."""
+    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results)
     out: dict[str, list[tuple[float, str]]] = {"none": [], "batch": []}
     for (norm, _), search in searches.items():
-        if search.diverge is not None:
-            out[norm].append((search.diverge.value, search.diverge.censoring))
+        if search.good is not None:
+            out[norm].append((search.good.value, search.good.censoring))
     return out
 
 
 def probed_arms_from(
     setting: StudySetting, results: Mapping[str, RunResult], *, noisy: bool = False
 ) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
-    """An adaptive round of the probed experiments: the selection seeds' divergence searches, then (once they are
-    done) the probed runs of each arm at :data:`PROBE_FRACTION` of its limit, and with ``noisy`` the noisy-BN
+    """An adaptive round of the probed experiments: the selection seeds' searches (both definitions), then (once
+    they are done) the probed runs of each arm at :data:`PROBE_FRACTION` of its limit, and with ``noisy`` the noisy-BN
     control at BN's rate."""
     from normdrop.claims.experiment import probed_deep_arms
 
-    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results, good=False)
+    searches = replay_all(setting, ("none", "batch"), setting.selection_seed_list, results)
     arms: dict[str, tuple[list[RunSpec], list[int] | None]] = dict(search_arms(searches, "selection limit"))
     rates = probe_rates(setting, results)
     if rates:

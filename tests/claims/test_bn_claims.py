@@ -50,7 +50,7 @@ def fake_run(spec: RunSpec) -> RunResult:
 
 @pytest.fixture(scope="module")
 def higher_lr(tmp_path_factory: pytest.TempPathFactory):
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     store = tmp_path_factory.mktemp("higher-lr") / "runs.sqlite"
     outcome = run_study(setting, store, claims=[BNHigherLR()], workers=1, progress=False, run_fn=fake_run)
     return setting, store, outcome
@@ -86,7 +86,7 @@ def _replayed(setting: StudySetting, seeds: list[int], run=fake_run) -> dict:
 
 
 def test_each_seed_brackets_its_own_limit() -> None:
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     for (norm, seed), search in _replayed(setting, setting.seed_list).items():
         diverge, good = DIVERGE[norm] * (1 + 0.1 * seed), GOOD[norm] * (1 + 0.1 * seed)
         assert search.state == "done" and not search.non_monotone
@@ -122,7 +122,7 @@ def _cheating_run(spec: RunSpec) -> RunResult:
 def test_bn_faster_chooses_on_selection_seeds_only() -> None:
     from normdrop.claims.bn_faster import BNFaster, choices, deep_lr_grid, deep_spec
 
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     clean = _complete(BNFaster().experiment(setting))
     # every grid rate also run on the evaluation seeds, with values that would change the choice
     cheating = dict(clean)
@@ -139,7 +139,7 @@ def test_bn_faster_chooses_on_selection_seeds_only() -> None:
 def test_selection_view_refuses_an_evaluation_seed() -> None:
     from normdrop.selection import SelectionLeak, SelectionView
 
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     view = SelectionView({0: 1.0, 1000: 0.5}, setting.seed_split)
     assert list(view) == [1000]
     with pytest.raises(SelectionLeak):
@@ -149,7 +149,7 @@ def test_selection_view_refuses_an_evaluation_seed() -> None:
 def test_bn_faster_measures_the_fakes_speed_up_on_evaluation_seeds() -> None:
     from normdrop.claims.bn_faster import BNFaster
 
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     experiment = BNFaster().experiment(setting)
     results = _complete(experiment)
     analysis = BNFaster().analyze(ClaimData(setting, experiment, results, draw=False))
@@ -165,7 +165,7 @@ def test_bn_claims_do_not_raise_on_missing_failed_or_diverged_runs() -> None:
     from normdrop.claims.bn_smooth import BNSmooth
     from normdrop.claims.bn_stable_inputs import BNStableInputs
 
-    setting = StudySetting.create(quick=True, seeds=2, name="mlp-sgd")
+    setting = StudySetting.create(seeds=2, name="mlp-sgd")
 
     def failing(spec: RunSpec) -> RunResult:
         return RunResult(spec.run_id, spec, "failed", error="boom")
@@ -177,7 +177,7 @@ def test_bn_claims_do_not_raise_on_missing_failed_or_diverged_runs() -> None:
 
 
 def test_resolution_limited_is_set_when_seeds_tie() -> None:
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
 
     def alike(spec: RunSpec) -> RunResult:  # no seed factor: every seed has the same limits
         return fake_run(spec.model_copy(update={"seed": 0}))
@@ -254,7 +254,7 @@ def test_bn_smooth_probes_each_arm_at_half_its_own_limit_and_reports_step_0_apar
     from normdrop.claims.experiment import probed_label
     from normdrop.claims.stability import PROBE_FRACTION, selection_limits
 
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     experiment = BNSmooth().experiment(setting)
     results = _complete(experiment, _probed_fake)
     limits = selection_limits(setting, results)
@@ -262,7 +262,8 @@ def test_bn_smooth_probes_each_arm_at_half_its_own_limit_and_reports_step_0_apar
         (spec, *_) = experiment.arms[probed_label(norm)]
         expected = PROBE_FRACTION * math.exp(sum(math.log(v) for v, _ in limits[norm]) / len(limits[norm]))
         assert spec.lr == pytest.approx(expected)
-        true = DIVERGE[norm] * math.exp(sum(math.log(1 + 0.1 * (s % 7)) for s in setting.selection_seed_list) / 2)
+        seeds = setting.selection_seed_list
+        true = GOOD[norm] * math.exp(sum(math.log(1 + 0.1 * (s % 7)) for s in seeds) / len(seeds))
         assert spec.lr == pytest.approx(PROBE_FRACTION * true, rel=0.12)  # the bisection's x1.25, halved
         assert spec.steps == setting.steps("deep") // 2
     analysis = BNSmooth().analyze(ClaimData(setting, experiment, results, draw=False))
@@ -276,7 +277,7 @@ def test_bn_stable_inputs_runs_the_noisy_control_at_bns_rate() -> None:
     from normdrop.claims.bn_stable_inputs import BNStableInputs
     from normdrop.claims.experiment import probed_label
 
-    setting = StudySetting.create(quick=True, seeds=3, name="mlp-sgd")
+    setting = StudySetting.create(seeds=3, name="mlp-sgd")
     experiment = BNStableInputs().experiment(setting)
     _complete(experiment, _probed_fake)
     noisy, batch = experiment.arms[probed_label("noisy")], experiment.arms[probed_label("batch")]

@@ -84,7 +84,7 @@ class BNSmooth(Claim):
         "from 1/4 to 4 times the learning rate (landscape probe) and the top Hessian eigenvalue (curvature probe) "
         "at initialization and a few times during training, on a fixed batch of 256 training examples. Each arm "
         "trains at half of its own stability limit (the largest rate that trains within 90% of the seed's best "
-        "accuracy, bisected on the selection seeds), so both are probed equally far from divergence. The verdict "
+        "accuracy, bisected on the selection seeds), so both are probed equally far from their limits. The verdict "
         "averages the probe steps after "
         "initialization (the trajectory Santurkar et al. measured); step 0 is reported separately, and so is the "
         "average over all steps. Limits: a few probe points, one batch; 'smooth' is measured in each network's "

@@ -45,6 +45,8 @@ DEFINITIONS = {
     "good": f"largest rate ending within {GOOD_FRACTION:.0%} of the seed's best final training accuracy",
     "diverge": "largest rate that does not diverge",
 }
+DEAD_ACCURACY = 0.2
+"""A finished run below 20% training accuracy (chance is 10%) learned nothing: counted in the findings."""
 PRIMARY = "good"
 """The primary definition, fixed before any data: (b) "trains well" (see the module docstring)."""
 
@@ -92,8 +94,8 @@ class BNHigherLR(Claim):
         "training stable."
     )
     rationale = (
-        "Per evaluation seed and arm, a bisection on a log scale (x1.25 resolution) over three decades of learning "
-        "rate (SGD 0.03-30, Adam 0.001-1) finds the largest rate that (a) does not diverge and (b) ends within 90% "
+        "Per evaluation seed and arm, a bisection on a log scale (x1.25 resolution) over four decades of learning "
+        "rate (SGD 0.003-30, Adam 0.0001-1) finds the largest rate that (a) does not diverge and (b) ends within 90% "
         "of the seed's best training accuracy; the verdict is on (b), the claim's 'usable'. Each bisection run "
         "trains a fifth of the deep family's budget, so 'usable' means usable over that many steps. Limits: a "
         "limit beyond the range is only a bound; (b) assumes the good rates form one interval (seeds where they "
@@ -179,6 +181,21 @@ class BNHigherLR(Claim):
                 f"Searches without an answer: {counts['pending']} missing a run, {counts['failed']} stopped by a "
                 "failed run."
             )
+        for norm in NORMS:
+            dead = [
+                seed
+                for seed in seeds
+                if any(
+                    ok and searches[(norm, seed)].accuracy.get(lr, 1.0) < DEAD_ACCURACY
+                    for lr, ok in searches[(norm, seed)].stable.items()
+                )
+            ]
+            if dead:
+                findings.append(
+                    f"{LABELS[norm]}: {len(dead)} of {len(seeds)} seeds have rates that neither diverge nor learn "
+                    f"(final training accuracy below {DEAD_ACCURACY:.0%}): definition (a) counts them usable, (b) "
+                    "does not, which is why the two limits differ."
+                )
         table = Table(
             "Largest usable learning rate per seed",
             ["seed", "no BN (a)", "BN (a)", "no BN (b)", "BN (b)", "runs"],

@@ -56,6 +56,7 @@ def higher_lr(tmp_path_factory: pytest.TempPathFactory):
     return setting, store, outcome
 
 
+@pytest.mark.slow  # ~10 adaptive rounds, each a spawned worker pool
 def test_bisection_finds_the_fakes_thresholds_under_both_definitions(higher_lr) -> None:
     setting, _, outcome = higher_lr
     (result,) = outcome.results

@@ -161,6 +161,9 @@ class BNHigherLR(Claim):
             if definition == "good":
                 bent = sum(1 for s in searches.values() if s.non_monotone)
                 note += f"; good/not-good pattern not one interval in {bent} of {len(searches)} searches"
+            else:
+                bent = sum(1 for s in searches.values() if s.diverge_non_monotone)
+                note += f"; a diverged rate below a finished one in {bent} of {len(searches)} searches"
             m = measure(
                 f"largest usable learning rate ({words}), BN vs none",
                 f"log10(limit with BN / limit without BN), decades; limit = {words}",

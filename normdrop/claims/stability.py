@@ -66,6 +66,14 @@ class LimitSearch:
         last = len(flags) - 1 - flags[::-1].index(True) if True in flags else -1
         return not all(flags[first : last + 1])
 
+    @property
+    def diverge_non_monotone(self) -> bool:
+        """Whether a diverged rate lies below a finished one among the evaluated rates (divergence not monotone:
+        bisection (a) then finds a boundary, not necessarily the lowest one)."""
+        flags = [self.stable[lr] for lr in sorted(self.stable)]
+        first_bad = flags.index(False) if False in flags else len(flags)
+        return any(flags[first_bad:])
+
     def is_good(self, lr: float) -> bool:
         """Definition (b) at an evaluated rate."""
         return (

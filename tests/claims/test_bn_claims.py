@@ -90,7 +90,7 @@ def test_each_seed_brackets_its_own_limit() -> None:
     setting = StudySetting.create(seeds=3, name="mlp-sgd")
     for (norm, seed), search in _replayed(setting, setting.seed_list).items():
         diverge, good = DIVERGE[norm] * (1 + 0.1 * seed), GOOD[norm] * (1 + 0.1 * seed)
-        assert search.state == "done" and not search.non_monotone
+        assert search.state == "done" and not search.non_monotone and not search.diverge_non_monotone
         assert search.diverge.largest_stable < diverge <= search.diverge.smallest_unstable
         assert search.diverge.ratio <= 1.25 * (1 + 1e-9)
         assert search.good.largest_stable < good <= search.good.smallest_unstable
@@ -285,3 +285,11 @@ def test_bn_stable_inputs_runs_the_noisy_control_at_bns_rate() -> None:
     assert [s.lr for s in noisy] == [s.lr for s in batch] and {s.norm for s in noisy} == {"noisy"}
     assert dict(noisy[0].norm_options)["noise"] > 0
     assert [s.seed for s in noisy] == setting.seed_list
+
+
+def test_non_monotone_divergence_is_counted() -> None:
+    from normdrop.claims.stability import LimitSearch
+
+    search = LimitSearch("none", 0, stable={0.1: True, 0.3: False, 0.5: True, 1.0: False})
+    assert search.diverge_non_monotone
+    assert not LimitSearch("none", 0, stable={0.1: True, 0.3: True, 1.0: False}).diverge_non_monotone

@@ -109,6 +109,7 @@ NORM_KINDS: dict[str, LayerKind] = {
     "ghost": LayerKind(
         {"normdrop": (0, 1, 2)}, {**_BN_OPTIONS, "ghost_batch_size": _positive_int}, required=("ghost_batch_size",)
     ),
+    "noisy": LayerKind({"normdrop": (0, 1, 2)}, {**_BN_OPTIONS, "noise": _at_least(0.0)}, defaults={"noise": 1.0}),
     "renorm": LayerKind(
         {"normdrop": (0, 1, 2)},
         {

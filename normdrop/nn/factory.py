@@ -1,14 +1,14 @@
 """Norm and dropout layers by name: the one registry that model builders, sweep files and model surgery use.
 
-    make_norm("batch" | "ghost" | "renorm" | "sync" | "frozen" | "none", num_features, dims=1, **kwargs)
+    make_norm("batch" | "ghost" | "noisy" | "renorm" | "sync" | "frozen" | "none", num_features, dims=1, **kwargs)
     make_dropout("standard" | "channel" | "alpha" | "feature_alpha" | "gaussian" | "droppath" | "dropblock"
                  | "uout" | "concrete" | "none", p, dims=1, **kwargs)
 
 ``dims`` is the number of spatial dims of the layer's input: 0 for (N, C) features, 1 for (N, C, L), 2 for
 (N, C, H, W), 3 for (N, C, D, H, W). Norms with dims 0 or 1 are the ``1d`` classes. Extra keyword arguments go to
-the layer's constructor (``ghost_batch_size`` for "ghost", ``r_max`` ... for "renorm", ``block_size`` for
-"dropblock", ``eps`` / ``momentum`` for the BNs). ``layers="torch"`` builds torch.nn's class where one exists, to
-compare against torch. ``norm_names()`` / ``dropout_names()`` list the names; ``register_norm`` /
+the layer's constructor (``ghost_batch_size`` for "ghost", ``noise`` for "noisy", ``r_max`` ... for "renorm",
+``block_size`` for "dropblock", ``eps`` / ``momentum`` for the BNs). ``layers="torch"`` builds torch.nn's class
+where one exists, to compare against torch. ``norm_names()`` / ``dropout_names()`` list the names; ``register_norm`` /
 ``register_dropout`` add one. The kinds, their sources and dims, and their options are also written as plain data in
 :mod:`normdrop.layer_catalog`, which specs are validated against without importing torch (a test keeps the two equal;
 a registered kind is added to both).
@@ -30,6 +30,8 @@ from normdrop.nn.batchnorm_variants import (
     FrozenBatchNorm3d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
 )
 from normdrop.nn.dropout_variants import ConcreteDropout, DropBlock2d, DropPath, GaussianDropout, Uout
 from normdrop.nn.sync_batchnorm import SyncBatchNorm
@@ -84,6 +86,7 @@ _NORMS: dict[str, dict[str, dict[int, NormBuilder]]] = {
         "torch": _by_rank(torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d),
     },
     "ghost": {"normdrop": _by_rank(GhostBatchNorm1d, GhostBatchNorm2d)},
+    "noisy": {"normdrop": _by_rank(NoisyBatchNorm1d, NoisyBatchNorm2d)},
     "renorm": {"normdrop": _by_rank(BatchRenorm1d, BatchRenorm2d)},
     "sync": {"normdrop": dict.fromkeys(DIMS, SyncBatchNorm), "torch": dict.fromkeys(DIMS, torch.nn.SyncBatchNorm)},
     "frozen": {"normdrop": _by_rank(FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)},

@@ -89,25 +89,52 @@ def lr_grid(bn_rate: float, plain_rate: float, bn_diverges_at: float = 100.0, pl
     return make
 
 
+def adaptive_data_for(claim_id: str, make: Make, setting: StudySetting = SETTING) -> ClaimData:
+    """As :func:`data_for` for an adaptive experiment: its rounds (``extend``) replayed until nothing is missing."""
+    experiment = get(claim_id).experiment(setting)
+    results: dict[str, RunResult] = {}
+    for _ in range(40):
+        arms = dict(experiment.arms)
+        if experiment.extend is not None:
+            arms.update({label: specs for label, (specs, _) in experiment.extend(results).items()})
+        missing = [(label, spec) for label, specs in arms.items() for spec in specs if spec.run_id not in results]
+        fresh = {spec.run_id: r for label, spec in missing if (r := make(label, spec)) is not None}
+        if not fresh:
+            break
+        results.update(fresh)
+    return ClaimData(setting, experiment, results)
+
+
+def adaptive_verdict(claim_id: str, make: Make) -> str:
+    analysis = get(claim_id).analyze(adaptive_data_for(claim_id, make))
+    assert analysis.figures, f"{claim_id}: every analysis draws at least one figure"
+    assert all(figure.png.startswith(b"\x89PNG") for figure in analysis.figures)
+    return analysis.primary.verdict
+
+
 def test_bn_faster_each_verdict() -> None:
-    assert verdict("bn-faster", lr_grid(bn_rate=0.2, plain_rate=0.02)) == "supported"
-    assert verdict("bn-faster", lr_grid(bn_rate=0.02, plain_rate=0.2)) == "contradicted"
-    assert verdict("bn-faster", lr_grid(bn_rate=0.05, plain_rate=0.05)) == "inconclusive"
-    assert verdict("bn-faster", lambda label, spec: None) == "not measurable"
+    assert adaptive_verdict("bn-faster", lr_grid(bn_rate=0.2, plain_rate=0.02)) == "supported"
+    assert adaptive_verdict("bn-faster", lr_grid(bn_rate=0.02, plain_rate=0.2)) == "contradicted"
+    assert adaptive_verdict("bn-faster", lr_grid(bn_rate=0.05, plain_rate=0.05)) == "inconclusive"
+    assert get("bn-faster").analyze(adaptive_data_for("bn-faster", lambda label, spec: None)).primary.verdict == (
+        "not measurable"
+    )
 
 
 def test_bn_higher_lr_each_verdict() -> None:
-    grid = SETTING.lr_grid  # quick: 0.01, 0.1, 1, 10
-    assert verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=10, plain_diverges_at=1)) == "supported"
-    assert verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=0.1, plain_diverges_at=10)) == "contradicted"
+    # bisection range for SGD: 0.03 .. 30
+    assert adaptive_verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=10, plain_diverges_at=1)) == "supported"
+    assert (
+        adaptive_verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=0.1, plain_diverges_at=10)) == "contradicted"
+    )
 
     def mixed(label: str, spec: RunSpec) -> RunResult:  # BN's limit differs from seed to seed
         bn_limit = 10 if spec.seed % 2 else 0.1
         return lr_grid(0.1, 0.1, bn_diverges_at=bn_limit, plain_diverges_at=1)(label, spec)
 
-    assert verdict("bn-higher-lr", mixed) == "inconclusive"
-    assert verdict("bn-higher-lr", lambda label, spec: run_result(spec, status="failed")) == "not measurable"
-    assert len(grid) == 4
+    assert adaptive_verdict("bn-higher-lr", mixed) == "inconclusive"
+    failed = adaptive_data_for("bn-higher-lr", lambda label, spec: run_result(spec, status="failed"))
+    assert get("bn-higher-lr").analyze(failed).primary.verdict == "not measurable"
 
 
 # ---- probe-based claims ---------------------------------------------------------------------------------------
@@ -143,7 +170,7 @@ def test_bn_stable_inputs_reads_the_layer_inputs_probe(plain_drift: float, bn_dr
         drift = bn_drift if spec.norm == "batch" else plain_drift
         return run_result(spec, {"train_accuracy": lambda t: 0.5}, probe_records=layer_input_records(spec, drift))
 
-    assert verdict("bn-stable-inputs", make) == expected
+    assert adaptive_verdict("bn-stable-inputs", make) == expected
     spec = SETTING.spec("deep", probes=("layer_inputs",))
     result = run_result(spec, probe_records=layer_input_records(spec, 0.01))
     assert relative_drift(result) == pytest.approx(0.01 * spec.probe_every / 2.0, rel=0.06)
@@ -370,9 +397,9 @@ def smooth_runs(plain_beta: float, bn_beta: float, spread: float = 0.0) -> Make:
 
 
 def test_bn_smooth_each_verdict() -> None:
-    assert verdict("bn-smooth", smooth_runs(plain_beta=10.0, bn_beta=1.0)) == "supported"
-    assert verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=10.0)) == "contradicted"
-    assert verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=1.0, spread=1.0)) == "inconclusive"
+    assert adaptive_verdict("bn-smooth", smooth_runs(plain_beta=10.0, bn_beta=1.0)) == "supported"
+    assert adaptive_verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=10.0)) == "contradicted"
+    assert adaptive_verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=1.0, spread=1.0)) == "inconclusive"
 
 
 def matched_runs(gain: Callable[[RunSpec], float]) -> Make:

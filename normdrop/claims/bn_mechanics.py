@@ -212,6 +212,7 @@ class BNMechanics(Claim):
         "re-estimation after training (Wu & Johnson 2021) can change test accuracy."
     )
     references = ("Ioffe & Szegedy 2015, algorithm 1 and section 3.1",)
+    per_setting = False
 
     def experiment(self, setting: StudySetting) -> Experiment:
         return Experiment(

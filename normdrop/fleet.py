@@ -2,7 +2,9 @@
 
 A *fleet* is a list of :class:`~normdrop.spec.RunSpec` whose :func:`fleet_key` is equal: the same architecture,
 widths, batch size, steps, dataset and every other field that fixes tensor shapes or the code path. The members may
-differ in learning rate, momentum, weight decay, schedule, warmup, dropout p, init, seed and divergence threshold.
+differ in learning rate, momentum, weight decay, schedule, warmup, dropout p, BN momentum and eps, init, seed, data
+seed (each member on its own training subset, label noise and standardization; :data:`PER_MEMBER_FIELDS`) and
+divergence threshold.
 :func:`run_fleet` trains them together and returns one ordinary :class:`~normdrop.spec.RunResult` per member.
 
 The contract (at one torch thread, on CPU): every member's metrics equal, bit for bit, those of
@@ -20,7 +22,11 @@ members still training). What makes it hold:
 - **dropout** masks from a kernel that takes one key per member: member k's element (b, c) is kept iff
   ``bits(seed_k, b C + c) >= threshold(p_k)`` (:mod:`normdrop.nn.rng`), with ``seed_k`` drawn from the member's own
   dropout stream (``derive_seed(seed, "dropout")``) once per dropout layer and step, as its solo run draws it;
-- **batch order** from each member's own ``"batch_order"`` generator;
+- **batch order** from each member's own ``"batch_order"`` generator, over its own dataset (its ``data_seed``'s
+  subset, noisy labels and standardization; stacked (K, N, D) when the members' datasets differ) and evaluated on
+  its own train and test splits;
+- **BN momentum / eps** per member: members are ordered by setting and each run of one setting is one kernel call
+  on its contiguous (B, K_run*C) block (a strided block would take another kernel path, which rounds otherwise);
 - **losses** per member: ``F.cross_entropy`` on the member's (B, classes) logits, as the solo run computes it;
 - **optimizers** stacked over members with per-member hyperparameters as (K, 1, ...) tensors, in the formulas that
   round exactly as torch.optim's single-tensor paths (torch 2.13): ``p.add_(g, alpha=-lr)`` becomes
@@ -43,8 +49,8 @@ measured grouped convolutions no faster per member at this size, and a grouped c
 does), activations other than ReLU/identity (torch's vectorized and scalar tails of tanh, GELU, ELU, SELU may
 round differently and the tail moves with K), norms other than batch norm and dropout kinds other than standard
 (their kernels take one key or one set of statistics per call), ``layers="torch"`` with a norm or dropout, and
-members that differ in BN momentum/eps, in Nesterov, or in whether momentum / weight decay is zero (those pick
-different code paths in the solo run, so they go to different fleets).
+members that differ in Nesterov, or in whether momentum / weight decay / dropout is zero (those pick different code
+paths in the solo run, so they go to different fleets).
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 from torch import Tensor, nn
 
+from normdrop.data import Dataset
 from normdrop.models import _unit, build_model
 from normdrop.nn import functional as ndF
 from normdrop.nn.kernels import composite, numba_cpu
@@ -100,9 +107,17 @@ PER_MEMBER_FIELDS = (
     "dropout",
     "init",
     "seed",
+    "data_seed",
+    "norm_momentum",
+    "norm_eps",
     "diverge_loss",
 )
-"""Spec fields that may differ between the members of one fleet (none of them changes a tensor's shape)."""
+"""Spec fields that may differ between the members of one fleet (none of them changes a tensor's shape).
+
+``data_seed`` draws a member's training subset, label noise and synthetic data: for one dataset, ``train_size``,
+``label_noise``, ``standardize`` and options, every seed gives splits of the same shapes, so those members train
+together, each on its own splits (:func:`run_fleet` checks the shapes once loaded and splits a fleet whose shapes
+differ into fleets whose shapes agree)."""
 
 FLEET_ACTIVATIONS = ("relu", "identity")
 ADAM_BETAS = (0.9, 0.999)
@@ -326,6 +341,23 @@ def _column(values: Sequence[float], ndim: int, device: torch.device) -> Tensor:
     return column.to(device)
 
 
+def norm_setting(spec: RunSpec) -> tuple[float | None, float]:
+    """A spec's batch-norm (momentum, eps): members with equal settings share one kernel call per layer."""
+    return (spec.norm_momentum, spec.norm_eps)
+
+
+def _norm_blocks(specs: Sequence[RunSpec]) -> list[tuple[int, float | None, float]]:
+    """Runs of consecutive members with one :func:`norm_setting`: (members, momentum, eps) per run, in order."""
+    blocks: list[tuple[int, float | None, float]] = []
+    for spec in specs:
+        setting = norm_setting(spec)
+        if blocks and blocks[-1][1:] == setting:
+            blocks[-1] = (blocks[-1][0] + 1, *setting)
+        else:
+            blocks.append((1, *setting))
+    return blocks
+
+
 class Fleet:
     """K MLP members as stacked tensors: ``params[name]`` is (K, *shape) for each parameter name of the solo model
     (in the solo model's order), ``buffers[name]`` likewise for batch-norm statistics."""
@@ -361,6 +393,7 @@ class Fleet:
         self.unit = [name for name, _ in _unit(self.template, self.template.width, 0)]
         self.state: dict[str, dict[str, Tensor]] = {name: {} for name in self.param_names}
         self.adam_step = 0.0
+        self.norm_blocks = _norm_blocks(self.specs)
 
     @property
     def size(self) -> int:
@@ -374,26 +407,57 @@ class Fleet:
         return _FleetDropout.apply(h, multiplier)
 
     def _norm(self, h: Tensor, index: int, training: bool) -> Tensor:
-        spec = self.template
-        rows, members, channels = h.shape
+        """Batch norm of (B, K, C) with normdrop's kernel over (B, K*C): channel (k, c) reduced over the B rows as
+        member k's solo run reduces channel c. Members with their own BN momentum / eps come in runs of equal
+        settings (:attr:`norm_blocks`), one kernel call per run on its (B, K_run*C) block; the blocks are split
+        and joined by copies (``torch.split`` / ``torch.cat``, whose backward copies too), so no value changes."""
+        rows, _, channels = h.shape
         prefix = f"hidden{index}.norm."
-        momentum: float | Tensor = 0.0 if spec.norm_momentum is None else spec.norm_momentum
         tracked = self.buffers[prefix + "num_batches_tracked"]
         if training:
             tracked.add_(1)
-            if spec.norm_momentum is None:
+        sizes = [size for size, _, _ in self.norm_blocks]
+        if len(sizes) == 1:
+            pieces = [(h, *(self.params[prefix + n] for n in ("weight", "bias")))]
+            stats = [(self.buffers[prefix + "running_mean"], self.buffers[prefix + "running_var"])]
+        else:
+            pieces = list(
+                zip(
+                    torch.split(h, sizes, dim=1),
+                    torch.split(self.params[prefix + "weight"], sizes),
+                    torch.split(self.params[prefix + "bias"], sizes),
+                    strict=True,
+                )
+            )
+            stats = list(
+                zip(
+                    torch.split(self.buffers[prefix + "running_mean"], sizes),
+                    torch.split(self.buffers[prefix + "running_var"], sizes),
+                    strict=True,
+                )
+            )
+        outputs = []
+        for (block, weight, bias), (mean, var), (size, setting, eps) in zip(
+            pieces, stats, self.norm_blocks, strict=True
+        ):
+            # as the solo module: a float momentum, or 1 / num_batches_tracked (a 0-dim double) when it is None
+            momentum: float | Tensor = 0.0 if setting is None else setting
+            if training and setting is None:
                 momentum = 1.0 / tracked[0].double()
-        y = ndF.batch_norm(
-            h.view(rows, members * channels),
-            self.buffers[prefix + "running_mean"].view(-1),
-            self.buffers[prefix + "running_var"].view(-1),
-            self.params[prefix + "weight"].view(-1),
-            self.params[prefix + "bias"].view(-1),
-            training,
-            momentum,
-            spec.norm_eps,
-        )
-        return y.view(rows, members, channels)
+            y = ndF.batch_norm(
+                # contiguous, as the solo run's input: a strided (B, K_run*C) view takes another kernel path,
+                # which rounds differently
+                block.reshape(rows, size * channels).contiguous(),
+                mean.view(-1),
+                var.view(-1),
+                weight.reshape(-1),
+                bias.reshape(-1),
+                training,
+                momentum,
+                eps,
+            )
+            outputs.append(y.view(rows, size, channels))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def forward(self, x: Tensor, draw_seeds: Callable[[], list[int]] | None) -> Tensor:
         """Logits (B, K, classes) of inputs (B, K, D); ``draw_seeds`` gives each member's next dropout seed (None:
@@ -510,6 +574,7 @@ class Fleet:
                 self.params[name] = new
                 self.state[name] = {key: value.index_select(0, index) for key, value in self.state[name].items()}
             self.buffers = {name: value.index_select(0, index) for name, value in self.buffers.items()}
+        self.norm_blocks = _norm_blocks(self.specs)
 
     def member_model(self, k: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Member ``k`` as the ordinary model of its spec, with its exact weights, buffers and gradients, and a
@@ -592,7 +657,7 @@ def run_fleet(
     try:
         on_cpu = torch.device(device).type == "cpu"
         with _reproducible(specs[0].seed, num_threads) if on_cpu else contextlib.nullcontext():
-            members = _train_fleet(specs, data_root, hooks, torch.device(device), exact)
+            members = _train_fleets(specs, data_root, hooks, torch.device(device), exact)
     except Exception as error:
         text = "".join(traceback.format_exception_only(error)).strip()
         wall = time.perf_counter() - start
@@ -617,28 +682,73 @@ def run_fleet(
     ]
 
 
-def _train_fleet(
+def _data_shapes(data: Dataset) -> tuple[Any, ...]:
+    """What must agree between the datasets of one fleet's members: every split's shape and the class count."""
+    splits = (data.x_train, data.y_train, data.x_test, data.y_test)
+    return (*(tuple(t.shape) for t in splits), data.num_classes, tuple(data.input_shape))
+
+
+def _train_fleets(
     specs: list[RunSpec],
     data_root: str | None,
     hooks: list[list[Hook]],
     device: torch.device,
     exact: bool | None = None,
 ) -> list[_Member]:
+    """Load each member's dataset (its own ``data_seed``), split the members into fleets whose datasets have one
+    shape (:func:`_data_shapes`; in practice always one fleet), order each fleet's members by BN setting (one
+    kernel call per setting: :func:`norm_setting`), train them; the members back in the order of ``specs``."""
+    datasets = [load_run_dataset(spec, data_root) for spec in specs]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, data in enumerate(datasets):
+        groups.setdefault(_data_shapes(data), []).append(k)
+    members: list[_Member | None] = [None] * len(specs)
+    for group in groups.values():
+
+        def by_setting(k: int) -> tuple[bool, float, float]:
+            momentum, eps = norm_setting(specs[k])
+            return (momentum is None, 0.0 if momentum is None else momentum, eps)
+
+        order = sorted(group, key=by_setting)
+        trained = _train_fleet(
+            [specs[k] for k in order], [datasets[k] for k in order], [hooks[k] for k in order], device, exact
+        )
+        for k, member in zip(order, trained, strict=True):
+            members[k] = member
+    return [member for member in members if member is not None]
+
+
+def _train_fleet(
+    specs: list[RunSpec],
+    datasets: list[Dataset],
+    hooks: list[list[Hook]],
+    device: torch.device,
+    exact: bool | None = None,
+) -> list[_Member]:
+    """Train one fleet whose members' datasets have one shape. When they are one dataset (the same ``data_seed``,
+    or one the seed does not change) every member reads it; else member k reads its own, stacked (K, N, ...)."""
     for hook in (hook for member_hooks in hooks for hook in member_hooks):
         if not isinstance(hook.every, int) or hook.every < 0:
             raise ValueError(f"hook {hook!r}: every must be an integer >= 0, got {hook.every!r}")
-    template = specs[0]
-    data = load_run_dataset(template, data_root)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    if template.batch_size > len(y_train):
-        raise ValueError(f"batch_size={template.batch_size} exceeds the {len(y_train)} training examples")
+    template, data = specs[0], datasets[0]
+    shared = all(d is data for d in datasets)
+    num_train = len(data.y_train)
+    if template.batch_size > num_train:
+        raise ValueError(f"batch_size={template.batch_size} exceeds the {num_train} training examples")
+    if shared:  # (N, D) inputs and (N,) labels read by every member
+        x_train, y_train = data.x_train.to(device).reshape(num_train, -1), data.y_train.to(device)
+        x_test, y_test = data.x_test.to(device).reshape(len(data.y_test), -1), data.y_test.to(device)
+    else:  # (K, N, D) and (K, N): member k's own splits
+        x_train = torch.stack([d.x_train.reshape(num_train, -1) for d in datasets]).to(device)
+        y_train = torch.stack([d.y_train for d in datasets]).to(device)
+        x_test = torch.stack([d.x_test.reshape(len(d.y_test), -1) for d in datasets]).to(device)
+        y_test = torch.stack([d.y_test for d in datasets]).to(device)
     fleet = Fleet(specs, data.input_shape, data.num_classes, device, exact)
     everyone = [
         _Member(
             spec=s,
             batches=_batch_indices(
-                len(y_train), s.batch_size, torch.Generator().manual_seed(derive_seed(s.seed, "batch_order"))
+                num_train, s.batch_size, torch.Generator().manual_seed(derive_seed(s.seed, "batch_order"))
             ),
             dropout_rng=torch.Generator().manual_seed(derive_seed(s.seed, "dropout")),
             metrics=[],
@@ -648,11 +758,17 @@ def _train_fleet(
         for s in specs
     ]
     alive = list(range(len(specs)))  # positions in `everyone` of the fleet's members, in fleet order
-    flat_x_train = x_train.reshape(len(y_train), -1)
-    probe_batch = (data.x_train[: template.probe_batch_size], data.y_train[: template.probe_batch_size])
+
+    def alive_splits(*splits: Tensor) -> list[Tensor]:
+        """Per-member splits restricted to the members still training (shared splits as they are)."""
+        if shared or len(alive) == len(specs):
+            return list(splits)
+        index = torch.tensor(alive, dtype=torch.int64, device=device)
+        return [split.index_select(0, index) for split in splits]
 
     def evaluate_at(step: int) -> None:
-        results = [_fleet_evaluate(fleet, flat_x_train, y_train), _fleet_evaluate(fleet, x_test, y_test)]
+        train_split, test_split = alive_splits(x_train, y_train), alive_splits(x_test, y_test)
+        results = [_fleet_evaluate(fleet, *train_split), _fleet_evaluate(fleet, *test_split)]
         for position, k in zip(alive, range(fleet.size), strict=False):
             member = everyone[position]
             record_evaluation(step, results[0][k], results[1][k], member.train_time, member.summary, member.metrics)
@@ -665,9 +781,11 @@ def _train_fleet(
                 continue
             model, optimizer = fleet.member_model(k)
             lr = learning_rate(member.spec, min(step, member.spec.steps - 1))
+            own = datasets[position]
+            probe_batch = (own.x_train[: template.probe_batch_size], own.y_train[: template.probe_batch_size])
             for hook in due:
                 ctx = HookContext(
-                    member.spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, data, member.metrics
+                    member.spec, step, lr, model, optimizer, F.cross_entropy, probe_batch, own, member.metrics
                 )
                 with torch.random.fork_rng(devices=[]):
                     torch.set_rng_state(member.dropout_rng.get_state())
@@ -685,9 +803,12 @@ def _train_fleet(
         step_start = time.perf_counter()
         lrs = [learning_rate(everyone[p].spec, step) for p in alive]
         indices = torch.stack([next(everyone[p].batches) for p in alive], dim=1).to(device)  # (B, K)
-        x = x_train[indices].reshape(indices.shape[0], len(alive), -1)
+        if shared:
+            x, labels = x_train[indices], y_train[indices]
+        else:  # member k's rows of its own training set
+            owner = torch.tensor(alive, dtype=torch.int64, device=device).view(1, -1)
+            x, labels = x_train[owner, indices], y_train[owner, indices]
         logits = fleet.forward(x, draw_seeds)
-        labels = y_train[indices]
         if fleet.exact:  # each member's loss as its solo run computes it
             losses = list(torch.stack([F.cross_entropy(logits[:, k], labels[:, k]) for k in range(len(alive))]))
         else:  # one batched reduction (off CPU: a tolerance, not bit for bit)
@@ -761,28 +882,36 @@ def _record_diagnostics(
 
 @torch.no_grad()
 def _fleet_evaluate(fleet: Fleet, inputs: Tensor, labels: Tensor) -> list[tuple[float, float]]:
-    """(mean cross-entropy, accuracy) of every member in eval mode, chunked as :func:`normdrop.train.evaluate`."""
+    """(mean cross-entropy, accuracy) of every member in eval mode, chunked as :func:`normdrop.train.evaluate`.
+
+    ``inputs`` (N, D) and ``labels`` (N,) are one split every member reads; (K, N, D) and (K, N), member k's own."""
     members = fleet.size
+    per_member = labels.ndim == 2
+    count = labels.shape[-1]
     totals = [0.0] * members
     correct = [0] * members
-    flat = inputs.reshape(len(labels), -1)
-    batched_totals = torch.zeros(members, dtype=torch.float64, device=flat.device)
-    batched_correct = torch.zeros(members, dtype=torch.int64, device=flat.device)
-    for start in range(0, len(labels), EVAL_CHUNK):
-        chunk = flat[start : start + EVAL_CHUNK]
-        chunk_labels = labels[start : start + EVAL_CHUNK]
-        logits = fleet.forward(chunk.unsqueeze(1).expand(len(chunk), members, chunk.shape[1]), None)
+    batched_totals = torch.zeros(members, dtype=torch.float64, device=inputs.device)
+    batched_correct = torch.zeros(members, dtype=torch.int64, device=inputs.device)
+    for start in range(0, count, EVAL_CHUNK):
+        if per_member:  # (n, K, D) and (n, K)
+            chunk = inputs[:, start : start + EVAL_CHUNK].transpose(0, 1)
+            chunk_labels = labels[:, start : start + EVAL_CHUNK].transpose(0, 1)
+        else:  # one chunk seen by every member (stride 0 over members)
+            shared = inputs[start : start + EVAL_CHUNK]
+            chunk = shared.unsqueeze(1).expand(len(shared), members, shared.shape[1])
+            chunk_labels = labels[start : start + EVAL_CHUNK].unsqueeze(1).expand(len(shared), members)
+        logits = fleet.forward(chunk, None)
         if not fleet.exact:  # off CPU: all members in one reduction, one device sync per evaluation
-            repeated = chunk_labels.unsqueeze(1).expand(len(chunk), members)
             flat_logits = logits.reshape(-1, logits.shape[-1])
-            losses = F.cross_entropy(flat_logits, repeated.reshape(-1), reduction="none").view(len(chunk), members)
+            losses = F.cross_entropy(flat_logits, chunk_labels.reshape(-1), reduction="none").view(chunk_labels.shape)
             batched_totals += losses.double().sum(0)
-            batched_correct += (logits.argmax(dim=2) == repeated).sum(0)
+            batched_correct += (logits.argmax(dim=2) == chunk_labels).sum(0)
             continue
         for k in range(members):
             member_logits = logits[:, k]
-            totals[k] += F.cross_entropy(member_logits, chunk_labels, reduction="sum").item()
-            correct[k] += int((member_logits.argmax(dim=1) == chunk_labels).sum())
+            member_labels = chunk_labels[:, k].contiguous() if per_member else chunk_labels[:, 0]
+            totals[k] += F.cross_entropy(member_logits, member_labels, reduction="sum").item()
+            correct[k] += int((member_logits.argmax(dim=1) == member_labels).sum())
     if not fleet.exact:
         totals, correct = batched_totals.tolist(), batched_correct.tolist()
-    return [(totals[k] / len(labels), correct[k] / len(labels)) for k in range(members)]
+    return [(totals[k] / count, correct[k] / count) for k in range(members)]

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from normdrop.dataset_catalog import DATASET_NAMES, check_dataset_options
+from normdrop.layer_catalog import ACTIVATION_NAMES, DROPOUT_KINDS, LAYER_SOURCES, NORM_KINDS, surely_accepted
 from normdrop.probe_catalog import DEFAULT_EVERY, KEEPABLE, expand_probes, kept_by_default
 
 TRAINING_SEMANTICS_VERSION: int = 1
@@ -215,27 +217,27 @@ class RunSpec(BaseModel):
 
 def _check_dataset_options(spec: RunSpec) -> None:
     """The dataset's own check of its options (names it knows, value ranges), run when the spec is made."""
-    from normdrop.data import check_dataset_options
-
     check_dataset_options(spec.dataset, dict(spec.dataset_options))
 
 
 def _check_layer_options(spec: RunSpec) -> None:
-    """Build the spec's norm and dropout layers once, on one feature, with the keyword arguments the model builder
+    """Check that the spec's norm and dropout layers can be built with the keyword arguments the model builder
     (``normdrop.models``) will pass: an unknown option, a missing required one (``ghost`` without
-    ``ghost_batch_size``) or a value the layer rejects fails here, with the layer's own message, not mid-run."""
-    from normdrop.nn.factory import make_dropout, make_norm
+    ``ghost_batch_size``) or a value the layer rejects fails here, with the layer's own message, not mid-run.
 
+    The common case is decided without torch: when :func:`normdrop.layer_catalog.surely_accepted` vouches for the
+    arguments (a kind that exists for the model's dims, no options or options whose values pass the catalog's rules,
+    which are at least as strict as the layers'), nothing is built. Otherwise the layer is built once, on one
+    feature, and its error is the message; so the messages do not depend on the catalog."""
     dims = _MODEL_SPATIAL_DIMS[spec.model]
     norm_options = dict(spec.norm_options)
     if spec.norm == "none":
         if norm_options:
             raise ValueError(f"norm='none' takes no norm_options, got {norm_options}")
-    else:
-        kwargs = dict(norm_options)
-        if spec.norm != "frozen":  # as normdrop.models._norm: frozen BN has no momentum
-            kwargs.setdefault("momentum", spec.norm_momentum)
-        kwargs.setdefault("eps", spec.norm_eps)
+    elif not surely_accepted(NORM_KINDS.get(spec.norm), spec.layers, dims, norm_options):
+        from normdrop.nn.factory import make_norm, norm_defaults
+
+        kwargs = {**norm_defaults(spec.norm, momentum=spec.norm_momentum, eps=spec.norm_eps), **norm_options}
         try:
             make_norm(spec.norm, 1, dims, layers=spec.layers, **kwargs)
         except (TypeError, ValueError) as error:
@@ -246,6 +248,10 @@ def _check_layer_options(spec: RunSpec) -> None:
             raise ValueError(f"dropout_kind='none' takes no dropout_options, got {dropout_options}")
         return
     dropout_dims = 0 if spec.dropout_position == "before_head" else dims
+    if surely_accepted(DROPOUT_KINDS.get(spec.dropout_kind), spec.layers, dropout_dims, dropout_options):
+        return
+    from normdrop.nn.factory import make_dropout
+
     # dropout=0 builds no layer, but a grid over p often includes 0 beside options for the others: check the options
     # with a rate the layer accepts.
     rate = spec.dropout if spec.dropout > 0 else 0.5
@@ -298,22 +304,18 @@ class RunResult:
 def _name_table(field_name: str) -> tuple[str, tuple[str, ...], str]:
     """(what the field names, the valid names, how an error lists them) for a field naming a dataset or a layer.
 
-    The name tables live with what they name (datasets, layers); they are imported when a spec is validated, not
-    when this module is, so that a process that only parses flags (normdrop --help) does not import torch.
+    The names come from the torch-free catalogs (:mod:`normdrop.dataset_catalog`, :mod:`normdrop.layer_catalog`),
+    which ``normdrop.data`` and ``normdrop.nn.factory`` are kept equal to, so validating a spec imports no torch.
     """
     if field_name == "dataset":
-        from normdrop.data import DATASET_NAMES
-
-        return "dataset", tuple(DATASET_NAMES), ", ".join(DATASET_NAMES)
-    from normdrop.nn.factory import ACTIVATIONS, LAYER_SOURCES, dropout_names, norm_names
-
+        return "dataset", DATASET_NAMES, ", ".join(DATASET_NAMES)
     if field_name == "norm":
-        return "norm", tuple(norm_names()), str(sorted(norm_names()))
+        return "norm", tuple(NORM_KINDS), str(sorted(NORM_KINDS))
     if field_name == "dropout_kind":
-        return "dropout kind", tuple(dropout_names()), str(sorted(dropout_names()))
+        return "dropout kind", tuple(DROPOUT_KINDS), str(sorted(DROPOUT_KINDS))
     if field_name == "activation":
-        return "activation", tuple(ACTIVATIONS), ", ".join(ACTIVATIONS)
-    return "layer source", tuple(LAYER_SOURCES), ", ".join(LAYER_SOURCES)
+        return "activation", ACTIVATION_NAMES, ", ".join(ACTIVATION_NAMES)
+    return "layer source", LAYER_SOURCES, ", ".join(LAYER_SOURCES)
 
 
 def parse_spec(data: Mapping[str, Any]) -> RunSpec | UserRunSpec:

@@ -17,10 +17,12 @@ specs and results. Nothing here depends on which claims exist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,12 +39,15 @@ from rich.progress import (
 )
 
 from normdrop.claims import all_claims
-from normdrop.claims.base import Claim, ClaimData, ClaimResult
+from normdrop.claims.base import Claim, ClaimData, ClaimResult, ScopedClaimResult, SettingResult
 from normdrop.claims.experiment import Experiment
-from normdrop.claims.figures import message_figure
-from normdrop.claims.results import Analysis, RunCounts, not_measurable
-from normdrop.claims.setting import StudySetting
+from normdrop.claims.figures import message_figure, not_rendered
+from normdrop.claims.results import Analysis, Measurement, RunCounts, not_measurable
+from normdrop.claims.scope_figure import small_multiples
+from normdrop.claims.setting import DEFAULT_SETTING, SETTINGS, StudySetting
 from normdrop.probe_catalog import PROBES
+from normdrop.scope import ScopedVerdict, SettingVerdict, fragile, overall_verdict
+from normdrop.significance import ALPHA, Adjusted, holm, min_detectable_effect, p_value
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import Store
 from normdrop.sweep import ExecutorName, SweepError, run_sweep
@@ -58,10 +63,11 @@ MAX_ROUNDS = 64
 
 @dataclass
 class ClaimPlan:
-    """A claim with its experiment, or the reasons it cannot be measured (missing probes)."""
+    """A claim in one setting with its experiment, or the reasons it cannot be measured (missing probes)."""
 
     claim: Claim
     experiment: Experiment
+    setting: StudySetting
     missing_probes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -71,10 +77,12 @@ class ClaimPlan:
 
 @dataclass
 class StudyOutcome:
-    """Everything the report shows: the setting, each claim's result and the study's bookkeeping."""
+    """Everything the report shows: the settings, each claim's scoped result and the study's bookkeeping.
 
-    setting: StudySetting
-    results: list[ClaimResult]
+    ``holm_tests``: how many per-setting primary tests Holm's correction ran over (those with a p-value)."""
+
+    settings: list[StudySetting]
+    results: list[ScopedClaimResult]
     store_path: str
     started_at: str
     wall_seconds: float
@@ -85,6 +93,17 @@ class StudyOutcome:
     versions: dict[str, str | None] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     compute_seconds: float = 0.0
+    holm_tests: int = 0
+
+    @property
+    def setting(self) -> StudySetting:
+        """The first setting (a one-setting study's setting)."""
+        return self.settings[0]
+
+    @property
+    def quick(self) -> bool:
+        """Whether any setting is a quick one (short runs, few seeds: a first look)."""
+        return any(s.quick for s in self.settings)
 
 
 def versions() -> dict[str, str | None]:
@@ -92,8 +111,56 @@ def versions() -> dict[str, str | None]:
     return package_versions(STUDY_PACKAGES)
 
 
-def plan_study(setting: StudySetting, claims: Sequence[Claim] | None = None) -> list[ClaimPlan]:
-    """Each claim's experiment on ``setting``, with the probes it names that the catalogue lacks."""
+def study_settings(settings: StudySetting | Sequence[StudySetting] | None = None) -> list[StudySetting]:
+    """The settings of a study: one setting, a list (names must be unique), or None for every catalogue setting
+    (:func:`default_settings`)."""
+    if settings is None:
+        return default_settings()
+    chosen = [settings] if isinstance(settings, StudySetting) else list(settings)
+    if not chosen:
+        raise ValueError("a study needs at least one setting")
+    names = [s.name for s in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the settings of a study must have distinct names, got {names}")
+    return chosen
+
+
+QUICK_SETTINGS: tuple[str, ...] = (DEFAULT_SETTING,)
+"""The settings of ``normdrop study --quick``: one, so a first look fits a minute and a half; its verdicts have no
+replication across settings (every page of its report says so)."""
+
+
+def default_settings(
+    names: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    dataset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[StudySetting]:
+    """Settings of the catalogue (default: all of :data:`normdrop.claims.setting.SETTINGS`, in its order; quick:
+    :data:`QUICK_SETTINGS`), each with the same quick flag, seeds, dataset (None: each setting's own) and spec
+    overrides."""
+    chosen = (list(QUICK_SETTINGS) if quick else list(SETTINGS)) if names is None else list(names)
+    unknown = [name for name in chosen if name not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; expected names from {', '.join(SETTINGS)}")
+    return [
+        StudySetting.create(name=name, quick=quick, seeds=seeds, dataset=dataset, overrides=overrides)
+        for name in dict.fromkeys(chosen)
+    ]
+
+
+def plan_study(
+    settings: StudySetting | Sequence[StudySetting] | None = None, claims: Sequence[Claim] | None = None
+) -> list[ClaimPlan]:
+    """Each claim's experiment in every setting that applies to it (claim by claim, settings in order), with the
+    probes it names that the catalogue lacks.
+
+    Raises:
+        ValueError: a claim runs in none of the settings (e.g. a BN-only setting chosen for a dropout claim).
+    """
+    chosen = study_settings(settings)
     plans = []
     for claim in all_claims() if claims is None else claims:
         missing = {
@@ -101,7 +168,16 @@ def plan_study(setting: StudySetting, claims: Sequence[Claim] | None = None) -> 
             for name in claim.probes
             if name not in PROBES
         }
-        plans.append(ClaimPlan(claim, claim.experiment(setting), missing))
+        applicable = [setting for setting in chosen if setting.applies_to(claim.id)]
+        if not claim.per_setting:
+            applicable = applicable[:1]
+        if not applicable:
+            where = [name for name, d in SETTINGS.items() if d.applies_to(claim.id)]
+            raise ValueError(
+                f"claim {claim.id!r} runs in none of the settings {', '.join(s.name for s in chosen)}; "
+                f"it runs in {', '.join(where) or 'custom settings only'}"
+            )
+        plans += [ClaimPlan(claim, claim.experiment(setting), setting, missing) for setting in applicable]
     return plans
 
 
@@ -138,7 +214,7 @@ def numeric_paths(store: Store, run_ids: Iterable[str]) -> dict[str, int]:
 
 
 def run_study(
-    setting: StudySetting,
+    settings: StudySetting | Sequence[StudySetting] | None,
     store_path: str | Path,
     *,
     claims: Sequence[Claim] | None = None,
@@ -152,10 +228,13 @@ def run_study(
     fleet: bool = True,
     strict_numeric_path: bool = False,
 ) -> StudyOutcome:
-    """Run the study: missing runs into the store (unless ``train=False``), then every claim's analysis.
+    """Run the study: missing runs into the store (unless ``train=False``), then every claim's analysis in every
+    setting that applies to it, its re-analyses (half the seeds, a half and a quarter of the budget), Holm's
+    correction and the overall verdicts.
 
     Args:
-        setting: data, seeds and budgets.
+        settings: one setting, a list of them (distinct names), or None for every setting of the catalogue
+            (:func:`default_settings`). Runs shared by claims or settings run once, in one sweep per round.
         store_path: the run store (SQLite file; created if missing).
         claims: the claims to test (default: the registry, :func:`normdrop.claims.all_claims`).
         executor, workers, ray_address: where runs execute (see :func:`normdrop.sweep.run_sweep`).
@@ -172,14 +251,17 @@ def run_study(
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     console = console or Console(stderr=True)
-    plans = plan_study(setting, claims)
+    chosen = study_settings(settings)
+    plans = plan_study(chosen, claims)
+    warned: set[str] = set()
     for plan in plans:
-        if plan.missing_probes and progress:
+        if plan.missing_probes and progress and plan.claim.id not in warned:
+            warned.add(plan.claim.id)
             console.print(
                 f"[yellow]{plan.claim.id}: not measurable, missing probes {sorted(plan.missing_probes)}[/yellow]"
             )
     outcome = StudyOutcome(
-        setting=setting,
+        settings=chosen,
         results=[],
         store_path=str(store_path),
         started_at=started_at,
@@ -247,9 +329,8 @@ def run_study(
         missing = len({s.run_id for s in all_specs} - results.keys())
         if missing:
             outcome.notes.append(f"{missing} runs are not in the store; run `normdrop study` to train them.")
-    analysis_started = time.perf_counter()
-    outcome.results = _analyze_all(plans, setting, results, progress, console)
-    outcome.phase_seconds["analysis"] = time.perf_counter() - analysis_started
+    outcome.results, outcome.holm_tests, seconds = _analyze_all(plans, results, progress, console)
+    outcome.phase_seconds.update(seconds)
     outcome.wall_seconds = time.perf_counter() - started
     return outcome
 
@@ -316,7 +397,11 @@ class _ClaimProgress:
 
     def __init__(self, plans: list[ClaimPlan], store_path: Path, console: Console, enabled: bool) -> None:
         # Claims measured without training (or missing a probe) have no runs and no bar; "all runs" comes first.
-        claim_runs = [(plan.claim.id, {spec.run_id for spec in plan.specs}) for plan in plans if plan.specs]
+        by_claim: dict[str, set[str]] = {}
+        for plan in plans:
+            if plan.specs:
+                by_claim.setdefault(plan.claim.id, set()).update(spec.run_id for spec in plan.specs)
+        claim_runs = list(by_claim.items())  # a claim's runs over all its settings
         self._plans = [("all runs", set().union(*(ids for _, ids in claim_runs))), *claim_runs]
         self._store_path = store_path
         self._stop = threading.Event()
@@ -358,43 +443,299 @@ class _ClaimProgress:
                     break
 
 
+# ---- analysis: per setting, re-analyses, multiplicity, overall verdicts -------------------------------------
+
+VARIANT_FULL = "full"
+VARIANT_HALF_SEEDS = "half the seeds"
+VARIANT_HALF_BUDGET = "half the budget"
+VARIANT_QUARTER_BUDGET = "a quarter of the budget"
+"""The analyses of each claim and setting: the whole runs on all evaluation seeds, and three re-analyses."""
+
+
+def half_seed_setting(setting: StudySetting) -> StudySetting:
+    """The setting with the first ``ceil(n/2)`` evaluation seeds (the half-seeds re-analysis; same experiment)."""
+    return dataclasses.replace(setting, seeds=math.ceil(setting.seeds / 2))
+
+
+def budget_skip_reason(plan: ClaimPlan) -> str:
+    """Why a claim's runs cannot be re-analysed at a smaller budget ("" when they can)."""
+    if plan.missing_probes:
+        return "not measurable (missing probes)"
+    if not plan.claim.budget_reanalysis:
+        return "its primary needs whole runs (e.g. final weights), so it is not re-analysed at smaller budgets"
+    specs = plan.specs
+    if not specs:
+        return "measured without training runs: no budget to cut"
+    scheduled = [s for s in specs if getattr(s, "schedule", "constant") != "constant" or getattr(s, "warmup_steps", 0)]
+    if scheduled:
+        return (
+            f"{len(scheduled)} of its runs follow a learning-rate schedule or warmup, so a run cut short is not a "
+            "shorter run: not re-analysed at smaller budgets"
+        )
+    return ""
+
+
+def cut_result(result: RunResult, budget: float) -> RunResult:
+    """The run as if it had stopped after ``floor(budget * steps)`` steps.
+
+    Metrics and probe records of later steps are dropped, and so are artifacts (final weights belong to the whole
+    run); the spec's ``steps`` becomes the cut (the run id stays the stored run's). A run that diverged after the
+    cut counts as finished there; ``summary`` is rebuilt from the last evaluation at or before the cut.
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    if budget == 1:
+        return result
+    spec = result.spec
+    cutoff = math.floor(budget * spec.steps)
+    metrics = [row for row in result.metrics if row[0] <= cutoff]
+    probe_records = [r for r in result.probe_records if int(r.get("step") or 0) <= cutoff]
+    status, diverged_step = result.status, result.diverged_step
+    if status == "diverged" and diverged_step is not None and diverged_step > cutoff:
+        status, diverged_step = "finished", None
+    summary: dict[str, float | bool | None] = dict(result.summary)
+    if status == "finished":
+        last: dict[str, tuple[int, float]] = {}
+        for step, name, value in metrics:
+            if name in result.summary and (name not in last or step >= last[name][0]):
+                last[name] = (step, value)
+        summary = {name: value for name, (_, value) in last.items()}
+        summary.update(diverged=False, steps_completed=cutoff)
+    return dataclasses.replace(
+        result,
+        spec=spec.model_copy(update={"steps": max(cutoff, 1)}),
+        status=status,
+        diverged_step=diverged_step,
+        metrics=metrics,
+        probe_records=probe_records,
+        summary=summary,
+        artifacts={},
+    )
+
+
+def primary_p_value(m: Measurement) -> float | None:
+    """The primary's p-value from its per-seed values (None with fewer than two, or without a margin where the
+    test needs one)."""
+    if m.verdict == "not measurable":
+        return None
+    try:
+        return p_value(m.per_seed.values(), m.direction, null=m.null, margin=m.margin)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+
+
+def detectable_effect(m: Measurement) -> float | None:
+    """The minimum detectable effect of a measurement with its per-seed sd and n (None below two seeds)."""
+    values = [v for v in m.per_seed.values() if math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return min_detectable_effect(sd, len(values))
+
+
+def plain_reason(m: Measurement) -> str:
+    """The measurement's reason, with a zero-width interval worded as what it is: seeds that agree to the
+    resolution of the measurement ("resolution-limited") or tie exactly ("zero-width: seeds tie"), not precision.
+
+    The interval is found in the words :func:`normdrop.stats.decide` writes ("95% CI [a, b] over n seeds")."""
+    e, reason = m.estimate, m.decision.reason
+    if e is None or not (m.resolution_limited or e.ci_low == e.ci_high):
+        return reason
+    interval = f"{e.confidence:.0%} CI [{e.ci_low:.4g}, {e.ci_high:.4g}] over {e.n} seeds"
+    what = (
+        "resolution-limited: the seeds agree to the measurement's resolution"
+        if m.resolution_limited
+        else "zero-width: seeds tie"
+    )
+    words = f"all {e.n} seeds at {e.value:.4g} ({what}; no interval)"
+    return reason.replace(interval, words) if interval in reason else f"{reason} ({what})"
+
+
+def shown_verdict(m: Measurement, adjusted: Adjusted | None, tests: int) -> tuple[str, str]:
+    """The verdict and reason the report shows for a primary: a "supported" that is not significant after Holm
+    over ``tests`` primary tests becomes "inconclusive"; every other verdict is the claim's own."""
+    reason = plain_reason(m)
+    if m.verdict != "supported":
+        return m.verdict, reason
+    if adjusted is None:
+        return "supported", f"{reason}; no per-seed p-value (fewer than two per-seed values), so outside Holm's family"
+    if adjusted.significant:
+        return (
+            "supported",
+            f"{reason}; significant after Holm over {tests} primary tests (p = {adjusted.p:.2g}, "
+            f"adjusted {adjusted.adjusted:.2g})",
+        )
+    return "inconclusive", (
+        f"supported at the 5% level on its own ({reason}), but not significant after Holm's correction over {tests} "
+        f"primary tests (p = {adjusted.p:.2g}, adjusted {adjusted.adjusted:.2g} >= {ALPHA:g}); the claim's own "
+        "verdict is kept as raw_verdict"
+    )
+
+
 def _analyze_all(
     plans: list[ClaimPlan],
-    setting: StudySetting,
     results: dict[str, RunResult],
     progress: bool,
     console: Console,
-) -> list[ClaimResult]:
-    """Each claim's analysis on its runs, in plan order (the summary last), never raising."""
+) -> tuple[list[ScopedClaimResult], int, dict[str, float]]:
+    """Every claim in every setting, with its re-analyses; then Holm and the overall verdicts. Never raises.
+
+    Returns the scoped results in claim order, the size of Holm's family and the seconds of each phase."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the in-process measurements are then bitwise reproducible across machines
-    done: dict[str, ClaimResult] = {}
+    by_key: dict[tuple[str, str], SettingResult] = {}
+    seconds = {"analysis": 0.0, "re-analyses": 0.0}
+    cut_cache: dict[tuple[str, float], RunResult] = {}
+    settings = list(dict.fromkeys(plan.setting for plan in plans))
     try:
         with Progress(
             TextColumn("{task.description:<20}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("claims analysed"),
+            TextColumn("claims x settings analysed"),
             TimeElapsedColumn(),
             console=console,
             disable=not progress,
         ) as bar:
             task = bar.add_task("analysis", total=len(plans))
-            for plan in plans:
-                bar.update(task, description=plan.claim.id)
-                done[plan.claim.id] = analyze_claim(plan, setting, results, done)
-                bar.advance(task)
+            for setting in settings:
+                mine = [plan for plan in plans if plan.setting == setting]
+                mine.sort(key=lambda plan: plan.claim.id == "summary")  # the summary reads the others: last
+                others: dict[str, dict[str, ClaimResult]] = {
+                    VARIANT_FULL: {},
+                    VARIANT_HALF_SEEDS: {},
+                    VARIANT_HALF_BUDGET: {},
+                    VARIANT_QUARTER_BUDGET: {},
+                }
+                half = half_seed_setting(setting)
+                for plan in mine:
+                    bar.update(task, description=f"{plan.claim.id} ({setting.name})")
+                    started = time.perf_counter()
+                    full = analyze_claim(plan, setting, results, others[VARIANT_FULL])
+                    others[VARIANT_FULL][plan.claim.id] = full
+                    seconds["analysis"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    item = SettingResult(setting=setting, result=full, budgets={1.0: full.analysis.primary})
+                    halved = analyze_claim(plan, half, results, others[VARIANT_HALF_SEEDS], draw=False)
+                    others[VARIANT_HALF_SEEDS][plan.claim.id] = halved
+                    item.half_seeds = halved.analysis.primary
+                    item.budget_skipped = budget_skip_reason(plan)
+                    if not item.budget_skipped:
+                        for budget, variant in ((0.5, VARIANT_HALF_BUDGET), (0.25, VARIANT_QUARTER_BUDGET)):
+                            cut = {}
+                            for spec in plan.specs:
+                                if spec.run_id in results:
+                                    key = (spec.run_id, budget)
+                                    if key not in cut_cache:
+                                        cut_cache[key] = cut_result(results[spec.run_id], budget)
+                                    cut[spec.run_id] = cut_cache[key]
+                            shorter = analyze_claim(plan, setting, cut, others[variant], budget=budget, draw=False)
+                            others[variant][plan.claim.id] = shorter
+                            item.budgets[budget] = shorter.analysis.primary
+                    item.reanalysis_seconds = time.perf_counter() - started
+                    seconds["re-analyses"] += item.reanalysis_seconds
+                    by_key[(plan.claim.id, setting.name)] = item
+                    bar.advance(task)
     finally:
         torch.set_num_threads(threads)
-    return [done[plan.claim.id] for plan in plans]
+    started = time.perf_counter()
+    scoped, tests = _combine(plans, by_key)
+    seconds["multiplicity and overall verdicts"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for result in scoped:
+        try:
+            result.figure = small_multiples(result)
+        except Exception as error:  # a figure never stops the study
+            result.figure = message_figure(result.claim.title, f"the settings figure failed: {error}")
+    seconds["settings figures"] = time.perf_counter() - started
+    return scoped, tests, seconds
+
+
+def _variant_measurement(item: SettingResult, variant: str) -> Measurement | None:
+    if variant == VARIANT_FULL:
+        return item.primary
+    if variant == VARIANT_HALF_SEEDS:
+        return item.half_seeds
+    return item.budgets.get(0.5 if variant == VARIANT_HALF_BUDGET else 0.25)
+
+
+def _combine(
+    plans: list[ClaimPlan], by_key: dict[tuple[str, str], SettingResult]
+) -> tuple[list[ScopedClaimResult], int]:
+    """Holm over the primaries of each variant (the full analysis, and each re-analysis as a study of its own),
+    the shown verdicts, the overall verdicts and the robustness of each claim."""
+    shown: dict[str, dict[tuple[str, str], str]] = {}
+    family_size: dict[str, int] = {}
+    for variant in (VARIANT_FULL, VARIANT_HALF_SEEDS, VARIANT_HALF_BUDGET, VARIANT_QUARTER_BUDGET):
+        measured = {key: m for key, item in by_key.items() if (m := _variant_measurement(item, variant)) is not None}
+        p_values = {f"{claim}@{setting}": primary_p_value(m) for (claim, setting), m in measured.items()}
+        adjusted = holm(p_values)
+        tests = sum(1 for p in p_values.values() if p is not None)
+        family_size[variant] = tests
+        shown[variant] = {}
+        for key, m in measured.items():
+            verdict, reason = shown_verdict(m, adjusted.get(f"{key[0]}@{key[1]}"), tests)
+            shown[variant][key] = verdict
+            if variant == VARIANT_FULL:
+                item = by_key[key]
+                item.verdict, item.reason = verdict, reason
+                item.p = p_values[f"{key[0]}@{key[1]}"]
+                adj = adjusted.get(f"{key[0]}@{key[1]}")
+                item.p_adjusted = adj.adjusted if adj is not None else None
+                item.mde = None if m.verdict == "not measurable" else detectable_effect(m)
+    scoped_results = []
+    for claim in dict.fromkeys(plan.claim for plan in plans):
+        items = [by_key[(plan.claim.id, plan.setting.name)] for plan in plans if plan.claim is claim]
+        keys = [(claim.id, item.setting.name) for item in items]
+        full = overall_verdict([SettingVerdict(k[1], shown[VARIANT_FULL][k]) for k in keys])  # type: ignore[arg-type]
+        reanalyses: dict[str, ScopedVerdict] = {}
+        details = []
+        changed = []
+        for variant in (VARIANT_HALF_SEEDS, VARIANT_HALF_BUDGET, VARIANT_QUARTER_BUDGET):
+            present = [k for k in keys if k in shown[variant]]
+            if not present:
+                continue
+            other = overall_verdict([SettingVerdict(k[1], shown[variant][k]) for k in present])  # type: ignore[arg-type]
+            reanalyses[variant] = other
+            if variant == VARIANT_QUARTER_BUDGET:
+                continue  # shown, not part of the robustness test
+            baseline = (
+                full
+                if len(present) == len(keys)
+                else overall_verdict([SettingVerdict(k[1], shown[VARIANT_FULL][k]) for k in present])  # type: ignore[arg-type]
+            )
+            subset = "" if len(present) == len(keys) else f" (on the {len(present)}/{len(keys)} settings re-analysable)"
+            if fragile(baseline.verdict, other.verdict):
+                changed.append(f"{other.verdict} with {variant}{subset}, {baseline.verdict} in full")
+            else:
+                details.append(f"{variant}{subset}")
+        skipped = [item for item in items if item.budget_skipped]
+        if changed:
+            detail = "; ".join(changed)
+        elif details:
+            detail = f"{full.verdict} also with " + " and with ".join(details)
+        else:
+            detail = "no re-analysis could be made"
+        if skipped:
+            detail += f"; budget not re-analysed in {len(skipped)}/{len(items)} settings: {skipped[0].budget_skipped}"
+        scoped_results.append(ScopedClaimResult(claim, items, full, bool(changed), detail, reanalyses))
+    return scoped_results, family_size[VARIANT_FULL]
 
 
 def analyze_claim(
-    plan: ClaimPlan, setting: StudySetting, results: dict[str, RunResult], others: dict[str, ClaimResult]
+    plan: ClaimPlan,
+    setting: StudySetting,
+    results: Mapping[str, RunResult],
+    others: Mapping[str, ClaimResult],
+    *,
+    budget: float = 1.0,
+    draw: bool = True,
 ) -> ClaimResult:
-    """One claim's result: its analysis, or a not-measurable result saying why (missing probe, analysis error)."""
+    """One claim's result in one setting: its analysis, or a not-measurable result saying why (missing probe,
+    analysis error). ``budget`` and ``draw`` are passed on in :class:`ClaimData` (re-analyses: ``draw=False``)."""
     started = time.perf_counter()
     claim = plan.claim
     specs = plan.experiment.specs()
@@ -406,31 +747,33 @@ def analyze_claim(
     counts.missing = counts.planned - len(mine) if not plan.missing_probes else 0
     if plan.missing_probes:
         reason = "; ".join(plan.missing_probes.values())
-        analysis = _unmeasurable(claim, f"needs probes that are not available: {reason}")
+        analysis = _unmeasurable(claim, f"needs probes that are not available: {reason}", draw)
     else:
         try:
-            analysis = claim.analyze(ClaimData(setting, plan.experiment, mine, dict(others)))
+            data = ClaimData(setting, plan.experiment, mine, dict(others), budget=budget, draw=draw)
+            with contextlib.nullcontext() if draw else not_rendered():
+                analysis = claim.analyze(data)
         except Exception as error:
             detail = "".join(traceback.format_exception_only(error)).strip()
-            analysis = _unmeasurable(claim, f"the analysis failed: {detail}")
+            analysis = _unmeasurable(claim, f"the analysis failed in setting {setting.name}: {detail}", draw)
     primary = analysis.primary
     n_seeds = primary.estimate.n if primary.estimate is not None else len(primary.per_seed)
-    spec_fields = _common_fields(specs)
     return ClaimResult(
         claim=claim,
         analysis=analysis,
         runs=counts,
         n_seeds=n_seeds,
         analysis_seconds=time.perf_counter() - started,
-        configuration=spec_fields,
+        configuration=_common_fields(specs) if draw else {},
         experiment_description=plan.experiment.description,
+        setting=setting.name,
     )
 
 
-def _unmeasurable(claim: Claim, reason: str) -> Analysis:
+def _unmeasurable(claim: Claim, reason: str, draw: bool = True) -> Analysis:
     return Analysis(
         primary=not_measurable("primary effect", "not measured", "increase", reason),
-        figures=[message_figure(claim.title, reason)],
+        figures=[message_figure(claim.title, reason)] if draw else [],
     )
 
 

@@ -205,6 +205,10 @@ def test_grouping():
     cnn = RunSpec(**BASE, model="cnn1d")
     gelu = RunSpec(**BASE, activation="gelu")
     assert fleet_key(a) == fleet_key(b) != fleet_key(c)
+    # the data seed and BN momentum / eps are the members' own: one fleet
+    bn = fleet_key(RunSpec(**BASE, norm="batch"))
+    for other in ({"data_seed": 3}, {"norm_momentum": None}, {"norm_eps": 1e-3}):
+        assert fleet_key(RunSpec(**BASE, norm="batch", **other)) == bn, other
     assert fleet_key(cnn) is None and fleet_key(gelu) is None
     assert fleet_key(RunSpec(**BASE, momentum=0.5, optimizer="sgd")) != fleet_key(RunSpec(**BASE, optimizer="sgd"))
     fleets, solo = group_specs([a, b, c, cnn])
@@ -231,7 +235,9 @@ def test_sweep_with_and_without_fleet_stores_the_same_runs(tmp_path):
     # with probes and kept weights: the sweep's fleets build each member's probes as run_spec does
     options = {**BASE, "steps": 6, "norm": "batch", "dropout": 0.1, "probes": ("layer_inputs",), "probe_every": 3}
     options["keep"] = ("final_weights",)
-    specs = [RunSpec(**options, seed=k, lr=0.01 * (k + 1)) for k in range(3)]
+    # data_seed = seed on a training subset with label noise, as the study runs them: still one fleet
+    options.update(train_size=200, label_noise=0.1)
+    specs = [RunSpec(**options, seed=k, data_seed=k, lr=0.01 * (k + 1)) for k in range(3)]
     specs += [RunSpec(**options, seed=0, width=50), RunSpec(**{**options, "model": "cnn1d", "width": 8})]
     assert [len(task) if isinstance(task, tuple) else 1 for task in plan_tasks(specs, workers=1)] == [3, 1, 1]
     stored = {}
@@ -324,3 +330,83 @@ def test_per_member_momentum_and_weight_decay(optimizer):
         for k, (momentum, wd) in enumerate([(0.9, 1e-3), (0.5, 3e-2), (0.99, 1e-4)])
     ]
     _assert_members_equal_solo(specs)
+
+
+DATA_SEEDED = {"train_size": 200, "label_noise": 0.1, "steps": 8, "eval_every": 4}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum_wd", "adam"])
+@pytest.mark.parametrize("layers", ["plain", "bn_dropout"])
+@pytest.mark.parametrize("members", [2, 7])
+def test_members_with_their_own_data_seeds_equal_solo_runs(members, layers, optimizer):
+    # data_seed = seed, as the study draws each seed's training subset and label noise: one fleet, each member on
+    # its own subset, noisy labels and standardization statistics (so its own test inputs too); seeds 0 and 3
+    # share a data_seed (two members reading one dataset among members reading their own)
+    options = {**BASE, **DATA_SEEDED, **OPTIMIZERS[optimizer], **LAYERS[layers], "width": 37, "depth": 2}
+    lr = options.pop("lr")
+    data_seeds = [0, 1, 2, 0, 3, 4, 5][:members]
+    specs = [RunSpec(**options, seed=k, data_seed=d, lr=lr * (1 + 0.1 * k)) for k, d in enumerate(data_seeds)]
+    assert len({fleet_key(spec) for spec in specs}) == 1
+    fleets, solo = group_specs(specs)
+    assert fleets == [specs] and solo == []
+    results = _assert_members_equal_solo(specs)
+    # the data differ: members with other data_seeds end with other train losses than member 0's
+    losses = [result.summary["train_loss"] for result in results]
+    assert len(set(losses)) == members
+
+
+def test_members_of_a_synthetic_dataset_with_their_own_data_seeds():
+    # blobs: the data_seed draws the data themselves (train and test); a 3-member fleet with BN and dropout
+    options = {**BASE, "dataset": "blobs", "train_size": None, "steps": 6, "eval_every": 3, "norm": "batch"}
+    options["dropout"] = 0.2
+    options["dataset_options"] = (("n_train", 300), ("n_test", 150))
+    specs = [RunSpec(**options, seed=k, data_seed=10 + k, lr=0.01) for k in range(3)]
+    _assert_members_equal_solo(specs)
+
+
+def test_members_whose_datasets_differ_in_shape_train_in_fleets_of_one_shape(monkeypatch):
+    # every real data_seed gives one shape; a loader where data_seed 2 gives 300 training examples instead of 200
+    # must split the fleet (members with data_seed 2 train together, the others together), each still its solo run
+    import normdrop.fleet as fleet_module
+    import normdrop.train as train_module
+
+    real = train_module.load_run_dataset
+
+    def uneven(spec, data_root=None):
+        return real(spec.model_copy(update={"train_size": 300 if spec.data_seed == 2 else 200}), data_root)
+
+    monkeypatch.setattr(train_module, "load_run_dataset", uneven)
+    monkeypatch.setattr(fleet_module, "load_run_dataset", uneven)
+    options = {**BASE, **DATA_SEEDED, "norm": "batch", "dropout": 0.1}
+    specs = [RunSpec(**options, seed=k, data_seed=d) for k, d in enumerate([0, 2, 1, 2])]
+    seen = []
+    original = fleet_module._train_fleet
+
+    def spy(specs, datasets, *args):
+        seen.append([spec.data_seed for spec in specs])
+        return original(specs, datasets, *args)
+
+    monkeypatch.setattr(fleet_module, "_train_fleet", spy)
+    _assert_members_equal_solo(specs)
+    assert sorted(seen) == [[0, 1], [2, 2]]
+
+
+def test_members_with_their_own_batch_norm_momentum_and_eps():
+    # per-member BN momentum (None: the cumulative average) and eps, in an order that is not grouped by setting;
+    # the evaluations read the running statistics that momentum makes
+    options = {**BASE, **DATA_SEEDED, "norm": "batch", "dropout": 0.1, "width": 37, "depth": 2}
+    settings = [(0.1, 1e-5), (0.3, 1e-3), (None, 1e-5), (0.1, 1e-5), (0.3, 1e-5), (None, 1e-5)]
+    specs = [
+        RunSpec(**options, seed=k, data_seed=k % 2, norm_momentum=m, norm_eps=e) for k, (m, e) in enumerate(settings)
+    ]
+    assert len({fleet_key(spec) for spec in specs}) == 1
+    results = _assert_members_equal_solo(specs)
+    assert results[0].summary["test_loss"] != results[3].summary["test_loss"]  # other data_seed, same setting
+
+
+def test_norm_blocks_are_runs_of_equal_settings():
+    from normdrop.fleet import _norm_blocks
+
+    specs = [RunSpec(**BASE, norm="batch", norm_momentum=m, norm_eps=e) for m, e in [(0.1, 1e-5)] * 2]
+    specs += [RunSpec(**BASE, norm="batch", norm_momentum=None), RunSpec(**BASE, norm="batch", norm_eps=1e-3)]
+    assert _norm_blocks(specs) == [(2, 0.1, 1e-5), (1, None, 1e-5), (1, 0.1, 1e-3)]

@@ -22,6 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "normdrop.tensors",
         "normdrop.versions",
         "normdrop.probe_catalog",
+        "normdrop.layer_catalog",
+        "normdrop.dataset_catalog",
         "normdrop.lr_search",
         "normdrop.selection",
         "normdrop.scope",

@@ -16,11 +16,14 @@ from normdrop.claims import CLAIM_IDS, Analysis, Claim, ClaimData, Experiment, S
 from normdrop.claims.experiment import probed_deep_arms
 from normdrop.lr_search import LogBisection, rounds_needed
 from normdrop.report import summary_dict, write_report
+from normdrop.scope import OVERALL
 from normdrop.spec import RunResult, RunSpec
-from normdrop.stats import VERDICTS
-from normdrop.study import plan_study, run_study
+from normdrop.study import default_settings, plan_study, run_study
 
 ISSUE_KEYS = {"id", "verdict", "effect", "ci_low", "ci_high", "metric", "n_seeds"}
+SCOPE_KEYS = {"numbers_from", "scope", "supported_in", "settings", "fragile", "fragile_detail", "adjusted"}
+SETTING_ROW_KEYS = {"setting", "verdict", "effect", "ci_low", "ci_high", "n_seeds", "p", "p_adjusted", "mde"}
+SETTING_ROW_KEYS |= {"resolution_limited", "budgets"}
 
 
 def fake_run(spec: RunSpec) -> RunResult:
@@ -67,8 +70,10 @@ def test_a_study_with_failed_and_diverged_runs_completes_and_renders(fake_study:
     summary = json.loads(paths["json"].read_text())
     assert [entry["id"] for entry in summary["claims"]] == list(CLAIM_IDS)
     for entry in summary["claims"]:
-        assert set(entry) == ISSUE_KEYS
-        assert entry["verdict"] in VERDICTS
+        assert set(entry) >= ISSUE_KEYS | SCOPE_KEYS
+        assert entry["verdict"] in OVERALL and entry["numbers_from"] == "mlp-sgd"
+        for row in entry["settings"]:
+            assert set(row) >= SETTING_ROW_KEYS and set(row["budgets"]) == {"0.25", "0.5", "1"}
         if entry["effect"] is not None:
             assert entry["ci_low"] <= entry["effect"] <= entry["ci_high"]
     verdicts = {entry["id"]: entry["verdict"] for entry in summary["claims"]}
@@ -167,12 +172,13 @@ def test_every_claim_of_claims_md_is_registered_with_its_module() -> None:
 
 
 def test_default_study_size() -> None:
-    """The default and quick studies ask for the runs their budgets were measured with (see README)."""
+    """The default and quick studies (every claim in every setting of the catalogue) ask for the runs their budgets
+    were measured with (see README); runs shared by claims and settings count once."""
     sizes = {}
     for quick in (False, True):
-        specs = {spec.run_id for plan in plan_study(StudySetting.create(quick=quick)) for spec in plan.specs}
-        sizes[quick] = len(specs)
-    assert sizes == {False: 195, True: 66}
+        plans = plan_study(default_settings(quick=quick))
+        sizes[quick] = len({spec.run_id for plan in plans for spec in plan.specs})
+    assert sizes == {False: 900, True: 300}
 
 
 # ---- normdrop study --quick, end to end ---------------------------------------------------------------------
@@ -183,8 +189,8 @@ def test_quick_study_end_to_end(quick_study: Path, tmp_path: Path, normdrop_cli:
     summary = json.loads((quick_study / "report" / "summary.json").read_text())
     assert [entry["id"] for entry in summary["claims"]] == list(CLAIM_IDS)
     for entry in summary["claims"]:
-        assert set(entry) == ISSUE_KEYS and entry["verdict"] in VERDICTS
-        if entry["verdict"] == "not measurable":
+        assert set(entry) >= ISSUE_KEYS | SCOPE_KEYS and entry["verdict"] in OVERALL
+        if entry["settings"][0]["raw_verdict"] == "not measurable":
             assert summary["details"][entry["id"]]["primary"]["reason"]
         else:
             assert entry["ci_low"] <= entry["effect"] <= entry["ci_high"] and entry["n_seeds"] >= 2

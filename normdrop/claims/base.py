@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from normdrop.claims.experiment import Experiment
-from normdrop.claims.results import Analysis, RunCounts
+from normdrop.claims.results import Analysis, Figure, Measurement, RunCounts
 from normdrop.claims.setting import StudySetting
+from normdrop.scope import ScopedVerdict
 from normdrop.spec import RunResult
+
+BUDGETS: tuple[float, ...] = (0.25, 0.5, 1.0)
+"""Fractions of each run's steps at which the study shows every primary effect (1: the whole runs)."""
+HALF_BUDGET = 0.5
+"""The budget whose overall verdict decides robustness to training length (:attr:`ScopedClaimResult.fragile`)."""
 
 
 class Claim(ABC):
@@ -54,6 +60,10 @@ class Claim(ABC):
     """Whether the analysis can be repeated on the runs cut to a fraction of their steps (the study shows each
     effect at smaller budgets and tests robustness to half the budget that way). False for a claim whose primary
     reads what only whole runs hold (final weights)."""
+    per_setting: ClassVar[bool] = True
+    """Whether the claim is tested in every setting. False for a check of what a layer computes (the mechanics
+    claims), which trains nothing: measured once, in the first chosen setting, so the same check is not counted
+    several times among the primary tests."""
 
     @abstractmethod
     def experiment(self, setting: StudySetting) -> Experiment:
@@ -69,7 +79,7 @@ class Claim(ABC):
 
 @dataclass
 class ClaimResult:
-    """A claim with its analysis and the bookkeeping the report shows."""
+    """A claim with its analysis in one setting (``setting``: its name) and the bookkeeping the report shows."""
 
     claim: Claim
     analysis: Analysis
@@ -78,10 +88,104 @@ class ClaimResult:
     analysis_seconds: float = 0.0
     configuration: dict[str, Any] = field(default_factory=dict)
     experiment_description: str = ""
+    setting: str = ""
 
     @property
     def verdict(self) -> str:
         return self.analysis.primary.verdict
+
+
+@dataclass
+class SettingResult:
+    """One claim in one setting: the full analysis, its re-analyses, its test and the verdict the report shows.
+
+    Attributes:
+        setting: the setting.
+        result: the analysis of the whole runs on all evaluation seeds (figures drawn).
+        half_seeds: the primary measurement re-analysed on the first ``ceil(n/2)`` evaluation seeds.
+        budgets: budget (a fraction of each run's steps, :data:`BUDGETS`) -> the primary measured on the runs cut
+            there; 1.0 is ``result``'s primary. Only 1.0 when the budget re-analysis was skipped
+            (``budget_skipped`` says why).
+        p: the primary's one-sided (or TOST) p-value from its per-seed values (:func:`normdrop.significance.p_value`;
+            None with fewer than two).
+        p_adjusted: ``p`` after Holm's correction over every primary test of the study.
+        mde: the minimum detectable effect of the primary with its seeds' sd and n (80% power, one-sided 5%).
+        verdict, reason: what the report shows: the claim's own verdict, except a "supported" that is not
+            significant after Holm, which becomes "inconclusive" (the reason says so; ``raw_verdict`` keeps it).
+    """
+
+    setting: StudySetting
+    result: ClaimResult
+    half_seeds: Measurement | None = None
+    budgets: dict[float, Measurement] = field(default_factory=dict)
+    budget_skipped: str = ""
+    p: float | None = None
+    p_adjusted: float | None = None
+    mde: float | None = None
+    verdict: str = ""
+    reason: str = ""
+    reanalysis_seconds: float = 0.0
+
+    @property
+    def primary(self) -> Measurement:
+        """The primary measurement of the full analysis."""
+        return self.result.analysis.primary
+
+    @property
+    def raw_verdict(self) -> str:
+        """The claim's own verdict in this setting, before the multiplicity correction."""
+        return self.result.verdict
+
+
+@dataclass
+class ScopedClaimResult:
+    """A claim over every setting it ran in: the per-setting results, the overall verdict with its scope, and
+    whether that verdict survives half the seeds and half the budget.
+
+    ``fragile``: the overall verdict changes with half the evaluation seeds or at half the budget (each
+    re-analysis with its own Holm correction); ``fragile_detail`` says which way ("inconclusive with half the
+    seeds, supported in full") or what held ("supported also with half the seeds and with half the budget"), and
+    where the budget could not be re-analysed. ``analysis``, ``runs`` and ``n_seeds`` are those of the first
+    setting (a one-setting study reads as before).
+    """
+
+    claim: Claim
+    settings: list[SettingResult]
+    scoped: ScopedVerdict
+    fragile: bool = False
+    fragile_detail: str = ""
+    reanalyses: dict[str, ScopedVerdict] = field(default_factory=dict)
+    """Overall verdicts of the re-analyses ("half the seeds", "half the budget", "a quarter of the budget")."""
+    figure: Figure | None = None
+    """The primary effect in every setting and at every budget (the study draws it:
+    :mod:`normdrop.claims.scope_figure`)."""
+
+    @property
+    def verdict(self) -> str:
+        """The overall verdict (:func:`normdrop.scope.overall_verdict` over the shown per-setting verdicts)."""
+        return self.scoped.verdict
+
+    @property
+    def scope(self) -> str:
+        """The scope line ("3/4 settings (not in cnn1d: inconclusive)")."""
+        return self.scoped.scope
+
+    @property
+    def first(self) -> ClaimResult:
+        """The full analysis in the first setting."""
+        return self.settings[0].result
+
+    @property
+    def analysis(self) -> Analysis:
+        return self.first.analysis
+
+    @property
+    def runs(self) -> RunCounts:
+        return self.first.runs
+
+    @property
+    def n_seeds(self) -> int:
+        return self.first.n_seeds
 
 
 @dataclass

@@ -1,57 +1,85 @@
 """bn-higher-lr: BN makes much larger learning rates usable.
 
-On the runs of the deep learning-rate grid (shared with bn-faster), a run is *stable* when it finished without
-diverging and its final training loss is below its initial one (it learned something; the ``max_loss_ratio=1``
-criterion of ``normdrop.probes.stable_lr``). Per seed and arm, the largest stable learning rate is the largest grid
-value whose run was stable; the effect is log10(largest stable lr with BN / without BN), in decades. The grid, not a
-bisection, is searched: every run goes through the sweep in parallel and the same runs give the sensitivity curve;
-the resolution is one grid step (a factor ~3, 0.5 decade).
+Per evaluation seed and arm (BN, none), the largest usable learning rate is measured by bisection on a log scale to
+x1.25 (:mod:`normdrop.claims.stability`; nothing is chosen, the threshold is measured on every evaluation seed),
+under two definitions, both reported:
+
+(a) the largest rate whose run does not diverge;
+(b) the largest rate whose run ends within 90% of the seed's best final training accuracy (best over that seed's
+    divergence-search runs).
+
+**Primary: (b)**, fixed here: the claim says "usable", and a run that does not diverge but learns little (a plain
+net left at 10% accuracy) is not usable; (a) is the classical limit and is reported beside it. Effect per seed:
+log10(limit with BN / limit without BN), in decades. A limit beyond the bisection range is censored ("at least" its
+top, "below" its bottom); a seed whose two arms are censored on the same side says nothing about their ratio and is
+left out, one censored arm enters at its bound (a conservative value for "BN larger" when BN is "at least"). Where
+the per-seed ratios agree to the bisection's x1.25, the measurement is flagged resolution-limited instead of
+showing a t interval.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
-from normdrop.claims.experiment import NORMS, Experiment, lr_grid_arms, lr_label
-from normdrop.claims.figures import LABELS, color, finish, legend, new_figure, plot_band, seeds_by_x
-from normdrop.claims.readers import final, initial
-from normdrop.claims.results import Analysis, measure
+from normdrop.claims.experiment import (
+    NORMS,
+    Experiment,
+    bisection_range,
+    bisection_resolution,
+    stability_steps,
+)
+from normdrop.claims.figures import LABELS, color, finish, legend, new_figure
+from normdrop.claims.results import Analysis, Measurement, Table, measure
 from normdrop.claims.setting import StudySetting
-from normdrop.spec import RunResult
-from normdrop.stats import paired_difference
+from normdrop.claims.stability import GOOD_FRACTION, LimitSearch, replay_all, search_arms
+from normdrop.lr_search import Bracket, rounds_needed
+from normdrop.scope import resolution_limited
+from normdrop.spec import RunResult, RunSpec
+
+DEFINITIONS = {
+    "good": f"largest rate ending within {GOOD_FRACTION:.0%} of the seed's best final training accuracy",
+    "diverge": "largest rate that does not diverge",
+}
+DEAD_ACCURACY = 0.2
+"""A finished run below 20% training accuracy (chance is 10%) learned nothing: counted in the findings."""
+PRIMARY = "good"
+"""The primary definition, fixed before any data: (b) "trains well" (see the module docstring)."""
 
 
-def is_stable(result: RunResult | None) -> bool | None:
-    """Finished with a final training loss below the initial one; None when the run is missing or failed."""
-    if result is None or result.status == "failed":
-        return None
-    if result.status == "diverged":
-        return False
-    start, end = initial(result, "train_loss"), final(result, "train_loss")
-    return start is not None and end is not None and math.isfinite(end) and end < start
+def _bracket(search: LimitSearch, definition: str) -> Bracket | None:
+    return search.good if definition == "good" else search.diverge
 
 
-def largest_stable(data: ClaimData, labels: dict[float, str]) -> dict[int, tuple[float, str]]:
-    """Seed -> (largest stable learning rate, censoring) where censoring is "" (bracketed), "at least" (the top of
-    the grid was stable) or "below" (no grid value was: the value is one step under the grid)."""
-    grid = sorted(labels)
-    runs = {lr: data.runs(labels[lr]) for lr in grid}
-    step = grid[1] / grid[0] if len(grid) > 1 else 10.0
-    out = {}
-    for seed in data.setting.seed_list:
-        outcome = {lr: is_stable(runs[lr].get(seed)) for lr in grid}
-        if all(value is None for value in outcome.values()):
+def limit_ratios(
+    searches: Mapping[tuple[str, int], LimitSearch], seeds: list[int], definition: str
+) -> tuple[dict[int, float], dict[str, int]]:
+    """Seed -> log10(limit with BN / without BN) for one definition, and counts of seeds left out by reason."""
+    out: dict[int, float] = {}
+    dropped = {"not finished": 0, "censored alike": 0}
+    for seed in seeds:
+        brackets = [_bracket(searches[(norm, seed)], definition) for norm in ("batch", "none")]
+        if any(b is None for b in brackets):
+            dropped["not finished"] += 1
             continue
-        stable = [lr for lr, ok in outcome.items() if ok]
-        if not stable:
-            out[seed] = (grid[0] / step, "below")
-        else:
-            out[seed] = (max(stable), "at least" if max(stable) == grid[-1] else "")
-    return out
+        bn, plain = brackets
+        assert bn is not None and plain is not None
+        if bn.censoring and bn.censoring == plain.censoring:
+            dropped["censored alike"] += 1
+            continue
+        out[seed] = math.log10(bn.value / plain.value)
+    return out, dropped
+
+
+def _describe(bracket: Bracket | None) -> str:
+    if bracket is None:
+        return "-"
+    prefix = {"at least": ">=", "below": "<", "": ""}[bracket.censoring]
+    return f"{prefix}{bracket.value:.3g}"
 
 
 class BNHigherLR(Claim):
@@ -66,11 +94,12 @@ class BNHigherLR(Claim):
         "training stable."
     )
     rationale = (
-        "The same deep plain MLP runs as bn-faster, at learning rates from 0.003 to 10 (SGD with momentum 0.9). "
-        "'Usable' means the run neither diverged (non-finite loss or loss above 100) nor ended with a higher "
-        "training loss than it started. Limits: the answer has the grid's resolution (a factor ~3); a seed whose "
-        "largest grid value is still stable only gives a lower bound; stability within a short budget does not "
-        "guarantee it over a long one."
+        "Per evaluation seed and arm, a bisection on a log scale (x1.25 resolution) over four decades of learning "
+        "rate (SGD 0.003-30, Adam 0.0001-1) finds the largest rate that (a) does not diverge and (b) ends within 90% "
+        "of the seed's best training accuracy; the verdict is on (b), the claim's 'usable'. Each bisection run "
+        "trains a fifth of the deep family's budget, so 'usable' means usable over that many steps. Limits: a "
+        "limit beyond the range is only a bound; (b) assumes the good rates form one interval (seeds where they "
+        "do not are counted); stability within a short budget does not guarantee it over a long one."
     )
     caveats = (
         "Bjorck et al. (2018) show that BN's benefit largely comes from allowing larger learning rates, which "
@@ -79,122 +108,145 @@ class BNHigherLR(Claim):
         "rate' is not the same quantity with and without BN."
     )
     references = ("Ioffe & Szegedy 2015, section 3.3", "Bjorck, Gomes, Selman & Weinberger 2018")
+    budget_reanalysis = False
+    """The limit is measured on bisection runs of their own budget; cutting them shorter would replay other
+    bisection paths whose runs were never made."""
 
     def experiment(self, setting: StudySetting) -> Experiment:
+        low, high = bisection_range(setting)
+        resolution = bisection_resolution(setting)
         spec = setting.spec("deep")
+
+        def extend(results: Mapping[str, RunResult]) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
+            searches = replay_all(setting, NORMS, setting.seed_list, results)
+            return dict(search_arms(searches, "limit"))
+
         return Experiment(
-            arms=lr_grid_arms(setting),
+            extend=extend,
             description=(
-                f"The deep MLP runs of bn-faster: {spec.depth} x {spec.width} ReLU, SGD momentum {spec.momentum}, "
-                f"{spec.steps} steps, learning rates {list(setting.lr_grid)}, BN vs none, seeds {setting.seed_list}."
+                f"Per evaluation seed ({setting.seed_list}) and arm (BN, none): bisection on a log scale of the "
+                f"learning rate over [{low:g}, {high:g}] to x{resolution:g} (at most "
+                f"{rounds_needed(low, high, resolution)} runs for (a), a few more for (b)), each run the "
+                f"deep net ({spec.model}, depth {spec.depth}, width {spec.width}, {spec.optimizer}, batch "
+                f"{spec.batch_size}, init {spec.init}) trained {stability_steps(setting)} steps on {setting.dataset}. "
+                "(a) largest rate that does not diverge; (b, primary) largest rate ending within 90% of the seed's "
+                "best final training accuracy. Nothing is chosen: the limits are measured on the evaluation seeds. "
+                "Five seeds detect a mean effect of about 1.4 per-seed standard deviations (one-sided t test, "
+                "alpha 0.05, power 0.8)."
             ),
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
-        arms = {norm: {lr: lr_label(norm, lr) for lr in data.setting.lr_grid} for norm in NORMS}
-        largest = {norm: largest_stable(data, arms[norm]) for norm in NORMS}
-        log_lr = {norm: {seed: math.log10(v) for seed, (v, _) in largest[norm].items()} for norm in NORMS}
-        # A seed whose two arms are both beyond the same end of the grid says nothing about their ratio.
-        unidentified = {
-            seed
-            for seed in largest["none"].keys() & largest["batch"].keys()
-            if largest["none"][seed][1] and largest["none"][seed][1] == largest["batch"][seed][1]
-        }
-        primary = measure(
-            "largest stable learning rate, BN vs none",
-            "log10(largest stable learning rate with BN / without BN), decades",
-            {s: v for s, v in paired_difference(log_lr["batch"], log_lr["none"]).items() if s not in unidentified},
-            "increase",
-            unit="decades",
+        setting = data.setting
+        seeds = setting.seed_list
+        searches = replay_all(setting, NORMS, seeds, data.results)
+        scope = (
+            f"Limits by per-seed bisection to x{bisection_resolution(setting):g} over "
+            f"{list(bisection_range(setting))} on the "
+            f"{len(seeds)} evaluation seeds; runs of {stability_steps(setting)} steps on {setting.dataset}"
         )
-        usable = {
-            norm: {
-                seed: float(sum(1 for lr in arms[norm] if is_stable(data.runs(arms[norm][lr]).get(seed))))
-                for seed in data.setting.seed_list
-            }
-            for norm in NORMS
-        }
-        secondary = [
-            measure(
-                "usable learning rates of the grid, BN minus none",
-                f"number of stable grid values (of {len(data.setting.lr_grid)}), BN minus none",
-                paired_difference(usable["batch"], usable["none"]),
-                "increase",
-                unit="grid values",
+        measurements: dict[str, Measurement] = {}
+        for definition, words in DEFINITIONS.items():
+            ratios, dropped = limit_ratios(searches, seeds, definition)
+            left_out = ", ".join(f"{n} {why}" for why, n in dropped.items() if n)
+            censored = sum(
+                1
+                for seed in ratios
+                for norm in NORMS
+                if (b := _bracket(searches[(norm, seed)], definition)) and b.censoring
             )
-        ]
+            note = scope + (f"; seeds left out: {left_out}" if left_out else "")
+            if censored:
+                note += f"; {censored} arm-seed limit(s) censored by the range enter at their bound"
+            if definition == "good":
+                bent = sum(1 for s in searches.values() if s.non_monotone)
+                note += f"; good/not-good pattern not one interval in {bent} of {len(searches)} searches"
+            else:
+                bent = sum(1 for s in searches.values() if s.diverge_non_monotone)
+                note += f"; a diverged rate below a finished one in {bent} of {len(searches)} searches"
+            m = measure(
+                f"largest usable learning rate ({words}), BN vs none",
+                f"log10(limit with BN / limit without BN), decades; limit = {words}",
+                ratios,
+                "increase",
+                unit="decades",
+                note=note,
+            )
+            m.resolution_limited = resolution_limited([10**v for v in ratios.values()], bisection_resolution(setting))
+            measurements[definition] = m
+        primary = measurements[PRIMARY]
+        secondary = [m for d, m in measurements.items() if d != PRIMARY]
+        state = {s.state for s in searches.values()}
         findings = []
+        if "pending" in state or "failed" in state:
+            counts = {k: sum(1 for s in searches.values() if s.state == k) for k in ("pending", "failed")}
+            findings.append(
+                f"Searches without an answer: {counts['pending']} missing a run, {counts['failed']} stopped by a "
+                "failed run."
+            )
         for norm in NORMS:
-            values = largest[norm]
-            if values:
-                censored = sum(1 for _, c in values.values() if c)
-                findings.append(
-                    f"{LABELS[norm]}: largest stable learning rate per seed "
-                    + ", ".join(
-                        f"{'>=' if c == 'at least' else '<' if c == 'below' else ''}{v:g}" for v, c in values.values()
-                    )
-                    + (f" ({censored} censored by the grid's ends)" if censored else "")
+            dead = [
+                seed
+                for seed in seeds
+                if any(
+                    ok and searches[(norm, seed)].accuracy.get(lr, 1.0) < DEAD_ACCURACY
+                    for lr, ok in searches[(norm, seed)].stable.items()
                 )
-        return Analysis(primary, secondary, [_sensitivity(data, arms), _largest(data, largest)], [], findings)
-
-
-def _sensitivity(data: ClaimData, arms: dict[str, dict[float, str]]) -> Any:
-    figure, axes = new_figure(ncols=2)
-    grid = list(data.setting.lr_grid)
-    for norm in NORMS:
-        losses = {lr: {s: final(r, "train_loss") for s, r in data.runs(arms[norm][lr]).items()} for lr in grid}
-        plot_band(axes[0], grid, seeds_by_x(losses, data.setting.seed_list), LABELS[norm], key=norm, marker="o")
-        diverged = [
-            sum(1 for r in data.runs(arms[norm][lr]).values() if r is not None and r.status == "diverged")
-            for lr in grid
-        ]
-        unstable = [sum(1 for r in data.runs(arms[norm][lr]).values() if is_stable(r) is False) for lr in grid]
-        offset = 0.84 if norm == "none" else 1.19
-        axes[1].bar(
-            [lr * offset for lr in grid],
-            unstable,
-            width=[lr * 0.3 for lr in grid],
-            color=color(norm),
-            label=f"{LABELS[norm]} (of which diverged: {sum(diverged)})",
+            ]
+            if dead:
+                findings.append(
+                    f"{LABELS[norm]}: {len(dead)} of {len(seeds)} seeds have rates that neither diverge nor learn "
+                    f"(final training accuracy below {DEAD_ACCURACY:.0%}): definition (a) counts them usable, (b) "
+                    "does not, which is why the two limits differ."
+                )
+        table = Table(
+            "Largest usable learning rate per seed",
+            ["seed", "no BN (a)", "BN (a)", "no BN (b)", "BN (b)", "runs"],
+            [
+                [
+                    str(seed),
+                    _describe(searches[("none", seed)].diverge),
+                    _describe(searches[("batch", seed)].diverge),
+                    _describe(searches[("none", seed)].good),
+                    _describe(searches[("batch", seed)].good),
+                    str(len(searches[("none", seed)].specs) + len(searches[("batch", seed)].specs)),
+                ]
+                for seed in seeds
+            ],
         )
-    axes[0].set_xscale("log")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("learning rate (log scale)")
-    axes[0].set_ylabel("final training loss (nats, log scale)")
-    legend(axes[0], fontsize=8)
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("learning rate (log scale)")
-    axes[1].set_ylabel("unstable runs (count of seeds)")
-    legend(axes[1], fontsize=8)
-    return finish(
-        figure,
-        "Learning-rate sensitivity",
-        "Left: final training loss of the runs that finished, mean over seeds with 95% band (a diverged run has no "
-        "final loss and leaves a gap). Right: how many seeds were unstable (diverged, or ended above their initial "
-        "loss) at each learning rate.",
+        figures = [_largest(searches, seeds)] if data.draw else []
+        return Analysis(primary, secondary, figures, [table], findings)
+
+
+def _largest(searches: Mapping[tuple[str, int], LimitSearch], seeds: list[int]) -> Any:
+    figure, ax = new_figure(height=2.8)
+    rows = [(norm, definition) for norm in NORMS for definition in ("diverge", "good")]
+    for row, (norm, definition) in enumerate(rows):
+        brackets = [(_bracket(searches[(norm, seed)], definition)) for seed in seeds]
+        jitter = np.linspace(-0.15, 0.15, len(seeds)) if seeds else []
+        for bracket, dy in zip(brackets, jitter, strict=True):
+            if bracket is None:
+                continue
+            low = bracket.largest_stable or bracket.value
+            high = bracket.smallest_unstable or bracket.value
+            marker = {"at least": ">", "below": "<", "": "o"}[bracket.censoring]
+            ax.plot([low, high], [row + dy] * 2, color=color(norm), linewidth=2)
+            ax.scatter(bracket.value, row + dy, color=color(norm), marker=marker, s=30)
+    ax.set_yticks(
+        range(len(rows)),
+        [f"{LABELS[n]}, {'(a) no divergence' if d == 'diverge' else '(b) trains well'}" for n, d in rows],
     )
-
-
-def _largest(data: ClaimData, largest: dict[str, dict[int, tuple[float, str]]]) -> Any:
-    figure, ax = new_figure(height=2.6)
-    for row, norm in enumerate(NORMS):
-        values = largest[norm]
-        xs = [v for v, _ in values.values()]
-        jitter = np.linspace(-0.15, 0.15, len(xs)) if xs else []
-        markers = ["^" if c == "at least" else "v" if c == "below" else "o" for _, c in values.values()]
-        for x, dy, marker in zip(xs, jitter, markers, strict=True):
-            ax.scatter(x, row + dy, color=color(norm), marker=marker, s=40)
-    ax.set_yticks(range(len(NORMS)), [LABELS[n] for n in NORMS])
     ax.set_xscale("log")
-    ax.set_xlim(min(data.setting.lr_grid) / 4, max(data.setting.lr_grid) * 4)
-    ax.set_xlabel("largest stable learning rate (log scale)")
-    ax.scatter([], [], marker="^", color="#555", label="top of the grid (a lower bound)")
-    ax.scatter([], [], marker="o", color="#555", label="bracketed by the grid")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.scatter([], [], marker=">", color="#555", label="top of the range (a lower bound)")
+    ax.scatter([], [], marker="o", color="#555", label="bracketed to x1.25")
     legend(ax, fontsize=7, loc="lower right")
     return finish(
         figure,
-        "Largest stable learning rate per seed",
-        "One point per seed and arm: the largest grid learning rate whose run was stable.",
+        "Largest usable learning rate per seed",
+        "One bar per evaluation seed and arm: the final bisection bracket [largest good rate, smallest bad rate] "
+        "and its geometric midpoint (the value), for (a) no divergence and (b) ending within 90% of the seed's "
+        "best training accuracy.",
     )
 
 

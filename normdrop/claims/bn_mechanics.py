@@ -42,6 +42,14 @@ CHECKS: dict[str, tuple[str, float]] = {
 """Each check: what is measured, and the tolerance (float32 rounding of sums over 100 examples is ~1e-6)."""
 
 
+def per_channel(x: Tensor) -> Tensor:
+    """An activation as ``(samples, channels)``: (N, C) unchanged; (N, C, L) or (N, C, H, W) with every position of
+    every example a sample of its channel, as BN computes its statistics over all axes but the channel axis."""
+    if x.dim() == 2:
+        return x
+    return x.transpose(0, 1).reshape(x.shape[1], -1).T
+
+
 def _relative(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-12))
 
@@ -88,7 +96,8 @@ def measure_seed(setting: StudySetting, seed: int) -> tuple[dict[str, float], di
             handle.remove()
     for name, module in norms:
         gamma, beta, eps, m = module.weight.detach(), module.bias.detach(), module.eps, module.momentum
-        for x, y in captured[name]:
+        for x_raw, y_raw in captured[name]:
+            x, y = per_channel(x_raw), per_channel(y_raw)
             x_hat = (y - beta) / gamma
             var = x.double().var(dim=0, unbiased=False)
             deviation["batch mean of x_hat"] = max(deviation["batch mean of x_hat"], float(x_hat.mean(0).abs().max()))
@@ -119,7 +128,7 @@ def measure_seed(setting: StudySetting, seed: int) -> tuple[dict[str, float], di
         handle.remove()
     deviation["eval is per example"] = float((alone[0] - batched[0]).abs().max())
     for name, module in norms:
-        x, y = eval_io[name]
+        x, y = (per_channel(t) for t in eval_io[name])
         weight, bias = module.weight.detach(), module.bias.detach()
         formula = (x - module.running_mean) / torch.sqrt(module.running_var + module.eps) * weight + bias
         deviation["eval uses running estimates"] = max(
@@ -129,7 +138,7 @@ def measure_seed(setting: StudySetting, seed: int) -> tuple[dict[str, float], di
         norms[0][1], captured[norms[0][0]][0][0], seed
     )
     name0 = norms[len(norms) // 2][0]
-    x0, y0 = captured[name0][-1]
+    x0, y0 = (per_channel(t) for t in captured[name0][-1])
     module0 = dict(norms)[name0]
     pictures = {
         "layer": name0,
@@ -138,15 +147,17 @@ def measure_seed(setting: StudySetting, seed: int) -> tuple[dict[str, float], di
         "outputs": y0[:, :3].numpy(),
         "gamma": module0.weight.detach()[:3].numpy(),
         "beta": module0.bias.detach()[:3].numpy(),
-        "batch_means": np.array([float(x[:, 0].mean()) for x, _ in captured[name0]]),
+        "batch_means": np.array([float(per_channel(x)[:, 0].mean()) for x, _ in captured[name0]]),
         "running_mean": np.array(running_trace[name0]),
     }
     return deviation, pictures
 
 
 def _against_torch(layer: _BatchNorm, x: Tensor, seed: int) -> tuple[float, float]:
-    """normdrop's layer vs torch.nn.BatchNorm1d from the same state on the same input: (train, eval) deviation."""
-    reference = torch.nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+    """normdrop's layer vs torch.nn's BatchNorm of the input's rank (1d for (N, C) and (N, C, L), 2d for
+    (N, C, H, W)) from the same state on the same input: (train, eval) deviation."""
+    reference_cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[x.dim()]
+    reference = reference_cls(layer.num_features, eps=layer.eps, momentum=layer.momentum)
     mine = type(layer)(layer.num_features, eps=layer.eps, momentum=layer.momentum)
     mine.load_state_dict(layer.state_dict())
     reference.load_state_dict(layer.state_dict())
@@ -192,7 +203,8 @@ class BNMechanics(Claim):
         "BatchNorm1d layers inside the study's deep MLP on mini-batches of the study's data, with random gamma and "
         "beta, and compare with the formulas and with torch.nn.BatchNorm1d from the same state. Each seed draws "
         "other weights, gamma, beta and batches. Limit: float32 arithmetic, so agreement is up to rounding; the "
-        "tolerances are stated per check."
+        "tolerances are stated per check. In a convolutional network a unit is a channel, its statistics taken "
+        "over the examples and every position."
     )
     caveats = (
         "The variance is standardized to var / (var + eps), not exactly 1; eps (1e-5) matters only for units whose "
@@ -200,11 +212,13 @@ class BNMechanics(Claim):
         "re-estimation after training (Wu & Johnson 2021) can change test accuracy."
     )
     references = ("Ioffe & Szegedy 2015, algorithm 1 and section 3.1",)
+    per_setting = False
 
     def experiment(self, setting: StudySetting) -> Experiment:
         return Experiment(
             description=(
-                f"No training runs. Per seed: the deep MLP with BN ({setting.spec('deep').depth} BN layers) on "
+                f"No training runs. Per seed: the deep net ({setting.spec('deep').model}) with BN "
+                f"({setting.spec('deep').depth} BN layers; per-channel statistics over all axes but the channel) on "
                 f"{BATCHES} training mini-batches of {BATCH_SIZE} examples of {setting.dataset}, then one "
                 "batch in eval mode; the first BN layer is compared with torch.nn.BatchNorm1d."
             )

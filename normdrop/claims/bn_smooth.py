@@ -1,74 +1,63 @@
 """bn-smooth: BN makes optimization better behaved (Santurkar, Tsipras, Ilyas & Madry 2018).
 
-On the probed deep runs (BN vs none, same learning rate and seeds), the ``landscape`` probe moves the weights along
-the gradient by step sizes from 1/4 to 4 times the learning rate and records the range of the loss, the change of the
-gradient (predictiveness) and the effective beta-smoothness max ||delta grad|| / ||eta g||; the ``curvature`` probe
-the top Hessian eigenvalue (power iteration on Hessian-vector products, BN on batch statistics: the loss the
-optimizer descends). Each is averaged over the probe steps after initialization. Effect per seed: ln(value without
-BN / with BN); positive = BN smoother. The verdict is on the effective beta-smoothness, the paper's headline
-quantity. The learning-rate grid runs of bn-faster give the sensitivity to the learning rate (how many grid values
-end within 90% of the best training accuracy), and the probed runs the seed-to-seed spread of the final test
-accuracy.
+Probed deep runs (BN vs none, evaluation seeds), each arm at ``PROBE_FRACTION`` (1/2) of its OWN stability limit:
+the geometric mean over the selection seeds of the largest rate that trains within 90% of the seed's best
+accuracy (bn-higher-lr's definition (b)), bisected to x1.25
+(:func:`normdrop.claims.stability.probe_rates`), so the arms are compared at the same distance from divergence
+instead of at one shared rate. The ``landscape`` probe moves the weights along the gradient by 1/4 to 4 times the
+learning rate and records the range of the loss, the change of the gradient (predictiveness) and the effective
+beta-smoothness max ||delta grad|| / ||eta g||; the ``curvature`` probe the top Hessian eigenvalue (BN on batch
+statistics). Effect per seed: ln(value without BN / with BN); positive = BN smoother.
+
+**Primary**: beta-smoothness averaged over the probe steps after initialization (the training trajectory, as in
+the paper), fixed here. Step 0 (initialization, before any update) is reported separately, and the average over
+all probe steps including step 0 beside it, with a finding that says whether including step 0 changes the
+verdict: at initialization the two arms are different functions of the same-law weights, not a result of training.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
-from normdrop.claims.bn_higher_lr import is_stable
-from normdrop.claims.experiment import NORMS, Experiment, lr_grid_arms, lr_label, probed_deep_arms, probed_label
+from normdrop.claims.experiment import NORMS, Experiment, probed_spec
 from normdrop.claims.figures import LABELS, align, finish, legend, new_figure, plot_band
 from normdrop.claims.readers import final, mean_of, records
-from normdrop.claims.results import Analysis, measure
+from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
-from normdrop.spec import RunResult
-from normdrop.stats import bootstrap_interval, paired_difference, paired_log_ratio
+from normdrop.claims.stability import PROBE_FRACTION, probe_rates, probed_arms_from, probed_runs, selection_limits
+from normdrop.spec import RunResult, RunSpec
+from normdrop.stats import bootstrap_interval, paired_log_ratio
 
 LANDSCAPE_FIELDS = {
     "beta_smoothness": "effective beta-smoothness, max ||grad L(w) - grad L(w - eta g)|| / ||eta g||",
     "grad_change_max": "gradient predictiveness, max ||grad L(w) - grad L(w - eta g)||",
     "loss_range": "loss variation, max - min of L(w - eta g) over eta",
 }
+STEPS = {"trained": "probe steps after initialization", "init": "step 0 (initialization)", "all": "all probe steps"}
 
 
-def landscape_mean(result: RunResult | None, field: str) -> float | None:
-    """Mean over the probe steps after 0 of a landscape summary field (the record with ``eta=None``)."""
-    return mean_of(r.get(field) for r in records(result, "landscape", eta=None) if r["step"] > 0)
+def _keep(step: int, which: str) -> bool:
+    return {"trained": step > 0, "init": step == 0, "all": True}[which]
 
 
-def top_eigenvalue(result: RunResult | None) -> float | None:
-    """Mean over probe steps after 0 of |top Hessian eigenvalue| (BN on batch statistics, or no BN)."""
+def landscape_mean(result: RunResult | None, field: str, which: str = "trained") -> float | None:
+    """Mean over the probe steps ``which`` selects (see :data:`STEPS`) of a landscape summary field (the record
+    with ``eta=None``)."""
+    return mean_of(r.get(field) for r in records(result, "landscape", eta=None) if _keep(r["step"], which))
+
+
+def top_eigenvalue(result: RunResult | None, which: str = "trained") -> float | None:
+    """Mean over the probe steps ``which`` selects of |top Hessian eigenvalue| (BN on batch statistics, or no BN)."""
     return mean_of(
         abs(r["top_eigenvalue"])
         for r in records(result, "curvature")
-        if r["step"] > 0 and r.get("bn_mode") in ("batch", "no_bn") and r.get("top_eigenvalue") is not None
+        if _keep(r["step"], which) and r.get("bn_mode") in ("batch", "no_bn") and r.get("top_eigenvalue") is not None
     )
-
-
-GOOD_FRACTION = 0.9
-
-
-def good_learning_rates(data: ClaimData, norm: str) -> dict[int, float]:
-    """Seed -> how many learning rates of the grid end within 90% of that seed's best final training accuracy (an
-    unstable run counts as accuracy 0): the width of the range of good learning rates, which is scale-free."""
-    out = {}
-    for seed in data.setting.seed_list:
-        accuracies = []
-        for lr in data.setting.lr_grid:
-            result = data.runs(lr_label(norm, lr)).get(seed)
-            stable = is_stable(result)
-            if stable is None:
-                break
-            accuracies.append((final(result, "train_accuracy") or 0.0) if stable else 0.0)
-        else:
-            best = max(accuracies)
-            if best > 0:
-                out[seed] = float(sum(a >= GOOD_FRACTION * best for a in accuracies))
-    return out
 
 
 def _log_std_ratio(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,11 +80,15 @@ class BNSmooth(Claim):
         "larger, more reliable steps possible."
     )
     rationale = (
-        "The probed deep MLP runs (BN vs none, learning rate 0.1, same seeds) measure the loss along the "
-        "gradient at step sizes from 1/4 to 4 times the learning rate (landscape probe) and the top Hessian "
-        "eigenvalue (curvature probe) a few times during training, on a fixed batch of 256 training examples. "
-        "Limits: a few probe points, one batch, one learning rate; 'smooth' is measured in the parametrization "
-        "each network has, so BN and plain networks are different functions of different weights."
+        "Probed deep-net runs (BN vs none, evaluation seeds) measure the loss along the gradient at step sizes "
+        "from 1/4 to 4 times the learning rate (landscape probe) and the top Hessian eigenvalue (curvature probe) "
+        "at initialization and a few times during training, on a fixed batch of 256 training examples. Each arm "
+        "trains at half of its own stability limit (the largest rate that trains within 90% of the seed's best "
+        "accuracy, bisected on the selection seeds), so both are probed equally far from their limits. The verdict "
+        "averages the probe steps after "
+        "initialization (the trajectory Santurkar et al. measured); step 0 is reported separately, and so is the "
+        "average over all steps. Limits: a few probe points, one batch; 'smooth' is measured in each network's "
+        "own parametrization, so BN and plain networks are different functions of different weights."
     )
     caveats = (
         "Santurkar et al. (2018) measured the landscape along the training trajectory, not globally. The top "
@@ -108,50 +101,92 @@ class BNSmooth(Claim):
     references = ("Santurkar et al. 2018, section 3 and figure 4", "Ghorbani, Krishnan & Xiao 2019")
 
     def experiment(self, setting: StudySetting) -> Experiment:
-        probed = probed_deep_arms(setting)
-        spec = next(iter(probed.values()))[0]
+        spec = probed_spec(setting, "batch", 0.1, 0)
+
+        def extend(results: Mapping[str, RunResult]) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
+            return probed_arms_from(setting, results)
+
         return Experiment(
-            arms={**probed, **lr_grid_arms(setting)},
+            extend=extend,
             description=(
-                f"The probed deep MLP runs of bn-stable-inputs (learning rate {spec.lr:g}, probes every "
-                f"{spec.probe_every} steps), plus the learning-rate grid runs of bn-faster for the sensitivity to "
-                f"the learning rate; BN vs none, seeds {setting.seed_list}."
+                f"Selection seeds {setting.selection_seed_list}: each arm's largest usable rate by bisection "
+                "(within 90% of the seed's best accuracy) "
+                f"(shared with bn-stable-inputs). Evaluation seeds {setting.seed_list}: the deep net ({spec.model}, "
+                f"depth {spec.depth}, {spec.optimizer}, {spec.steps} steps, {setting.dataset}) with and without BN, "
+                f"each at {PROBE_FRACTION:g} x its own limit, probes {', '.join(spec.probes)} at step 0 and every "
+                f"{spec.probe_every} steps on the first {spec.probe_batch_size} training examples."
             ),
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
-        runs = {norm: data.finished(probed_label(norm)) for norm in NORMS}
-        values = {
-            field: {norm: {seed: landscape_mean(r, field) for seed, r in runs[norm].items()} for norm in NORMS}
-            for field in LANDSCAPE_FIELDS
-        }
-        primary = measure(
-            "effective beta-smoothness, without BN / with BN",
-            "ln(beta without BN / with BN); beta = " + LANDSCAPE_FIELDS["beta_smoothness"],
-            paired_log_ratio(values["beta_smoothness"]["none"], values["beta_smoothness"]["batch"]),
-            "increase",
-            unit="ln ratio",
+        setting = data.setting
+        metric = "ln(beta without BN / with BN); beta = " + LANDSCAPE_FIELDS["beta_smoothness"]
+        name = "effective beta-smoothness after initialization, without BN / with BN"
+        rates = probe_rates(setting, data.results)
+        half = probed_spec(setting, "batch", 0.1, 0).steps
+        if not rates or set(rates) != set(NORMS):
+            return Analysis(
+                not_measurable(
+                    name,
+                    metric,
+                    "increase",
+                    "the selection seeds' stability limits are not all known (a bisection run is missing or failed)",
+                )
+            )
+        limits = selection_limits(setting, data.results)
+        censored = [f"{LABELS[n]} {c} {v:.3g}" for n in NORMS for v, c in limits[n] if c]
+        note = (
+            f"Each arm at {PROBE_FRACTION:g} x its own stability limit (geometric mean over selection seeds "
+            f"{setting.selection_seed_list} of the bisected largest rate that trains within 90% of the seed's "
+            f"best): lr {rates['none']:.3g} "
+            f"without BN, {rates['batch']:.3g} with BN; {half} steps (half the family's budget) on {setting.dataset}; "
+            f"averaged over probe steps after 0, on evaluation seeds {setting.seed_list}"
+            + (f"; limits censored by the bisection range: {', '.join(censored)}" if censored else "")
         )
+        runs = probed_runs(setting, data.results, rates)
+        values = {
+            (field, which): {
+                norm: {s: landscape_mean(r, field, which) for s, r in runs[norm].items()} for norm in NORMS
+            }
+            for field in LANDSCAPE_FIELDS
+            for which in STEPS
+        }
+
+        def ratio(field: str, which: str) -> dict[int, float]:
+            return paired_log_ratio(values[(field, which)]["none"], values[(field, which)]["batch"])
+
+        primary = measure(name, metric, ratio("beta_smoothness", "trained"), "increase", unit="ln ratio", note=note)
         secondary = [
             measure(
+                f"effective beta-smoothness, {STEPS[which]}, without BN / with BN",
+                f"ln(beta without BN / with BN) over {STEPS[which]}",
+                ratio("beta_smoothness", which),
+                "increase",
+                unit="ln ratio",
+            )
+            for which in ("init", "all")
+        ]
+        secondary += [
+            measure(
                 f"{LANDSCAPE_FIELDS[field].split(',')[0]}, without BN / with BN",
-                f"ln(value without BN / with BN); {LANDSCAPE_FIELDS[field]}",
-                paired_log_ratio(values[field]["none"], values[field]["batch"]),
+                f"ln(value without BN / with BN) after initialization; {LANDSCAPE_FIELDS[field]}",
+                ratio(field, "trained"),
                 "increase",
                 unit="ln ratio",
             )
             for field in ("grad_change_max", "loss_range")
         ]
-        eigen = {norm: {seed: top_eigenvalue(r) for seed, r in runs[norm].items()} for norm in NORMS}
-        secondary.append(
-            measure(
-                "top Hessian eigenvalue, without BN / with BN",
-                "ln(|lambda_max| without BN / with BN), BN on batch statistics",
-                paired_log_ratio(eigen["none"], eigen["batch"]),
-                "increase",
-                unit="ln ratio",
+        for which in ("trained", "init"):
+            eigen = {norm: {s: top_eigenvalue(r, which) for s, r in runs[norm].items()} for norm in NORMS}
+            secondary.append(
+                measure(
+                    f"top Hessian eigenvalue, {STEPS[which]}, without BN / with BN",
+                    f"ln(|lambda_max| without BN / with BN) over {STEPS[which]}, BN on batch statistics",
+                    paired_log_ratio(eigen["none"], eigen["batch"]),
+                    "increase",
+                    unit="ln ratio",
+                )
             )
-        )
         accuracy = {norm: [final(r, "test_accuracy") for r in runs[norm].values()] for norm in NORMS}
         spread = bootstrap_interval([accuracy["none"], accuracy["batch"]], _log_std_ratio)
         secondary.append(
@@ -165,28 +200,29 @@ class BNSmooth(Claim):
                 unmeasurable="fewer than two finished runs per arm, or no spread at all",
             )
         )
-        good = {norm: good_learning_rates(data, norm) for norm in NORMS}
-        secondary.append(
-            measure(
-                "width of the range of good learning rates, BN minus none",
-                f"grid learning rates (of {len(data.setting.lr_grid)}) ending within 90% of the seed's best final "
-                "training accuracy, BN minus none",
-                paired_difference(good["batch"], good["none"]),
-                "increase",
-                unit="grid values",
-            )
-        )
-        findings = []
+        with_init = secondary[1]
+        findings = [
+            f"Probe rates (half of each arm's own limit, selection seeds): {rates['none']:.3g} without BN, "
+            f"{rates['batch']:.3g} with BN.",
+            f"Step 0 alone: {secondary[0].verdict}; all steps including step 0: {with_init.verdict}; the verdict "
+            f"(after initialization) is {primary.verdict}"
+            + (
+                " -- including step 0 does not change it."
+                if with_init.verdict == primary.verdict
+                else " -- including step 0 changes it, so the verdict describes training, not initialization."
+            ),
+        ]
         for norm in NORMS:
-            beta = mean_of(values["beta_smoothness"][norm].values())
-            eig = mean_of(eigen[norm].values())
+            beta = mean_of(values[("beta_smoothness", "trained")][norm].values())
+            beta0 = mean_of(values[("beta_smoothness", "init")][norm].values())
             if beta is not None:
                 findings.append(
-                    f"{LABELS[norm]}: mean beta-smoothness {beta:.3g}"
-                    + (f", mean top Hessian eigenvalue {eig:.3g}" if eig is not None else "")
+                    f"{LABELS[norm]}: mean beta-smoothness {beta:.3g} after initialization"
+                    + (f", {beta0:.3g} at step 0" if beta0 is not None else "")
                     + "."
                 )
-        return Analysis(primary, secondary, [_over_training(runs), _curvature(runs)], [], findings)
+        figures = [_over_training(runs), _curvature(runs)] if data.draw else []
+        return Analysis(primary, secondary, figures, [], findings)
 
 
 def _field_curves(results: dict[int, RunResult], field: str, probe: str = "landscape") -> tuple[Any, Any]:

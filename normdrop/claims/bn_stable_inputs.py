@@ -11,24 +11,47 @@ Two measurements on the probed deep runs (BN vs none at the same learning rate, 
 2. Internal covariate shift in the gradient sense (Santurkar et al. 2018, definition 2.1), from the ``ics`` probe:
    ||G_i - G'_i|| / ||G_i||, the change of layer i's gradient caused by the update of the layers below it, mean
    over layers 2..L and probe steps. Same effect convention; reported beside the verdict.
+3. Santurkar et al.'s control (their section 2.1): BN followed by injected time-varying noise (norm kind "noisy",
+   :class:`normdrop.nn.NoisyBatchNorm1d`: a per-channel shift and scale redrawn at every step) makes the next
+   layer's input distribution unstable on purpose; if BN helps because it stabilizes inputs, the noisy net should
+   lose BN's speed. Measured: its training speed (mean training accuracy over the evaluations of the run, the area
+   under the accuracy curve) against BN's, an equivalence test with the margin ``NOISY_MARGIN``, and its drift.
+
+The probed runs are bn-smooth's: each arm at half of its own stability limit (bisected on the selection seeds),
+the noisy control at BN's rate.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
-from normdrop.claims.experiment import NORMS, Experiment, probed_deep_arms, probed_label
+from normdrop.claims.experiment import NOISY_NOISE, NORMS, Experiment, probed_spec
 from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
-from normdrop.claims.readers import mean_of, records
-from normdrop.claims.results import Analysis, measure
+from normdrop.claims.readers import curve, mean_of, records
+from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
-from normdrop.spec import RunResult
+from normdrop.claims.stability import PROBE_FRACTION, probe_rates, probed_arms_from, probed_runs
+from normdrop.spec import RunResult, RunSpec
 from normdrop.stats import paired_difference, paired_log_ratio
+
+NOISY_MARGIN = 0.05
+"""Equivalence margin of "noisy BN trains about as fast as BN": +-5 points of mean training accuracy over the run
+(the area under the accuracy curve), fixed before any data."""
+
+
+def mean_accuracy(result: RunResult | None) -> float | None:
+    """Mean training accuracy over a run's evaluations (the normalized area under its accuracy curve); None for a
+    missing run or one with no evaluation."""
+    if result is None:
+        return None
+    _, values = curve(result, "train_accuracy")
+    return float(values.mean()) if len(values) else None
 
 
 def relative_drift(result: RunResult | None) -> float | None:
@@ -79,12 +102,15 @@ class BNStableInputs(Claim):
         "beta)."
     )
     rationale = (
-        "The probed deep MLP runs (BN vs none, same learning rate 0.1, same seeds) record each layer's "
-        "pre-activation input on a fixed batch of 256 training examples several times during training (the "
-        "layer_inputs probe), and Santurkar et al.'s gradient-based shift (the ics probe). Drift is measured "
-        "relative to each layer's spread, so BN cannot look stable merely because its outputs are small. Limits: "
-        "few probe points in a short run; one learning rate; the verdict rests on the distributional definition, "
-        "the claim's own; the gradient definition is shown next to it."
+        "Probed deep-net runs (BN vs none, evaluation seeds; each arm at half of its own stability limit bisected "
+        "on the selection seeds, shared with bn-smooth) record each layer's pre-activation input on a fixed batch "
+        "of 256 training examples at step 0 and several times during training (the layer_inputs probe), and "
+        "Santurkar et al.'s gradient-based shift (the ics probe). Drift is measured relative to each layer's "
+        "spread, so BN cannot look stable merely because its outputs are small. Santurkar et al.'s control runs "
+        "too: BN followed by a random per-channel shift and scale redrawn every step (noisy BN, at BN's rate), "
+        "whose training speed is compared with BN's. Limits: few probe points; the two arms train at different "
+        "rates (each at the same fraction of its own limit), and a larger rate moves the weights further per step; "
+        "the verdict rests on the distributional definition, the claim's own."
     )
     caveats = (
         "Disputed mechanism. Santurkar, Tsipras, Ilyas & Madry (2018) found that BN networks train faster even when "
@@ -97,29 +123,48 @@ class BNStableInputs(Claim):
     references = ("Ioffe & Szegedy 2015, figure 1", "Santurkar et al. 2018, section 2 and definition 2.1")
 
     def experiment(self, setting: StudySetting) -> Experiment:
-        spec = next(iter(probed_deep_arms(setting).values()))[0]
+        spec = probed_spec(setting, "batch", 0.1, 0)
+
+        def extend(results: Mapping[str, RunResult]) -> dict[str, tuple[list[RunSpec], list[int] | None]]:
+            return probed_arms_from(setting, results, noisy=True)
+
         return Experiment(
-            arms=probed_deep_arms(setting),
+            extend=extend,
             description=(
-                f"Deep MLP ({spec.depth} x {spec.width} ReLU) on {setting.dataset}, SGD momentum {spec.momentum}, "
-                f"learning rate {spec.lr:g}, {spec.steps} steps, BN vs none, seeds {setting.seed_list}; probes "
-                f"{', '.join(spec.probes)} every {spec.probe_every} steps on the first {spec.probe_batch_size} "
-                "training examples."
+                f"Selection seeds {setting.selection_seed_list}: each arm's largest usable rate by bisection "
+                "(within 90% of the seed's best accuracy). "
+                f"Evaluation seeds {setting.seed_list}: the deep net ({spec.model}, depth {spec.depth}, "
+                f"{spec.optimizer}, {spec.steps} steps, {setting.dataset}) with BN, without, and with noisy BN "
+                f"(noise {NOISY_NOISE:g}: shift U(-{NOISY_NOISE:g}, {NOISY_NOISE:g}), scale in "
+                f"[1/{1 + NOISY_NOISE:g}, {1 + NOISY_NOISE:g}] per channel, redrawn every step), BN and none at "
+                f"{PROBE_FRACTION:g} x their own limits, noisy BN at BN's rate; probes {', '.join(spec.probes)} at "
+                f"step 0 and every {spec.probe_every} steps on the first {spec.probe_batch_size} training examples."
             ),
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
-        runs = {norm: data.finished(probed_label(norm)) for norm in NORMS}
-        drift = {norm: {seed: relative_drift(r) for seed, r in runs[norm].items()} for norm in NORMS}
+        setting = data.setting
+        name = "layer-input drift, without BN / with BN"
+        metric = "ln(relative drift without BN / with BN); drift = W1 between successive probe steps / input std"
+        rates = probe_rates(setting, data.results)
+        half = probed_spec(setting, "batch", 0.1, 0).steps
+        if not rates or set(rates) != set(NORMS):
+            reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"
+            return Analysis(not_measurable(name, metric, "increase", reason))
+        rates = {**rates, "noisy": rates["batch"]}
+        runs = probed_runs(setting, data.results, rates)
+        note = (
+            f"Probed runs at half of each arm's own stability limit (selection seeds {setting.selection_seed_list}):"
+            f" lr {rates['none']:.3g} without BN, {rates['batch']:.3g} with BN; {half} steps (half the "
+            f"family's budget) on {setting.dataset}; evaluation seeds {setting.seed_list}"
+        )
+        drift = {norm: {seed: relative_drift(r) for seed, r in runs[norm].items()} for norm in rates}
         primary = measure(
-            "layer-input drift, without BN / with BN",
-            "ln(relative drift without BN / with BN); drift = W1 between successive probe steps / input std",
-            paired_log_ratio(drift["none"], drift["batch"]),
-            "increase",
-            unit="ln ratio",
+            name, metric, paired_log_ratio(drift["none"], drift["batch"]), "increase", unit="ln ratio", note=note
         )
         ics = {norm: {seed: ics_relative(r) for seed, r in runs[norm].items()} for norm in NORMS}
         cosine = {norm: {seed: ics_relative(r, "ics_cosine") for seed, r in runs[norm].items()} for norm in NORMS}
+        speed = {norm: {seed: mean_accuracy(r) for seed, r in runs[norm].items()} for norm in rates}
         secondary = [
             measure(
                 "gradient-based ICS (Santurkar et al.), without BN / with BN",
@@ -136,23 +181,48 @@ class BNStableInputs(Claim):
                 "increase",
                 unit="cosine",
             ),
+            measure(
+                "noisy-BN control: training speed, noisy BN minus BN (Santurkar et al.)",
+                "mean training accuracy over the run's evaluations (area under the curve), noisy BN minus BN",
+                paired_difference(speed["noisy"], speed["batch"]),
+                "equal",
+                margin=NOISY_MARGIN,
+                unit="fraction",
+                note=f"Santurkar et al. (2018): noisy BN trains about as fast as BN; margin +-{NOISY_MARGIN:g}.",
+            ),
+            measure(
+                "noisy-BN control: training speed, noisy BN minus none",
+                "mean training accuracy over the run's evaluations, noisy BN minus no BN",
+                paired_difference(speed["noisy"], speed["none"]),
+                "increase",
+                unit="fraction",
+            ),
+            measure(
+                "noisy-BN control: layer-input drift, noisy BN / BN (the noise makes inputs unstable)",
+                "ln(relative drift with noisy BN / with BN)",
+                paired_log_ratio(drift["noisy"], drift["batch"]),
+                "increase",
+                unit="ln ratio",
+            ),
         ]
         findings = []
-        for norm in NORMS:
-            d, i = mean_of(drift[norm].values()), mean_of(ics[norm].values())
-            if d is not None and i is not None:
+        for norm in rates:
+            d, a = mean_of(drift[norm].values()), mean_of(speed[norm].values())
+            label = LABELS.get(norm, "noisy BN")
+            if d is not None and a is not None:
                 findings.append(
-                    f"{LABELS[norm]}: mean relative drift {d:.3g} per probe interval; mean ||G - G'|| / ||G|| {i:.3g}."
+                    f"{label} (lr {rates[norm]:.3g}): mean relative drift {d:.3g} per probe interval; mean training "
+                    f"accuracy over the run {a:.1%}."
                 )
-        figures = [_percentiles(data), _by_layer(data, runs)]
+        figures = [_percentiles(data, runs), _by_layer(data, runs)] if data.draw else []
         return Analysis(primary, secondary, figures, [], findings)
 
 
-def _percentiles(data: ClaimData) -> Any:
+def _percentiles(data: ClaimData, runs: Mapping[str, Mapping[int, RunResult]]) -> Any:
     """The BN paper's figure 1(b, c): the 15/50/85th percentiles of one unit's input over training."""
     chosen = {}
     for norm in NORMS:
-        finished = data.finished(probed_label(norm))
+        finished = runs.get(norm, {})
         if finished:
             chosen[norm] = finished[min(finished)]
     if not chosen:

@@ -1,11 +1,16 @@
 """dropout-bn-shift: dropout before BN shifts the variance BN sees between training and inference (Li et al. 2019).
 
-Small-family runs with BN and dropout 0.5 in three places: right before each BN (``before_norm``, the harmful
-case), after each activation (``after_norm``, the usual place), and once before the classifier, after the last BN
-(``before_head``, Li et al.'s fix). The ``variance_shift`` probe measures at the end of training, per BN layer on
-training examples, the running variance (accumulated in training, with dropout on) against the variance the layer
-really sees at inference (dropout off), and the closed-form prediction (c^2 + v)/q - c^2 over v; it also
-re-estimates BN's statistics with dropout off (``recalibrate_bn``) and records the test accuracy before and after.
+Small-family runs with BN and dropout 0.5 at the family's depth in two places: right before each BN
+(``before_norm``, the harmful case) and after each activation (``after_norm``, the usual place); and, for the fix
+"dropout after the last BN" with the **number of dropout layers matched**, a pair of one-hidden-layer networks with
+exactly one dropout layer each: right before their only (so last) BN (``before_norm``), or after it, before the
+classifier (``before_head``, Li et al.'s fix). At the family's depth the fix would also change the count (one dropout
+layer instead of one per hidden layer), so the depth-2 ``before_head`` network is not run. The ``variance_shift``
+probe measures at the end of training, per BN layer on training examples, the running variance (accumulated in
+training, with dropout on) against the variance the layer really sees at inference (dropout off), and the closed-form
+prediction (c^2 + v)/q - c^2 over v; it also re-estimates BN's statistics with dropout off (``recalibrate_bn``) and
+records the test accuracy before and after.
+The probe measures at the first and the last step only, so the claim is not re-analysed at smaller budgets.
 
 Verdict: the shift itself, per seed ln(running variance / inference variance) averaged over the BN layers of the
 ``before_norm`` network; positive = BN's estimate is too large at inference, as claimed. Whether it hurts and whether
@@ -15,6 +20,7 @@ the fixes help are reported beside it.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -28,11 +34,17 @@ from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult
 from normdrop.stats import paired_difference
 
-POSITIONS = ("before_norm", "after_norm", "before_head")
-POSITION_NAMES = {
+POSITIONS = ("before_norm", "after_norm")
+"""Dropout placements at the family's depth (one dropout layer per hidden layer in both)."""
+MATCHED_DEPTH = 1
+"""Hidden layers of the matched-count pair: one BN, one dropout layer, before or after the BN."""
+MATCHED = {"before": "before_norm", "after": "before_head"}
+"""The matched pair: where its one dropout layer is (``RunSpec.dropout_position``)."""
+ARM_NAMES = {
     "before_norm": "dropout right before each BN",
     "after_norm": "dropout after each activation",
-    "before_head": "dropout after the last BN only",
+    "before": "1 hidden layer: one dropout right before the BN",
+    "after": "1 hidden layer: one dropout after the BN",
 }
 
 
@@ -40,6 +52,11 @@ def position_label(setting: StudySetting, position: str) -> str:
     """Arm label of BN + dropout at one position (after_norm is the plain small-family label)."""
     p = setting.primary_dropout
     return small_label("batch", p) if position == "after_norm" else small_label("batch", p, dropout_position=position)
+
+
+def matched_label(setting: StudySetting, where: str) -> str:
+    """Arm label of one network of the matched-count pair (``where``: ``"before"`` or ``"after"``)."""
+    return small_label("batch", setting.primary_dropout, depth=MATCHED_DEPTH, dropout_position=MATCHED[where])
 
 
 def shift_records(result: RunResult | None) -> list[dict[str, Any]]:
@@ -78,11 +95,15 @@ class DropoutBNShift(Claim):
         "variance - so it shrinks its outputs, and the next layers receive a signal they were not trained on."
     )
     rationale = (
-        "The small MLP with BN and dropout 0.5 (where dropout is strong enough to matter) in three placements, "
-        "measured at the end of training with the variance_shift probe on training examples, which also tries "
-        "the re-estimation fix. Limits: a 2-layer MLP, so the shift can compound through only two BN layers (Li "
-        "et al. study deep convolutional networks); running statistics with momentum 0.1 also lag the weights, "
-        "which adds to the measured ratio in every placement."
+        "The small network with BN and dropout 0.5 (where dropout is strong enough to matter), dropout right "
+        "before each BN or after each activation, measured at the end of training with the variance_shift probe "
+        "on training examples, which also tries the re-estimation fix. The other fix, 'dropout after the last BN', "
+        "is compared with the number of dropout layers held fixed: two one-hidden-layer networks with exactly one "
+        "dropout layer each, right before their BN or after it (moving dropout after the last BN in the deeper "
+        "network would also remove all but one dropout layer, mixing less dropout with a better place). Limits: "
+        "two hidden layers at most, so the shift compounds through at most two BN layers (Li et al. study deep "
+        "convolutional networks); running statistics with momentum 0.1 also lag the weights, which adds to the "
+        "measured ratio in every placement."
     )
     caveats = (
         "Li et al. (2019) also find that the shift is small for wide layers and for dropout with small p, and "
@@ -91,6 +112,9 @@ class DropoutBNShift(Claim):
     )
     probes = ("variance_shift",)
     references = ("Li, Chen, Hu & Yang 2019", "Wu & Johnson 2021")
+    budget_reanalysis = False
+    MARGIN_CLOSED_FORM = math.log(1.1)
+    """Equivalence margin of the closed-form check (ln ratio: within 10%)."""
 
     def experiment(self, setting: StudySetting) -> Experiment:
         arms: dict[str, list[Any]] = {}
@@ -98,30 +122,45 @@ class DropoutBNShift(Claim):
             fields = {} if position == "after_norm" else {"dropout_position": position}
             _, specs = small_arm(setting, "batch", setting.primary_dropout, **fields)
             arms[position_label(setting, position)] = specs
+        for where, position in MATCHED.items():
+            _, specs = small_arm(
+                setting, "batch", setting.primary_dropout, depth=MATCHED_DEPTH, dropout_position=position
+            )
+            arms[matched_label(setting, where)] = specs
         spec = setting.spec("small")
         return Experiment(
             arms=arms,
             description=(
-                f"MLP {spec.depth} x {spec.width} with BN on {setting.small_train_size} examples of "
-                f"{setting.dataset}, Adam lr {spec.lr:g}, {spec.steps} steps, dropout {setting.primary_dropout} at "
-                f"positions {', '.join(POSITIONS)}; variance_shift probe at the first and last step; seeds "
-                f"{setting.seed_list}."
+                f"{spec.model} depth {spec.depth} width {spec.width} with BN on {setting.small_train_size} "
+                f"examples of {setting.dataset} drawn per seed, {spec.optimizer} lr {spec.lr:g}, {spec.steps} steps, "
+                f"dropout {setting.primary_dropout} right before each BN or after each activation; and, with the "
+                f"number of dropout layers matched (one each), depth-{MATCHED_DEPTH} networks with their one dropout "
+                f"layer right before the BN or after it (before the classifier); variance_shift probe at the first "
+                f"and last step; evaluation seeds {setting.seed_list}; nothing is chosen from the data."
             ),
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
         s = data.setting
-        runs = {position: data.runs(position_label(s, position)) for position in POSITIONS}
-        shift = {position: {seed: log_shift(r) for seed, r in runs[position].items()} for position in POSITIONS}
+        labels = {position: position_label(s, position) for position in POSITIONS}
+        labels.update({where: matched_label(s, where) for where in MATCHED})
+        runs = {arm: data.runs(label) for arm, label in labels.items()}
+        shift = {arm: {seed: log_shift(r) for seed, r in arm_runs.items()} for arm, arm_runs in runs.items()}
+        spec = s.spec("small")
         primary = measure(
             "variance shift with dropout right before BN",
             "ln(running variance / variance seen at inference), mean over the BN layers (0 = no shift)",
             shift["before_norm"],
             "increase",
             unit="ln ratio",
+            note=(
+                f"{spec.model} depth {spec.depth} x {spec.width} with BN, dropout {s.primary_dropout} right before "
+                f"each BN, {s.small_train_size} training examples per seed, {spec.steps} steps; measured on training "
+                "examples at the last step; nothing chosen from data."
+            ),
         )
         accuracy = {
-            position: {seed: final(r, "test_accuracy") for seed, r in runs[position].items()} for position in POSITIONS
+            arm: {seed: final(r, "test_accuracy") for seed, r in arm_runs.items()} for arm, arm_runs in runs.items()
         }
         recalibrated_gain = {}
         for seed, result in runs["before_norm"].items():
@@ -141,11 +180,13 @@ class DropoutBNShift(Claim):
         }
         secondary = [
             measure(
-                "fix 1: dropout after the last BN, test accuracy gain",
-                "final test accuracy, dropout after the last BN minus dropout right before each BN, percentage points",
-                {k: 100 * v for k, v in paired_difference(accuracy["before_head"], accuracy["before_norm"]).items()},
+                "fix 1: one dropout layer after the BN instead of right before it, test accuracy gain",
+                f"final test accuracy, depth-{MATCHED_DEPTH} network with its one dropout layer after the BN minus "
+                "the same network with it right before the BN (same number of dropout layers), percentage points",
+                paired_difference(accuracy["after"], accuracy["before"], scale=100),
                 "increase",
                 unit="pp",
+                note="Matched count: both networks have exactly one dropout layer; only its place differs.",
             ),
             measure(
                 "fix 2: re-estimated BN statistics, test accuracy gain",
@@ -159,19 +200,36 @@ class DropoutBNShift(Claim):
                 "ln(train-mode variance / eval variance) minus ln((c^2+v)/q - c^2 over v): 0 = formula exact",
                 predicted,
                 "equal",
-                margin=math.log(1.1),
+                margin=self.MARGIN_CLOSED_FORM,
                 unit="ln ratio",
             ),
             measure(
-                "variance shift with dropout after the last BN only",
-                "ln(running variance / variance seen at inference), mean over the BN layers",
-                shift["before_head"],
+                "variance shift, one dropout layer right before the BN (matched pair)",
+                "ln(running variance / variance seen at inference) of the BN",
+                shift["before"],
                 "increase",
                 unit="ln ratio",
-                note="Expected near 0 (only the lag of the running averages remains).",
+            ),
+            measure(
+                "variance shift, one dropout layer after the BN (matched pair)",
+                "ln(running variance / variance seen at inference) of the BN",
+                shift["after"],
+                "increase",
+                unit="ln ratio",
+                note="Expected near 0 (no dropout before the BN: only the lag of the running averages remains).",
+            ),
+            measure(
+                "dropout after each activation vs right before each BN, test accuracy",
+                f"final test accuracy, depth {spec.depth}, dropout after each activation minus right before each BN "
+                "(one dropout layer per hidden layer in both), percentage points",
+                paired_difference(accuracy["after_norm"], accuracy["before_norm"], scale=100),
+                "increase",
+                unit="pp",
+                note="After each activation, the first layer's dropout still feeds the next BN through a linear layer.",
             ),
         ]
-        return Analysis(primary, secondary, [_shift_figure(data, runs, shift, accuracy)])
+        figures = [_shift_figure(shift, accuracy)] if data.draw else []
+        return Analysis(primary, secondary, figures)
 
 
 def _first_layer(result: RunResult | None) -> str | None:
@@ -179,13 +237,12 @@ def _first_layer(result: RunResult | None) -> str | None:
     return layers[0] if layers else None
 
 
-def _shift_figure(
-    data: ClaimData, runs: dict[str, Any], shift: dict[str, dict[int, float | None]], accuracy: dict[str, Any]
-) -> Any:
-    figure, axes = new_figure(ncols=2, width=7.2)
-    for index, position in enumerate(POSITIONS):
-        for ax, values, scale in ((axes[0], shift[position], 1.0), (axes[1], accuracy[position], 1.0)):
-            points = [scale * v for v in values.values() if v is not None]
+def _shift_figure(shift: dict[str, dict[int, float | None]], accuracy: dict[str, dict[int, float | None]]) -> Any:
+    figure, axes = new_figure(ncols=2, width=7.6)
+    arms = list(ARM_NAMES)
+    for index, arm in enumerate(arms):
+        for ax, values in ((axes[0], shift[arm]), (axes[1], accuracy[arm])):
+            points = [v for v in values.values() if v is not None]
             if not points:
                 continue
             jitter = np.linspace(-0.12, 0.12, len(points))
@@ -195,12 +252,14 @@ def _shift_figure(
     axes[0].set_ylabel("ln(running var / inference var)")
     axes[1].set_ylabel("final test accuracy (fraction)")
     for ax in axes:
-        ax.set_xticks(range(len(POSITIONS)), [POSITION_NAMES[p].replace(" ", "\n", 2) for p in POSITIONS], fontsize=7)
+        ax.set_xticks(range(len(arms)), [textwrap.fill(ARM_NAMES[a], 16) for a in arms], fontsize=6)
     return finish(
         figure,
         "Variance shift and accuracy by dropout placement",
         "Left: how much BN's running variance overestimates the variance it sees at inference, averaged over BN "
-        "layers (0 = no shift). Right: final test accuracy. Dots: seeds; squares: mean with 95% t-interval.",
+        "layers (0 = no shift). Right: final test accuracy. The first two networks have the family's depth and one "
+        "dropout layer per hidden layer; the last two have one hidden layer and exactly one dropout layer each, "
+        "before or after the BN. Dots: seeds; squares: mean with 95% t-interval.",
     )
 
 

@@ -1,10 +1,20 @@
-"""dropout-coadapt: dropout stops hidden units from co-adapting.
+"""dropout-coadapt: dropout stops hidden units from co-adapting, so each feature is more useful on its own.
 
-On the runs of dropout-overfit, the ``coadaptation`` probe measures at the end of training, on a fixed batch of
-training examples in eval mode, each hidden layer's mean absolute correlation between units, the DeCov penalty
-(Cogswell et al. 2016) and the fraction of units active per example (the sparsity the dropout paper reports as a
-side effect). Effect per seed: ln(mean |correlation| without dropout / with dropout 0.5), averaged over layers;
-positive = less correlated units with dropout.
+On the plain small-family runs at dropout 0 and :attr:`StudySetting.primary_dropout` (the runs of dropout-overfit,
+shared), the ``coadaptation`` probe measures at the last step, in inference mode:
+
+- **individual usefulness** (the primary): for every hidden unit alone, a one-feature linear probe (a Gaussian
+  class-conditional classifier with a shared variance, i.e. one-feature LDA, fitted in closed form on the run's own
+  training examples) and its accuracy on the test set (:func:`normdrop.probes.single_unit_probe_accuracy`);
+  per network the mean over all hidden units. Effect per evaluation seed: that mean with dropout minus without, in
+  percentage points; positive = units more useful alone with dropout, as Srivastava et al. (2014) claim.
+- reliance on single units (secondary): the test-accuracy drop when one unit is zeroed, mean over units
+  (:func:`normdrop.probes.ablation_drops`), with dropout minus without;
+- redundancy (secondary, the old primary): ln(mean |correlation| between units without / with dropout), DeCov, and
+  the fraction of active units.
+
+The probe's usefulness fields exist only at the last step, so the claim is not re-analysed at smaller budgets
+(``budget_reanalysis = False``).
 """
 
 from __future__ import annotations
@@ -12,30 +22,38 @@ from __future__ import annotations
 from typing import Any
 
 from normdrop.claims.base import Claim, ClaimData
-from normdrop.claims.experiment import Experiment, dropout_grid_arms, dropout_label
+from normdrop.claims.experiment import Experiment, small_arm, small_label
 from normdrop.claims.figures import finish, legend, new_figure, plot_band, seeds_by_x
 from normdrop.claims.readers import mean_of, records
 from normdrop.claims.results import Analysis, measure
 from normdrop.claims.setting import StudySetting
+from normdrop.probes.coadaptation import ABLATION_EXAMPLES, TEST_EXAMPLES
 from normdrop.spec import RunResult
 from normdrop.stats import paired_difference, paired_log_ratio
+
+MISSING_USEFULNESS = (
+    "the runs' coadaptation records have no unit_probe_accuracy (runs missing, failed or diverged, or stored before "
+    "the probe measured individual usefulness: re-run them)"
+)
+
+
+def final_rows(result: RunResult | None) -> list[dict[str, Any]]:
+    """The coadaptation layer rows at a finished run's last step."""
+    if result is None or result.status != "finished":
+        return []
+    return records(result, "coadaptation", unit=None, step=result.spec.steps)
 
 
 def final_layer_mean(result: RunResult | None, field: str) -> float | None:
     """Mean over layers of a coadaptation field at the run's last step."""
-    if result is None or result.status != "finished":
-        return None
-    rows = records(result, "coadaptation", unit=None, step=result.spec.steps)
-    return mean_of(r.get(field) for r in rows)
+    return mean_of(r.get(field) for r in final_rows(result))
 
 
-def by_p(data: ClaimData, field: str) -> dict[float, dict[int, float | None]]:
-    """Dropout p -> seed -> the field's final layer mean, on the small training set."""
-    s = data.setting
-    return {
-        p: {seed: final_layer_mean(r, field) for seed, r in data.runs(dropout_label(s, p, s.small_train_size)).items()}
-        for p in s.dropout_grid
-    }
+def unit_mean(result: RunResult | None, field: str) -> float | None:
+    """Mean over every hidden unit of a per-layer mean field (layers weighted by their number of units)."""
+    rows = [r for r in final_rows(result) if r.get(field) is not None and r.get("units")]
+    total = sum(int(r["units"]) for r in rows)
+    return sum(float(r[field]) * int(r["units"]) for r in rows) / total if total else None
 
 
 class DropoutCoadapt(Claim):
@@ -46,47 +64,102 @@ class DropoutCoadapt(Claim):
         "Without dropout, a unit can become useful only in combination with particular other units - fixing "
         "their mistakes or copying their signal. Srivastava et al. (2014) call this co-adaptation. When any unit "
         "may vanish at any step, such partnerships are unreliable, so each unit is pushed to detect something "
-        "useful on its own: units should be less redundant (less correlated with each other) and, as the paper "
-        "observed, activations become sparser."
+        "useful on its own: a single unit should then tell the classes apart better by itself, the network should "
+        "rely less on any one unit, and, as the paper observed, activations become sparser."
     )
     rationale = (
-        "The coadaptation probe reads each hidden layer's activations on 256 training examples at the end of the "
-        "dropout-overfit runs (plain MLP, 500 examples): mean |correlation| between units, the DeCov value (the sum "
-        "of squared covariances between different units) and the fraction of active ReLUs. Limits: correlation is a "
-        "proxy for co-adaptation, which the paper defines only informally; two layers of 128 units."
+        "'Individually useful' is measured directly: each hidden unit alone is given to a one-feature linear "
+        "classifier (one-feature LDA, fitted on the run's training examples, scored on the test set), and the mean "
+        "accuracy over units is compared between the plain small network trained with and without dropout (the "
+        "dropout-overfit runs, same evaluation seeds, each seed its own training subset). Beside it: how much test "
+        "accuracy drops when one unit is zeroed (reliance on single units), and the old redundancy measures "
+        "(correlation between units, DeCov, sparsity). Limits: one-feature probes see only what a unit says "
+        "alone, not how it combines with others; the probe's chance level is the frequency of the most common "
+        "class; two hidden layers."
     )
     caveats = (
-        "Correlation between units measures redundancy, not 'individual usefulness', which would need ablating "
-        "units one at a time. Dropout can also increase redundancy: copying a feature into several units is one "
-        "way to survive random deletion, so the direction is an empirical question here."
+        "Co-adaptation is defined only informally in the paper. A higher single-unit accuracy can also come from "
+        "redundancy: dropout may copy a useful feature into several units to survive deletion, which makes each "
+        "copy individually useful and correlated with the others - so the usefulness and the correlation "
+        "measures can disagree. The ablation drop measures robustness to deleting one unit, which dropout trains "
+        "for directly, so it is expected to shrink whatever happens to co-adaptation."
     )
     probes = ("coadaptation",)
-    references = ("Srivastava et al. 2014, section 7.1 and figure 8", "Cogswell et al. 2016 (DeCov)")
+    references = ("Srivastava et al. 2014, sections 1 and 7.1, figure 8", "Cogswell et al. 2016 (DeCov)")
+    budget_reanalysis = False
+    NULL_PP = 0.0
+    """The primary's null: no difference in mean single-unit probe accuracy (percentage points)."""
+
+    def arms(self, setting: StudySetting) -> dict[float, str]:
+        """Dropout p -> arm label, for every p of the grid (the shared plain small-family runs)."""
+        return {p: small_label("none", p) for p in setting.dropout_grid}
 
     def experiment(self, setting: StudySetting) -> Experiment:
+        arms = {}
+        for p in setting.dropout_grid:
+            label, specs = small_arm(setting, "none", p)
+            arms[label] = specs
         spec = setting.spec("small")
         return Experiment(
-            arms=dropout_grid_arms(setting),
+            arms=arms,
             description=(
-                f"The runs of dropout-overfit (MLP {spec.depth} x {spec.width}, {setting.small_train_size} training "
-                f"examples, dropout p in {list(setting.dropout_grid)}), with the coadaptation probe at the first and "
-                f"the last step; seeds {setting.seed_list}."
+                f"The plain small-family runs of dropout-overfit ({spec.model} depth {spec.depth} width "
+                f"{spec.width}, {setting.small_train_size} training examples drawn per seed, {spec.steps} steps, "
+                f"dropout p in {list(setting.dropout_grid)}), with the coadaptation probe at the first and the last "
+                f"step; individual usefulness at the last step: one-feature probes fitted on the run's training "
+                f"examples and scored on the first {TEST_EXAMPLES} test examples, ablations on the first "
+                f"{ABLATION_EXAMPLES}; evaluation seeds {setting.seed_list}; nothing is chosen from the data."
             ),
         )
 
     def analyze(self, data: ClaimData) -> Analysis:
-        p = data.setting.primary_dropout
-        correlation = by_p(data, "mean_abs_correlation")
-        decov = by_p(data, "decov")
-        active = by_p(data, "active_fraction")
-        primary = measure(
-            f"mean |correlation| between units, without / with dropout {p:g}",
-            "ln(mean |corr| without dropout / with dropout), mean over hidden layers, end of training",
-            paired_log_ratio(correlation[0.0], correlation[p]),
-            "increase",
-            unit="ln ratio",
+        s = data.setting
+        p = s.primary_dropout
+        labels = self.arms(s)
+
+        def by_p(reader: Any, field: str) -> dict[float, dict[int, float | None]]:
+            return {q: {seed: reader(r, field) for seed, r in data.runs(label).items()} for q, label in labels.items()}
+
+        usefulness = by_p(unit_mean, "unit_probe_accuracy")
+        spec = s.spec("small")
+        scope = (
+            f"{spec.model} depth {spec.depth} x {spec.width}, {s.small_train_size} training examples per seed, "
+            f"{spec.steps} steps, measured at the last step on {s.dataset}'s test set; dropout {p:g} vs 0 fixed in "
+            "advance, no choice made from data."
         )
+        effect = paired_difference(usefulness[p], usefulness[0.0], scale=100)
+        primary = measure(
+            f"single-unit probe accuracy, dropout {p:g} minus none",
+            "test accuracy of a one-feature linear probe per hidden unit, mean over units, with minus without "
+            "dropout, percentage points",
+            effect,
+            "increase",
+            null=self.NULL_PP,
+            unit="pp",
+            note=scope,
+            unmeasurable=None if effect else MISSING_USEFULNESS,
+        )
+        correlation = by_p(final_layer_mean, "mean_abs_correlation")
+        decov = by_p(final_layer_mean, "decov")
+        active = by_p(final_layer_mean, "active_fraction")
+        ablation = by_p(unit_mean, "ablation_drop")
         secondary = [
+            measure(
+                f"accuracy drop when one unit is zeroed, dropout {p:g} minus none",
+                "test-accuracy drop when a single hidden unit is set to 0, mean over units, with minus without "
+                "dropout, percentage points (negative = the network relies less on any one unit)",
+                paired_difference(ablation[p], ablation[0.0], scale=100),
+                "decrease",
+                unit="pp",
+                note="Dropout trains for robustness to deleted units directly, so this is expected to fall.",
+            ),
+            measure(
+                f"mean |correlation| between units, without / with dropout {p:g}",
+                "ln(mean |corr| without dropout / with dropout), mean over hidden layers, end of training",
+                paired_log_ratio(correlation[0.0], correlation[p]),
+                "increase",
+                unit="ln ratio",
+            ),
             measure(
                 f"DeCov, without / with dropout {p:g}",
                 "ln(DeCov without / with dropout)",
@@ -103,25 +176,32 @@ class DropoutCoadapt(Claim):
                 note="The dropout paper reports sparser activations with dropout (figure 8).",
             ),
         ]
-        return Analysis(primary, secondary, [_versus_p(data, correlation, active)])
+        figures = [_versus_p(data, usefulness, ablation, correlation)] if data.draw else []
+        return Analysis(primary, secondary, figures)
 
 
-def _versus_p(data: ClaimData, correlation: dict[float, Any], active: dict[float, Any]) -> Any:
-    figure, axes = new_figure(ncols=2)
+def _versus_p(data: ClaimData, usefulness: dict[float, Any], ablation: dict[float, Any], correlation: Any) -> Any:
+    figure, axes = new_figure(ncols=3, width=8.4)
     grid = list(data.setting.dropout_grid)
     seeds = data.setting.seed_list
-    plot_band(axes[0], grid, seeds_by_x(correlation, seeds), "mean over hidden layers", key="dropout", marker="o")
-    plot_band(axes[1], grid, seeds_by_x(active, seeds), "mean over hidden layers", key="dropout", marker="o")
-    axes[0].set_ylabel("mean |correlation| between units")
-    axes[1].set_ylabel("fraction of units active per example")
+    scaled = {q: {s: None if v is None else 100 * v for s, v in values.items()} for q, values in usefulness.items()}
+    dropped = {q: {s: None if v is None else 100 * v for s, v in values.items()} for q, values in ablation.items()}
+    plot_band(axes[0], grid, seeds_by_x(scaled, seeds), "mean over hidden units", key="dropout", marker="o")
+    plot_band(axes[1], grid, seeds_by_x(dropped, seeds), "mean over hidden units", key="dropout", marker="o")
+    plot_band(axes[2], grid, seeds_by_x(correlation, seeds), "mean over hidden layers", key="dropout", marker="o")
+    axes[0].set_ylabel("single-unit probe test accuracy (%)")
+    axes[1].set_ylabel("accuracy drop, one unit zeroed (pp)")
+    axes[2].set_ylabel("mean |correlation| between units")
     for ax in axes:
         ax.set_xlabel("dropout probability p")
-        legend(ax, fontsize=8)
+        legend(ax, fontsize=7)
     return finish(
         figure,
-        "Co-adaptation and sparsity vs dropout rate",
-        "Measured at the end of training in eval mode on 256 training examples (500-example training set); mean "
-        "over seeds with 95% band.",
+        "Individual usefulness, reliance and redundancy of units vs dropout rate",
+        "At the end of training, in inference mode: left, the test accuracy of a one-feature linear probe on each "
+        "hidden unit alone (mean over units); middle, the test-accuracy drop when one unit is zeroed (mean over "
+        "units); right, the mean |correlation| between units on 256 training examples. Mean over evaluation seeds "
+        "with 95% bands.",
     )
 
 

@@ -118,6 +118,7 @@ class DropoutMechanics(Claim):
         "survivors by 1/(1-p) in training; the two give the same expected pre-activations."
     )
     references = ("Srivastava et al. 2014, section 4",)
+    per_setting = False
 
     def experiment(self, setting: StudySetting) -> Experiment:
         return Experiment(

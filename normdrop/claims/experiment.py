@@ -65,15 +65,101 @@ SMALL_PROBES: tuple[str, ...] = ("coadaptation", "variance_shift")
 each), read by dropout-coadapt and dropout-bn-shift; every small run has them, so the claims share runs."""
 
 
+# ---- the deep family (bnclaims) ------------------------------------------------------------------------
+
+DEEP_LR_GRIDS: dict[str, tuple[float, ...]] = {
+    "sgd": (0.01, 0.03, 0.1),
+    "adam": (3e-4, 1e-3, 3e-3),
+}
+"""Per optimizer, the learning rates (a factor ~3 apart) tried on the selection seeds to choose each arm's rate
+(bn-faster). They hold the measured best rates of both arms in every setting (SGD: BN 0.01-0.03, plain 0.1 with
+torch's init, 0.01-0.03 with He init; the plain net diverges or collapses at 0.3; Adam: BN 3e-4-1e-3, plain 3e-3),
+three points to keep the selection runs affordable; a choice at the grid's edge is flagged in the findings."""
+
+BISECTION_RANGES: dict[str, tuple[float, float]] = {"sgd": (0.003, 30.0), "adam": (1e-4, 1.0)}
+"""Per optimizer, the starting bracket of the stability-limit bisections (four decades; a limit outside it is
+reported censored, "at least" the top or "below" the bottom). The bottom lies below both arms' best rates, so the
+seed's best accuracy that definition (b) is relative to is found (measured on mnist1d at 300 steps: BN's best SGD
+rate is at or below 0.03, and at 30 a run diverges)."""
+
+BISECTION_RESOLUTION = 1.25
+"""Bisections stop when ``bad / good <= 1.25`` (about a tenth of a decade)."""
+QUICK_BISECTION_RESOLUTION = 2.0
+"""The quick study's bisections stop at x2 (a first look: fewer rounds of runs)."""
+
+
+def bisection_resolution(setting: StudySetting) -> float:
+    """The stopping ratio of this setting's bisections (x1.25; x2 in the quick study)."""
+    return QUICK_BISECTION_RESOLUTION if setting.quick else BISECTION_RESOLUTION
+
+
+STABILITY_FRACTION = 5
+STABILITY_MIN_STEPS = 150
+STABILITY_MAX_STEPS = 300
+"""Runs of a stability bisection train ``steps // 5`` steps of the family's budget, clipped to [150, 300] (and at
+most the budget): divergence at a large rate shows within a few hundred steps, the bisection needs ~7-10 runs per
+seed and arm, and fewer than ~150 steps is too short for either definition (measured: at 30 steps a plain net at
+lr 5 neither diverges nor learns, and no rate is yet near its accuracy)."""
+
+PROBED_FRACTION = 2
+"""Probed runs (bn-smooth, bn-stable-inputs) train half the family's budget: the probes follow the trajectory
+where the two arms differ most, and each probed step costs a landscape scan and a Hessian power iteration."""
+
+
+def deep_optimizer(setting: StudySetting) -> str:
+    """The deep family's optimizer in this setting ("sgd" or "adam"; adamw takes Adam's ranges)."""
+    name = str(setting.family_fields("deep")["optimizer"])
+    return "adam" if name.startswith("adam") else "sgd"
+
+
+def deep_lr_grid(setting: StudySetting) -> tuple[float, ...]:
+    """The selection-seed learning-rate grid of the deep family for this setting's optimizer."""
+    return DEEP_LR_GRIDS[deep_optimizer(setting)]
+
+
+def bisection_range(setting: StudySetting) -> tuple[float, float]:
+    """The starting bracket ``(low, high)`` of the stability bisections for this setting's optimizer."""
+    return BISECTION_RANGES[deep_optimizer(setting)]
+
+
+def stability_steps(setting: StudySetting) -> int:
+    """Steps of a stability-bisection run (:data:`STABILITY_FRACTION`)."""
+    budget = setting.steps("deep")
+    return min(budget, max(STABILITY_MIN_STEPS, min(STABILITY_MAX_STEPS, budget // STABILITY_FRACTION)))
+
+
 def lr_label(norm: str, lr: float) -> str:
     """Arm label of one point of the deep learning-rate grid."""
     return f"{norm} lr={lr:g}"
 
 
+def deep_spec(setting: StudySetting, norm: str, lr: float, seed: int, **fields: Any) -> RunSpec:
+    """One deep-family run (full budget unless ``fields`` say otherwise); every deep claim builds its specs here so
+    a run two claims need has one spec and one run id."""
+    return setting.spec("deep", norm=norm, lr=float(lr), seed=seed, **fields)
+
+
+def stability_spec(setting: StudySetting, norm: str, lr: float, seed: int) -> RunSpec:
+    """A run of a stability bisection: :func:`stability_steps` steps, evaluated at the start and the end only."""
+    steps = stability_steps(setting)
+    return deep_spec(setting, norm, lr, seed, steps=steps, eval_every=steps)
+
+
+def selection_grid_arms(setting: StudySetting) -> dict[str, tuple[list[RunSpec], list[int]]]:
+    """The deep net, with and without BN, at every rate of :func:`deep_lr_grid`, on the SELECTION seeds (label ->
+    ``(specs, replicates)``): bn-faster chooses its target and each arm's rate on these."""
+    seeds = setting.selection_seed_list
+    return {
+        f"selection {lr_label(norm, lr)}": ([deep_spec(setting, norm, lr, seed) for seed in seeds], list(seeds))
+        for norm in NORMS
+        for lr in deep_lr_grid(setting)
+    }
+
+
 def lr_grid_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
-    """The deep MLP, with and without BN, at every learning rate of the grid (bn-faster, bn-higher-lr, bn-smooth
-    share these runs)."""
-    return {lr_label(norm, lr): setting.arm("deep", norm=norm, lr=lr) for norm in NORMS for lr in setting.lr_grid}
+    """The deep net, with and without BN, at every rate of :func:`deep_lr_grid`, on the selection seeds, as plain
+    ``label -> specs`` (the replicates are in :func:`selection_grid_arms`)."""
+    return {label: specs for label, (specs, _) in selection_grid_arms(setting).items()}
 
 
 def probed_label(norm: str) -> str:
@@ -81,10 +167,29 @@ def probed_label(norm: str) -> str:
     return f"{norm} probed"
 
 
-def probed_deep_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
-    """The deep MLP at :attr:`StudySetting.probe_lr`, with and without BN, with the :data:`DEEP_PROBES`."""
+def probed_spec(setting: StudySetting, norm: str, lr: float, seed: int) -> RunSpec:
+    """A probed deep run: half the budget (:data:`PROBED_FRACTION`) with the :data:`DEEP_PROBES` (noisy BN with its
+    noise option)."""
+    options = NOISY_OPTIONS if norm == "noisy" else ()
+    steps = max(1, setting.steps("deep") // PROBED_FRACTION)
+    return deep_spec(setting, norm, lr, seed, steps=steps, probes=DEEP_PROBES, norm_options=options)
+
+
+NOISY_NOISE = 1.0
+"""Noise of the noisy-BN control (:class:`normdrop.nn.NoisyBatchNorm1d`): shift ~ U(-1, 1), scale in [1/2, 2]
+per channel and step, large next to BN's unit-variance output, as in Santurkar et al.'s control."""
+NOISY_OPTIONS: tuple[tuple[str, float], ...] = (("noise", NOISY_NOISE),)
+
+
+def probed_deep_arms(setting: StudySetting, lrs: Mapping[str, float] | None = None) -> dict[str, list[RunSpec]]:
+    """The probed deep runs on the evaluation seeds, each norm of ``lrs`` at its learning rate (bn-smooth and
+    bn-stable-inputs share them: each arm at a fixed fraction of its own stability limit, the noisy control at
+    BN's rate); ``lrs`` None: BN and none at :attr:`StudySetting.probe_lr`."""
+    if lrs is None:
+        lrs = dict.fromkeys(NORMS, setting.probe_lr)
     return {
-        probed_label(norm): setting.arm("deep", norm=norm, lr=setting.probe_lr, probes=DEEP_PROBES) for norm in NORMS
+        probed_label(norm): [probed_spec(setting, norm, lr, seed) for seed in setting.seed_list]
+        for norm, lr in lrs.items()
     }
 
 
@@ -187,3 +292,23 @@ def dropout_selection_arms(setting: StudySetting) -> dict[str, tuple[list[RunSpe
 def size_name(setting: StudySetting, train_size: int | None) -> str:
     """How the report names a training-set size."""
     return "all training examples" if train_size is None else f"{train_size} training examples"
+
+
+# ---- (dropmech) ----------------------------------------------------------------------------------------------
+
+
+def factorial_selection_label(label: str) -> str:
+    """Arm label of a 2 x 2 factorial cell run on the selection seeds."""
+    return f"{label} (selection seeds)"
+
+
+def factorial_selection_arms(setting: StudySetting) -> dict[str, tuple[list[RunSpec], list[int]]]:
+    """The cells of :func:`factorial_arms` on the selection seeds, as ``label -> (specs, replicates)``: where a
+    claim on the factorial makes its choices (e.g. a speed target), so the evaluation seeds are only measured."""
+    seeds = setting.selection_seed_list
+    arms = {}
+    for norm in NORMS:
+        for p in (0.0, setting.primary_dropout):
+            _, specs = small_arm(setting, norm, p, seeds=seeds)
+            arms[factorial_selection_label(small_label(norm, p))] = (specs, seeds)
+    return arms

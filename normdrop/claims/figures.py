@@ -7,10 +7,12 @@ t-interval band (:func:`normdrop.stats.t_interval` at each x), the same interval
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -69,8 +71,10 @@ def finish(figure: MplFigure, title: str, caption: str, alt: str | None = None) 
     """Render a matplotlib figure into a report :class:`~normdrop.claims.base.Figure`.
 
     A log-scaled axis with nothing positive to show (every run failed) cannot be drawn; such axes fall back to a
-    linear scale, so a figure is always produced.
+    linear scale, so a figure is always produced. Inside :func:`not_rendered` the PNG is left empty.
     """
+    if not _RENDER.get():
+        return Figure(title=title, caption=caption, png=b"", alt=alt or title)
     try:
         png = to_png(figure)
     except ValueError:
@@ -171,3 +175,19 @@ def forest(ax: Axes, measurements: Sequence[Measurement], scale: float = 1.0) ->
     ax.set_yticks(range(len(rows)), ["\n".join(textwrap.wrap(m.name, 34)) for m in rows], fontsize=8)
     ax.axvline(0.0, color="#333", linewidth=0.8)
     ax.invert_yaxis()
+
+
+# ---- re-analyses: figures built but not rendered (study engine) --------------------------------------------
+
+_RENDER: contextvars.ContextVar[bool] = contextvars.ContextVar("normdrop_render_figures", default=True)
+
+
+@contextlib.contextmanager
+def not_rendered() -> Iterator[None]:
+    """Within the block, :func:`finish` returns figures with empty PNG bytes: the study's re-analyses (half the
+    seeds, smaller budgets) discard their figures, and rendering them is most of an analysis's time."""
+    token = _RENDER.set(False)
+    try:
+        yield
+    finally:
+        _RENDER.reset(token)

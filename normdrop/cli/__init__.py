@@ -15,7 +15,7 @@ from typer import _click as click
 from typer.core import TyperCommand, TyperGroup
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    # name: (module, function, the first line of its docstring)
+    # name: (module, function or Typer app, the first line of its docstring)
     "sweep": (
         "normdrop.cli.lab",
         "sweep",
@@ -46,17 +46,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "study": (
         "normdrop.cli.study",
         "study",
-        "Test every claim: train the runs the store lacks, analyse them, write the report (HTML, JSON, Markdown).",
+        "Test every claim in every setting: train the runs the store lacks, analyse them, write the report (HTML, "
+        "JSON, Markdown).",
     ),
     "report": (
         "normdrop.cli.study",
         "report",
-        "Re-render the report from the runs in the store, without training (the setting recorded in --out by the "
-        "last `normdrop study`, unless flags change it).",
+        "Re-render the report from the runs in the store, without training (the settings and claims recorded in "
+        "--out by the last `normdrop study`, unless flags change them).",
     ),
     "bench": (
         "normdrop.cli.bench",
-        "bench",
+        "bench_app",
         "Time normdrop's BatchNorm and Dropout against torch.nn's, and the study's models with either layers.",
     ),
     "build-fastpath": (
@@ -81,6 +82,10 @@ def load_command(name: str) -> click.Command:
     """Import the module of sub-command ``name`` and build its click command (Typer's, from the function)."""
     module, function, _ = COMMANDS[name]
     callback = getattr(importlib.import_module(module), function)
+    if isinstance(callback, typer.Typer):  # a command with sub-commands of its own (``normdrop bench fleet``)
+        group = typer.main.get_command(callback)
+        group.name = name
+        return group
     single = typer.Typer(add_completion=False)
     single.command(name)(callback)
     return typer.main.get_command(single)

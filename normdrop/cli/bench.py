@@ -20,6 +20,7 @@ from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer import _click as click
 
 from normdrop.sweep import available_cores
 
@@ -65,7 +66,13 @@ def _environment(clock: str, repeats: int, quick: bool) -> dict[str, Any]:
     }
 
 
+bench_app = typer.Typer(add_completion=False)
+"""``normdrop bench`` (layers and the lab, with no sub-command) and ``normdrop bench fleet``."""
+
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     quick: Annotated[
         bool,
         typer.Option("--quick", help="Smaller shapes and matmul, fewer and shorter rounds: a smoke run, not numbers."),
@@ -89,7 +96,20 @@ def bench(
     lab: Annotated[bool, typer.Option("--lab/--no-lab", help="Time the study's models (steps/s, MFU).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Time normdrop's BatchNorm and Dropout against torch.nn's, and the study's models with either layers."""
+    """Time normdrop's BatchNorm and Dropout against torch.nn's, and the study's models with either layers.
+
+    `normdrop bench fleet`: fleet vs solo training speed (`normdrop bench fleet --help`).
+    """
+    if ctx.invoked_subcommand is not None:
+        given = [
+            name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise typer.BadParameter(
+                f"options of `normdrop bench` itself ({', '.join('--' + n.replace('_', '-') for n in given)}) do "
+                f"not apply to `normdrop bench {ctx.invoked_subcommand}`; give it its own options after its name"
+            )
+        return
     from normdrop.bench import layers as bench_layers  # lazy: keeps `normdrop --help` fast
     from normdrop.bench import models as bench_models
     from normdrop.bench.timing import ROUND_SECONDS
@@ -236,3 +256,99 @@ def _print_tables(result: dict[str, Any]) -> None:
                 "yes" if goal["met"] else "no",
             )
         console.print(table)
+
+
+@bench_app.command("fleet")
+def fleet(
+    members: Annotated[
+        list[int] | None,
+        typer.Option("--members", "-k", min=1, help="A fleet size K; repeat for several (default: 10 and 40)."),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Training steps per run (default 100; 10 with --quick).")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(min=1, help="Alternating fleet/solo rounds, the best kept (default 3; 1 quick).")
+    ] = None,
+    families: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--family",
+            "-f",
+            help="A family to measure, by its name in the table (e.g. 'small 2x128 adam bn+dropout'); repeat for "
+            "several (default: all four).",
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Few steps, one round, a small matmul: a smoke run, not numbers.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (machine, load, rows).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Fleet vs solo training speed (member-steps/s, 1 thread) of the study's MLP families, beside a matmul peak."""
+    import os
+
+    from normdrop.bench import fleet as bench_fleet
+    from normdrop.bench import models as bench_models
+
+    names = families or list(bench_fleet.FLEET_FAMILIES)
+    unknown = [name for name in names if name not in bench_fleet.FLEET_FAMILIES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown family {unknown[0]!r}; expected one of {', '.join(map(repr, bench_fleet.FLEET_FAMILIES))}",
+            param_hint="--family",
+        )
+    sizes = sorted(set(members)) if members else list(bench_fleet.DEFAULT_MEMBERS)
+    steps = steps or (bench_fleet.QUICK_STEPS if quick else bench_fleet.DEFAULT_STEPS)
+    repeats = repeats or (bench_fleet.QUICK_REPEATS if quick else bench_fleet.DEFAULT_REPEATS)
+    matmul_size = bench_models.QUICK_MATMUL_SIZE if quick else bench_models.MATMUL_SIZE
+    result: dict[str, Any] = {"environment": _environment("wall", repeats, quick), "rows": []}
+    progress = Progress(
+        TextColumn("[progress.description]{task.description:<48}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_stderr,
+        disable=quiet,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("normdrop bench fleet", total=1 + len(names) * len(sizes))
+        progress.update(task, description=f"matmul peak {matmul_size}^2, 1 thr")
+        result["machine"] = bench_models.matmul_peak(1, matmul_size, 3 if quick else DEFAULT_REPEATS)
+        progress.advance(task)
+        for name in names:
+            for size in sizes:
+                progress.update(task, description=f"{name}, K={size}")
+                peak = result["machine"]["matmul_gflop_per_s"]
+                result["rows"].append(bench_fleet.measure(name, size, steps, repeats, peak))
+                progress.advance(task)
+    result["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    console = _stdout if _stdout.is_terminal else Console(width=PIPED_WIDTH)
+    peak = result["machine"]
+    console.print(
+        f"1 thread; matmul peak {peak['matmul_gflop_per_s']:.1f} GFLOP/s ({peak['matmul_size']}^2 float32); "
+        f"load average {result['load_average']}; best of {repeats} alternating rounds, {steps} steps",
+        highlight=False,
+    )
+    table = Table(
+        title="Fleet vs solo: member-steps/s; speedup = fleet / solo; GFLOP/s (% of the matmul peak)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("family", "K", "fleet m-steps/s", "solo m-steps/s", "speedup", "fleet GFLOP/s", "solo GFLOP/s"):
+        table.add_column(column, justify="left" if column == "family" else "right")
+    for row in result["rows"]:
+        table.add_row(
+            row["family"],
+            str(row["members"]),
+            f"{row['fleet_member_steps_per_s']:.1f}",
+            f"{row['solo_member_steps_per_s']:.1f}",
+            f"{row['speedup']:.2f}x",
+            f"{row['fleet_gflop_per_s']:.1f} ({_percent(row['fleet_percent_of_peak'])})",
+            f"{row['solo_gflop_per_s']:.1f} ({_percent(row['solo_percent_of_peak'])})",
+        )
+    console.print(table)

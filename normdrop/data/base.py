@@ -11,17 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASET_NAMES: tuple[str, ...] = (
-    "mnist1d",
-    "digits",
-    "blobs",
-    "spirals",
-    "teacher",
-    "mnist",
-    "fashion-mnist",
-    "cifar10",
-)
-FILE_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10")
+from normdrop.dataset_catalog import DATASET_NAMES, FILE_DATASETS  # noqa: F401 (re-exported)
+
 Root = str | os.PathLike[str] | None
 
 # Independent random streams derived from the run's seed, so that e.g. the training subset does not change when

@@ -11,6 +11,8 @@ from normdrop.nn.batchnorm_variants import (
     FrozenBatchNorm3d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
 )
 from normdrop.nn.dropout import AlphaDropout, Dropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout
 from normdrop.nn.dropout_variants import (
@@ -61,6 +63,8 @@ __all__ += [  # variants, inference tools, model surgery and the layer factory
     "GaussianDropout",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
     "SyncBatchNorm",
     "Uout",
     "add_dropout",

@@ -4,6 +4,9 @@
   gap in large batch training of neural networks" (ghost batch normalization).
 - BatchRenorm1d/2d: Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized
   Models".
+- NoisyBatchNorm1d/2d: batch norm followed by time-varying noise, the control of Santurkar, Tsipras, Ilyas & Madry
+  2018, "How Does Batch Normalization Help Optimization?", section 2.1 ("noisy" BN): the next layer's input
+  distribution is made unstable on purpose, to test whether stable input distributions are why BN helps.
 - FrozenBatchNorm1d/2d/3d: batch norm with fixed statistics and affine parameters (buffers, not parameters), the
   layer detection and segmentation backbones fine-tune with (He et al. 2016, "Deep Residual Learning for Image
   Recognition", appendix A: BN statistics computed on ImageNet, then fixed when fine-tuning for detection).
@@ -23,7 +26,9 @@ from torch import Tensor
 from normdrop.nn import functional as F
 from normdrop.nn import ops
 from normdrop.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from normdrop.nn.interop import fx_leaf_layer
 from normdrop.nn.kernels.composite import channel_view
+from normdrop.nn.rng import draw_seed
 
 __all__ = [
     "BatchRenorm1d",
@@ -33,7 +38,10 @@ __all__ = [
     "FrozenBatchNorm3d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
     "ghost_batch_sizes",
+    "noise_draw",
 ]
 
 
@@ -65,6 +73,7 @@ def ghost_batch_sizes(batch: int, ghost_batch_size: int, spatial_size: int = 1) 
     return sizes
 
 
+@fx_leaf_layer
 class _GhostBatchNorm:
     """Training forward of ghost batch norm; mixed in before normdrop's BatchNorm class."""
 
@@ -130,6 +139,84 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     __doc__ = "Ghost batch norm over (N, C, H, W) inputs." + _GHOST_DOC
 
 
+# ------------------------------------------------------------------------------------------------ noisy BN
+
+
+def noise_draw(seed: int, channels: int, noise: float) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)`` of one training step of noisy BN, a pure function of the step's seed.
+
+    ``shift_c ~ U(-noise, noise)`` and ``log scale_c ~ U(-log(1 + noise), log(1 + noise))``, independent per
+    channel, drawn (shift first, then scale) from a ``torch.Generator`` seeded with ``seed``; float64 draws, so the
+    draw does not depend on the layer's dtype. ``noise = 0`` gives scale 1 and shift 0."""
+    generator = torch.Generator().manual_seed(seed)
+    shift = (2 * torch.rand(channels, generator=generator, dtype=torch.float64) - 1) * noise
+    log_scale = (2 * torch.rand(channels, generator=generator, dtype=torch.float64) - 1) * math.log1p(noise)
+    return log_scale.exp(), shift
+
+
+class _NoisyBatchNorm:
+    """Training forward of noisy batch norm; mixed in before normdrop's BatchNorm class."""
+
+    noise: float
+    last_noise_seed: int | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        noise: float = 1.0,
+        bias: bool = True,
+    ) -> None:
+        if isinstance(noise, bool) or not isinstance(noise, int | float) or not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.noise = float(noise)
+        self.last_noise_seed = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        output = super().forward(input)
+        if not self.training:
+            return output
+        # One seed per training step from torch's default generator, as normdrop's dropout layers draw their mask
+        # seeds (normdrop.nn.rng.draw_seed): torch.manual_seed(run seed) makes the noise of a run reproducible.
+        seed = draw_seed()
+        self.last_noise_seed = seed
+        scale, shift = noise_draw(seed, output.shape[1], self.noise)
+        view = (1, -1) + (1,) * (output.dim() - 2)
+        return output * scale.to(output).view(view) + shift.to(output).view(view)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, noise={self.noise:g}"
+
+
+_NOISY_DOC = r"""
+
+    Training: batch norm, then a per-channel scale and shift redrawn at every training forward (one draw per
+    step, shared by the batch and the spatial positions):
+
+        y = scale_t * BN(x) + shift_t,   shift_t ~ U(-noise, noise),   log scale_t ~ U(-log(1+noise), log(1+noise))
+
+    so the next layer's input has a non-zero mean and a non-unit variance that change from step to step
+    (Santurkar et al. 2018, section 2.1). The running statistics are batch norm's (of x). The step's seed is drawn
+    from torch's default generator (``last_noise_seed``; :func:`noise_draw` recomputes the draw). Inference: plain
+    batch norm, no noise. ``noise = 0`` is batch norm exactly.
+"""
+
+
+class NoisyBatchNorm1d(_NoisyBatchNorm, BatchNorm1d):
+    __doc__ = "Noisy batch norm over (N, C) or (N, C, L) inputs." + _NOISY_DOC
+
+
+class NoisyBatchNorm2d(_NoisyBatchNorm, BatchNorm2d):
+    __doc__ = "Noisy batch norm over (N, C, H, W) inputs." + _NOISY_DOC
+
+
 # ----------------------------------------------------------------------------------------------- batch renorm
 
 # Ioffe 2017, experiments: r_max = 1 and d_max = 0 (plain batch norm) for the first 5000 steps, then relaxed to reach
@@ -151,6 +238,7 @@ def _ramp(start: float, final: float, step: int, warmup_steps: int, full_steps: 
     return start + (final - start) * fraction
 
 
+@fx_leaf_layer
 class _BatchRenorm:
     """Training forward of batch renormalization; mixed in before normdrop's BatchNorm class."""
 
@@ -261,6 +349,7 @@ class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
 # ------------------------------------------------------------------------------------------------ frozen BN
 
 
+@fx_leaf_layer
 class _FrozenBatchNorm(torch.nn.Module):
     """Batch norm with fixed statistics and affine map, all buffers (an optimizer never sees them)."""
 

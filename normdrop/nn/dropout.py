@@ -53,9 +53,10 @@ class _WithGenerator:
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return scripted_dropout(
-                input, self.p, self.training, self.inplace, self._script_mask_dims(input), self._script_alpha()
-            )
+            alpha = self._script_alpha()
+            # As in eager mode and in torch.nn, the alpha dropouts ignore ``inplace``: never write into the input.
+            inplace = self.inplace and not alpha
+            return scripted_dropout(input, self.p, self.training, inplace, self._script_mask_dims(input), alpha)
         if isinstance(input, torch.fx.Proxy):  # symbolic tracing: a leaf module, as torch.nn's layers are
             return fx_leaf_call(self, input)
         return self._eager_forward(input)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import functional as F
+from normdrop.nn.interop import fx_leaf_layer
 from normdrop.nn.kernels import backend_for, backend_for_device
 from normdrop.nn.rng import draw_rng_state
 
@@ -192,6 +193,7 @@ def _drop_connect_weight(weight: Tensor, p: float, samples: int | None, generato
     return weight * F.dropout(ones, p, True, generator=generator)
 
 
+@fx_leaf_layer
 class DropConnect(torch.nn.Linear):
     r"""A Linear layer with DropConnect on its weights (Wan et al. 2013).
 
@@ -244,6 +246,7 @@ class DropConnect(torch.nn.Linear):
         return f"{super().extra_repr()}, p={self.p}, per_sample={self.per_sample}"
 
 
+@fx_leaf_layer
 class GaussianDropout(torch.nn.Module):
     r"""Gaussian dropout: y = x * eps, eps ~ N(1, p / (1 - p)) in training, y = x in eval (Srivastava et al. 2014,
     section 10). Same mean and variance as inverted Bernoulli dropout with rate p; 0 <= p < 1."""
@@ -261,6 +264,7 @@ class GaussianDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
+@fx_leaf_layer
 class Uout(torch.nn.Module):
     r"""Uout: y = x * (1 + r), r ~ U(-beta, beta) in training, y = x in eval (Li et al. 2019); E[y] = x,
     Var[y | x] = x^2 beta^2 / 3. 0 <= beta <= 1."""
@@ -278,6 +282,7 @@ class Uout(torch.nn.Module):
         return f"beta={self.beta}"
 
 
+@fx_leaf_layer
 class DropPath(torch.nn.Module):
     r"""Drop path / stochastic depth (Huang et al. 2016): y[n] = x[n] * m[n] / (1 - p), m[n] ~ Bernoulli(1 - p) per
     sample, in training; y = x in eval. Put it at the end of a residual branch: ``x + drop_path(f(x))``."""
@@ -295,6 +300,7 @@ class DropPath(torch.nn.Module):
         return f"p={self.p}"
 
 
+@fx_leaf_layer
 class DropBlock2d(torch.nn.Module):
     r"""DropBlock (Ghiasi et al. 2018) on (N, C, H, W): b x b blocks of each feature map are zeroed, block corners
     drawn with rate gamma = p / b^2 * H W / ((H - b + 1)(W - b + 1)), and the rest rescaled by
@@ -349,6 +355,7 @@ def concrete_dropout(
     return input * (1 - drop) / (1 - p)
 
 
+@fx_leaf_layer
 class ConcreteDropout(torch.nn.Module):
     r"""Dropout with a learned rate (Gal, Hron & Kendall 2017, "Concrete Dropout"), applied to the input of
     ``layer`` (or on its own when ``layer`` is None).

@@ -1,15 +1,17 @@
 """Norm and dropout layers by name: the one registry that model builders, sweep files and model surgery use.
 
-    make_norm("batch" | "ghost" | "renorm" | "sync" | "frozen" | "none", num_features, dims=1, **kwargs)
+    make_norm("batch" | "ghost" | "noisy" | "renorm" | "sync" | "frozen" | "none", num_features, dims=1, **kwargs)
     make_dropout("standard" | "channel" | "alpha" | "feature_alpha" | "gaussian" | "droppath" | "dropblock"
                  | "uout" | "concrete" | "none", p, dims=1, **kwargs)
 
 ``dims`` is the number of spatial dims of the layer's input: 0 for (N, C) features, 1 for (N, C, L), 2 for
 (N, C, H, W), 3 for (N, C, D, H, W). Norms with dims 0 or 1 are the ``1d`` classes. Extra keyword arguments go to
-the layer's constructor (``ghost_batch_size`` for "ghost", ``r_max`` ... for "renorm", ``block_size`` for
-"dropblock", ``eps`` / ``momentum`` for the BNs). ``layers="torch"`` builds torch.nn's class where one exists, to
-compare against torch. ``norm_names()`` / ``dropout_names()`` list the names; ``register_norm`` /
-``register_dropout`` add one.
+the layer's constructor (``ghost_batch_size`` for "ghost", ``noise`` for "noisy", ``r_max`` ... for "renorm",
+``block_size`` for "dropblock", ``eps`` / ``momentum`` for the BNs). ``layers="torch"`` builds torch.nn's class
+where one exists, to compare against torch. ``norm_names()`` / ``dropout_names()`` list the names; ``register_norm`` /
+``register_dropout`` add one. The kinds, their sources and dims, and their options are also written as plain data in
+:mod:`normdrop.layer_catalog`, which specs are validated against without importing torch (a test keeps the two equal;
+a registered kind is added to both).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from normdrop.layer_catalog import ALL_DIMS, DROPOUT_KINDS, LAYER_SOURCES, NORM_KINDS, add_kind
 from normdrop.nn import batchnorm, dropout
 from normdrop.nn.batchnorm_variants import (
     BatchRenorm1d,
@@ -27,6 +30,8 @@ from normdrop.nn.batchnorm_variants import (
     FrozenBatchNorm3d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
 )
 from normdrop.nn.dropout_variants import ConcreteDropout, DropBlock2d, DropPath, GaussianDropout, Uout
 from normdrop.nn.sync_batchnorm import SyncBatchNorm
@@ -45,8 +50,7 @@ __all__ = [
     "register_norm",
 ]
 
-DIMS = (0, 1, 2, 3)
-LAYER_SOURCES = ("normdrop", "torch")
+DIMS = ALL_DIMS
 
 ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "relu": torch.nn.ReLU,
@@ -56,10 +60,8 @@ ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "elu": torch.nn.ELU,
     "identity": torch.nn.Identity,
 }
-"""Activation name (``RunSpec.activation``) -> its module class, built with no arguments."""
-
-_WITHOUT_MOMENTUM = frozenset({"frozen"})
-"""Norm kinds with fixed statistics: they take no running-statistics momentum."""
+"""Activation name (``RunSpec.activation``, ``normdrop.layer_catalog.ACTIVATION_NAMES``) -> its module class, built
+with no arguments."""
 
 NormBuilder = Callable[..., torch.nn.Module]  # (num_features, **kwargs) -> module
 DropoutBuilder = Callable[..., torch.nn.Module]  # (p, **kwargs) -> module
@@ -84,6 +86,7 @@ _NORMS: dict[str, dict[str, dict[int, NormBuilder]]] = {
         "torch": _by_rank(torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d),
     },
     "ghost": {"normdrop": _by_rank(GhostBatchNorm1d, GhostBatchNorm2d)},
+    "noisy": {"normdrop": _by_rank(NoisyBatchNorm1d, NoisyBatchNorm2d)},
     "renorm": {"normdrop": _by_rank(BatchRenorm1d, BatchRenorm2d)},
     "sync": {"normdrop": dict.fromkeys(DIMS, SyncBatchNorm), "torch": dict.fromkeys(DIMS, torch.nn.SyncBatchNorm)},
     "frozen": {"normdrop": _by_rank(FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)},
@@ -158,7 +161,8 @@ def _lookup(
 def norm_defaults(name: str, *, momentum: float | None, eps: float) -> dict[str, float | None]:
     """The keyword arguments every norm kind ``name`` takes from a run's ``norm_momentum`` / ``norm_eps``: ``eps``,
     and ``momentum`` unless the kind's statistics are fixed (frozen BN)."""
-    return {"eps": eps} if name in _WITHOUT_MOMENTUM else {"momentum": momentum, "eps": eps}
+    kind = NORM_KINDS.get(name)
+    return {"eps": eps} if kind is not None and not kind.takes_momentum else {"momentum": momentum, "eps": eps}
 
 
 def norm_builder(name: str, dims: int = 1, layers: str = "normdrop") -> NormBuilder:
@@ -187,20 +191,23 @@ def make_dropout(name: str, p: float = 0.5, dims: int = 1, *, layers: str = "nor
     return _lookup(_DROPOUTS, "dropout", name, dims, layers)(p, **kwargs)
 
 
-def _register(registry: dict, what: str, name: str, builders: dict[int, Callable[..., torch.nn.Module]]) -> None:
+def _register(
+    registry: dict, catalog: dict, what: str, name: str, builders: dict[int, Callable[..., torch.nn.Module]]
+) -> None:
     if name in registry:
         raise ValueError(f"{what} {name!r} is already registered")
     unknown = [d for d in builders if d not in DIMS]
     if not builders or unknown:
         raise ValueError(f"builders must map dims from {DIMS} to a constructor, got dims {list(builders)}")
     registry[name] = {"normdrop": dict(builders)}
+    add_kind(catalog, name, tuple(builders))
 
 
 def register_norm(name: str, builders: dict[int, NormBuilder]) -> None:
     """Add a norm kind: ``builders`` maps each supported dims to a callable ``(num_features, **kwargs) -> module``."""
-    _register(_NORMS, "norm", name, builders)
+    _register(_NORMS, NORM_KINDS, "norm", name, builders)
 
 
 def register_dropout(name: str, builders: dict[int, DropoutBuilder]) -> None:
     """Add a dropout kind: ``builders`` maps each supported dims to a callable ``(p, **kwargs) -> module``."""
-    _register(_DROPOUTS, "dropout", name, builders)
+    _register(_DROPOUTS, DROPOUT_KINDS, "dropout", name, builders)

@@ -5,12 +5,18 @@
   the same leaf node itself (``fx_leaf_call``).
 - ``torch.jit.script`` compiles a layer's forward: the scriptable forms below call the registered custom ops
   (``normdrop::batch_norm``, ``normdrop::dropout``) with the same statistics, updates and mask draws as eager mode.
+- The layers torch.nn has no twin of (ghost BN, batch renorm, frozen BN, Gaussian dropout, Uout, DropPath,
+  DropBlock, concrete dropout, DropConnect) are leaf nodes for FX too (``fx_leaf_layer``), and have no TorchScript
+  form: ``torch.jit.script`` refuses them with a message naming the tools that capture them (``torch.jit.trace``,
+  ``torch.compile``).
 
 Graph capture by ``torch.compile`` / ``torch.export`` / ``torch.jit.trace``, ``torch.func`` transforms and ONNX
 export are handled where the ops are chosen (``normdrop.nn.functional`` and ``normdrop.nn.ops``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -21,7 +27,7 @@ from normdrop.nn.rng import SEED_BOUND
 if SEED_BOUND != 4611686018427387904:  # scripted_dropout writes the bound out
     raise ImportError("normdrop.nn.interop: scripted_dropout's seed bound is out of date with rng.SEED_BOUND")
 
-__all__ = ["fx_leaf_call", "scripted_batch_norm", "scripted_dropout"]
+__all__ = ["fx_leaf_call", "fx_leaf_layer", "scripted_batch_norm", "scripted_dropout"]
 
 
 def fx_leaf_call(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
@@ -30,6 +36,29 @@ def fx_leaf_call(module: torch.nn.Module, input: torch.fx.Proxy) -> torch.fx.Pro
     a root traced on its own is traced through, as torch.nn's own layers are."""
     tracer = input.tracer
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
+def fx_leaf_layer(cls: type) -> type:
+    """Class decorator for a layer without a torch.nn twin: its forward, given an ``fx.Proxy``, records one leaf
+    ``call_module`` node (``fx_leaf_call``) instead of being traced through (its Python control flow on shapes and
+    values cannot be); and ``torch.jit.script`` refuses it with a one-line message, as it has no TorchScript form."""
+    forward = cls.forward
+
+    @functools.wraps(forward)
+    def leaf_forward(self: torch.nn.Module, input: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf_call(self, input)
+        return forward(self, input, *args, **kwargs)
+
+    def refuse_script(self: torch.nn.Module) -> torch.nn.Module:
+        raise TypeError(
+            f"torch.jit.script does not support {type(self).__name__} (it has no TorchScript form); capture it with "
+            "torch.jit.trace or torch.compile, or trace it with torch.fx (a leaf module)"
+        )
+
+    cls.forward = leaf_forward
+    cls.__prepare_scriptable__ = refuse_script
+    return cls
 
 
 def scripted_batch_norm(

@@ -27,13 +27,20 @@ from typing import Any
 
 from normdrop.probe_catalog import DEFAULT_EVERY, PRESETS, When, expand_probes
 from normdrop.probes.base import Probe, Record, measurement_mode, tidy_record
-from normdrop.probes.coadaptation import CoadaptationProbe, coadaptation_stats
+from normdrop.probes.coadaptation import (
+    CoadaptationProbe,
+    ablation_drops,
+    coadaptation_stats,
+    single_unit_probe_accuracy,
+)
 from normdrop.probes.curvature import CurvatureProbe, hessian_vector_product, hutchinson_trace, top_eigenvalue
 from normdrop.probes.ensemble import (
     EnsembleProbe,
     ensemble_comparison,
+    expected_calibration_error,
     explicit_ensemble_records,
     mc_dropout_records,
+    negative_log_likelihood,
     weight_scaled_logits,
 )
 from normdrop.probes.generalization import (
@@ -103,10 +110,12 @@ __all__ = [
     "StableLRResult",
     "VarianceShiftProbe",
     "When",
+    "ablation_drops",
     "coadaptation_stats",
     "common_train_accuracy",
     "ensemble_comparison",
     "expand_probes",
+    "expected_calibration_error",
     "explicit_ensemble_records",
     "gap_at_train_accuracy",
     "gap_records",
@@ -117,7 +126,9 @@ __all__ = [
     "make_probes",
     "mc_dropout_records",
     "measurement_mode",
+    "negative_log_likelihood",
     "predicted_train_variance",
+    "single_unit_probe_accuracy",
     "tidy_record",
     "top_eigenvalue",
     "weight_scaled_logits",

@@ -9,8 +9,14 @@ Approximation") use that MC average as the predictive distribution:
     p_ws(y | x)   = softmax(f(x))                                     (dropout off: weight scaling)
     p_ens,n(y | x) = (1/n) sum_{j=1..n} softmax(f_j(x))              (n networks trained independently)
 
-For every method and size the records give accuracy, NLL = -mean log p(y|x), and agreement (fraction of equal
-argmax predictions) with weight scaling and with the full explicit ensemble. When the network is linear in its
+For every method and size the records give accuracy, NLL = -mean log p(y|x), the expected calibration error (ECE,
+Guo et al. 2017, with :data:`ECE_BINS` equal-width bins of confidence),
+
+    ECE = sum_b (n_b / N) |acc_b - conf_b|,   bin b = ((b-1)/B, b/B] of the confidence max_c p(c|x)
+
+(acc_b and conf_b: the accuracy and the mean confidence of the n_b examples in bin b; a confidence of exactly 0
+goes to the first bin), and agreement (fraction of equal argmax predictions) with weight scaling and with the full
+explicit ensemble. When the network is linear in its
 dropped units the mean of the MC logits converges to the weight-scaled logits (the expectation of the mask is the
 keep probability, which the 1/q scaling cancels), at rate 1/sqrt(k); ``logit_distance`` shows it.
 """
@@ -33,6 +39,8 @@ from normdrop.train import HookContext
 NAME = "ensemble"
 MC_SIZES = (1, 2, 5, 10, 20, 50, 100)
 """Default numbers k of Monte-Carlo passes (the dropout paper's figure 11 goes to about 100)."""
+ECE_BINS = 15
+"""Equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)."""
 MC_SEED = 20160606
 """Seed of the MC masks (Gal & Ghahramani 2016, ICML June 2016)."""
 
@@ -45,15 +53,35 @@ def weight_scaled_logits(model: nn.Module, inputs: Tensor) -> Tensor:
         return model(inputs).double()
 
 
+def negative_log_likelihood(probabilities: Tensor, labels: Tensor) -> float:
+    """-mean_i ln p(y_i | x_i) of predicted probabilities (N, C) (a probability of 0 counts as the smallest positive
+    float64, so the value stays finite)."""
+    picked = probabilities.double().gather(1, labels.long()[:, None]).squeeze(1)
+    return float(-picked.clamp_min(torch.finfo(torch.float64).tiny).log().mean())
+
+
+def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
+    """sum_b (n_b / N) |acc_b - conf_b| over ``bins`` equal-width bins ((b-1)/B, b/B] of the confidence (see the
+    module docstring)."""
+    if bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins}")
+    confidence, predicted = probabilities.double().max(dim=1)
+    correct = (predicted == labels.long()).double()
+    index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
+    hits = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    confidences = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
+    return float((hits - confidences).abs().sum() / len(labels))
+
+
 def _scores(
     probabilities: Tensor, labels: Tensor, reference: Tensor | None, ensemble: Tensor | None
 ) -> dict[str, float | None]:
-    """Accuracy, NLL and agreement of averaged probabilities (N, C) with reference predictions (argmax labels)."""
+    """Accuracy, NLL, ECE and agreement of averaged probabilities (N, C) with reference predictions (argmax labels)."""
     predicted = probabilities.argmax(dim=1)
-    picked = probabilities.gather(1, labels[:, None]).squeeze(1).clamp_min(torch.finfo(torch.float64).tiny)
     return {
         "accuracy": float((predicted == labels).double().mean()),
-        "nll": float(-picked.log().mean()),
+        "nll": negative_log_likelihood(probabilities, labels),
+        "ece": expected_calibration_error(probabilities, labels),
         "agreement_weight_scaled": None if reference is None else float((predicted == reference).double().mean()),
         "agreement_ensemble": None if ensemble is None else float((predicted == ensemble).double().mean()),
     }

@@ -89,25 +89,52 @@ def lr_grid(bn_rate: float, plain_rate: float, bn_diverges_at: float = 100.0, pl
     return make
 
 
+def adaptive_data_for(claim_id: str, make: Make, setting: StudySetting = SETTING) -> ClaimData:
+    """As :func:`data_for` for an adaptive experiment: its rounds (``extend``) replayed until nothing is missing."""
+    experiment = get(claim_id).experiment(setting)
+    results: dict[str, RunResult] = {}
+    for _ in range(40):
+        arms = dict(experiment.arms)
+        if experiment.extend is not None:
+            arms.update({label: specs for label, (specs, _) in experiment.extend(results).items()})
+        missing = [(label, spec) for label, specs in arms.items() for spec in specs if spec.run_id not in results]
+        fresh = {spec.run_id: r for label, spec in missing if (r := make(label, spec)) is not None}
+        if not fresh:
+            break
+        results.update(fresh)
+    return ClaimData(setting, experiment, results)
+
+
+def adaptive_verdict(claim_id: str, make: Make) -> str:
+    analysis = get(claim_id).analyze(adaptive_data_for(claim_id, make))
+    assert analysis.figures, f"{claim_id}: every analysis draws at least one figure"
+    assert all(figure.png.startswith(b"\x89PNG") for figure in analysis.figures)
+    return analysis.primary.verdict
+
+
 def test_bn_faster_each_verdict() -> None:
-    assert verdict("bn-faster", lr_grid(bn_rate=0.2, plain_rate=0.02)) == "supported"
-    assert verdict("bn-faster", lr_grid(bn_rate=0.02, plain_rate=0.2)) == "contradicted"
-    assert verdict("bn-faster", lr_grid(bn_rate=0.05, plain_rate=0.05)) == "inconclusive"
-    assert verdict("bn-faster", lambda label, spec: None) == "not measurable"
+    assert adaptive_verdict("bn-faster", lr_grid(bn_rate=0.2, plain_rate=0.02)) == "supported"
+    assert adaptive_verdict("bn-faster", lr_grid(bn_rate=0.02, plain_rate=0.2)) == "contradicted"
+    assert adaptive_verdict("bn-faster", lr_grid(bn_rate=0.05, plain_rate=0.05)) == "inconclusive"
+    assert get("bn-faster").analyze(adaptive_data_for("bn-faster", lambda label, spec: None)).primary.verdict == (
+        "not measurable"
+    )
 
 
 def test_bn_higher_lr_each_verdict() -> None:
-    grid = SETTING.lr_grid  # quick: 0.01, 0.1, 1, 10
-    assert verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=10, plain_diverges_at=1)) == "supported"
-    assert verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=0.1, plain_diverges_at=10)) == "contradicted"
+    # bisection range for SGD: 0.03 .. 30
+    assert adaptive_verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=10, plain_diverges_at=1)) == "supported"
+    assert (
+        adaptive_verdict("bn-higher-lr", lr_grid(0.1, 0.1, bn_diverges_at=0.1, plain_diverges_at=10)) == "contradicted"
+    )
 
     def mixed(label: str, spec: RunSpec) -> RunResult:  # BN's limit differs from seed to seed
         bn_limit = 10 if spec.seed % 2 else 0.1
         return lr_grid(0.1, 0.1, bn_diverges_at=bn_limit, plain_diverges_at=1)(label, spec)
 
-    assert verdict("bn-higher-lr", mixed) == "inconclusive"
-    assert verdict("bn-higher-lr", lambda label, spec: run_result(spec, status="failed")) == "not measurable"
-    assert len(grid) == 4
+    assert adaptive_verdict("bn-higher-lr", mixed) == "inconclusive"
+    failed = adaptive_data_for("bn-higher-lr", lambda label, spec: run_result(spec, status="failed"))
+    assert get("bn-higher-lr").analyze(failed).primary.verdict == "not measurable"
 
 
 # ---- probe-based claims ---------------------------------------------------------------------------------------
@@ -143,7 +170,7 @@ def test_bn_stable_inputs_reads_the_layer_inputs_probe(plain_drift: float, bn_dr
         drift = bn_drift if spec.norm == "batch" else plain_drift
         return run_result(spec, {"train_accuracy": lambda t: 0.5}, probe_records=layer_input_records(spec, drift))
 
-    assert verdict("bn-stable-inputs", make) == expected
+    assert adaptive_verdict("bn-stable-inputs", make) == expected
     spec = SETTING.spec("deep", probes=("layer_inputs",))
     result = run_result(spec, probe_records=layer_input_records(spec, 0.01))
     assert relative_drift(result) == pytest.approx(0.01 * spec.probe_every / 2.0, rel=0.06)
@@ -370,9 +397,9 @@ def smooth_runs(plain_beta: float, bn_beta: float, spread: float = 0.0) -> Make:
 
 
 def test_bn_smooth_each_verdict() -> None:
-    assert verdict("bn-smooth", smooth_runs(plain_beta=10.0, bn_beta=1.0)) == "supported"
-    assert verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=10.0)) == "contradicted"
-    assert verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=1.0, spread=1.0)) == "inconclusive"
+    assert adaptive_verdict("bn-smooth", smooth_runs(plain_beta=10.0, bn_beta=1.0)) == "supported"
+    assert adaptive_verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=10.0)) == "contradicted"
+    assert adaptive_verdict("bn-smooth", smooth_runs(plain_beta=1.0, bn_beta=1.0, spread=1.0)) == "inconclusive"
 
 
 def matched_runs(gain: Callable[[RunSpec], float]) -> Make:
@@ -395,19 +422,24 @@ def test_bn_regularizes_each_verdict() -> None:
 
 
 def coadaptation_runs(with_dropout: Callable[[RunSpec], float]) -> Make:
-    """Mean |correlation| between units 0.3 without dropout and ``with_dropout(spec)`` with it, at the last step."""
+    """Mean single-unit probe accuracy 0.2 without dropout and ``with_dropout(spec)`` with it, mean |correlation|
+    0.3 without dropout and 0.1 with it, at the last step."""
 
     def make(label: str, spec: RunSpec) -> RunResult:
-        correlation = 0.3 if spec.dropout == 0 else with_dropout(spec)
+        usefulness = 0.2 if spec.dropout == 0 else with_dropout(spec)
+        correlation = 0.3 if spec.dropout == 0 else 0.1
         rows = [
             {
                 "probe": "coadaptation",
                 "step": spec.steps,
                 "unit": None,
                 "layer": layer,
+                "units": 128,
                 "mean_abs_correlation": correlation * (1 + noise(spec, 0.01)),
                 "decov": correlation,
                 "active_fraction": 0.5,
+                "unit_probe_accuracy": usefulness * (1 + noise(spec, 0.01)),
+                "ablation_drop": 0.01 if spec.dropout == 0 else 0.001,
             }
             for layer in ("hidden1.act", "hidden2.act")
         ]
@@ -417,17 +449,19 @@ def coadaptation_runs(with_dropout: Callable[[RunSpec], float]) -> Make:
 
 
 def test_dropout_coadapt_each_verdict() -> None:
-    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.1)) == "supported"
-    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.6)) == "contradicted"
-    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.3 * math.exp(alternating(spec, 1.0)))) == (
-        "inconclusive"
-    )
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.3)) == "supported"
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.1)) == "contradicted"
+    assert verdict("dropout-coadapt", coadaptation_runs(lambda spec: 0.2 + alternating(spec, 0.1))) == "inconclusive"
+    analysis = get("dropout-coadapt").analyze(data_for("dropout-coadapt", coadaptation_runs(lambda spec: 0.3)))
+    by_name = {m.name.split(",")[0]: m for m in analysis.secondary}
+    assert by_name["mean |correlation| between units"].verdict == "supported"  # ln(0.3 / 0.1) > 0
+    assert by_name["accuracy drop when one unit is zeroed"].estimate.value == pytest.approx(-0.9)  # pp
 
 
 def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     """The analysis combines the kept networks through ``ensemble_comparison`` (tested on real networks in
-    tests/probes/test_probes_ensemble.py); here it returns rows whose MC average beats weight scaling by
-    ``gap(seed)``."""
+    tests/probes/test_probes_ensemble.py); here it returns rows whose MC average has an NLL ``gap(seed)`` nats
+    below weight scaling (the primary) and the same accuracy."""
     from normdrop.claims import dropout_ensemble
 
     monkeypatch.setattr(dropout_ensemble, "final_model", lambda result: None if result is None else result.spec.seed)
@@ -435,21 +469,30 @@ def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def check(gap: Callable[[int], float], expected: str) -> None:
         def comparison(model: int, nets: list[int], x: Any, y: Any, ks: Any) -> list[dict[str, Any]]:
-            scaled = 0.6 + noise(SETTING.spec("small", seed=model), 0.001)
-            rows = [{"method": "weight_scaled", "k": None, "accuracy": scaled, "nll": 1.0}]
+            nll = 1.0 + noise(SETTING.spec("small", seed=model), 0.001)
+            rows = [{"method": "weight_scaled", "k": None, "accuracy": 0.6, "nll": nll, "ece": 0.1}]
             rows += [
-                {"method": "mc", "k": k, "accuracy": scaled + gap(model), "nll": 1.0, "agreement_weight_scaled": 0.99}
+                {
+                    "method": "mc",
+                    "k": k,
+                    "accuracy": 0.6,
+                    "nll": nll - gap(model),
+                    "ece": 0.05,
+                    "agreement_weight_scaled": 0.99,
+                }
                 for k in ks
             ]
-            rows += [{"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9} for n in range(len(nets))]
+            rows += [
+                {"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9, "ece": 0.03} for n in range(len(nets))
+            ]
             return rows
 
         monkeypatch.setattr(dropout_ensemble, "ensemble_comparison", comparison)
         assert verdict("dropout-ensemble", lambda label, spec: run_result(spec)) == expected
 
-    check(lambda seed: 0.001, "supported")  # 0.1 points apart: within the 1-point margin
-    check(lambda seed: 0.05, "contradicted")  # 5 points apart
-    check(lambda seed: 0.02 if seed % 2 == 0 else 0.0, "inconclusive")  # 0 or 2 points: the interval spans the margin
+    check(lambda seed: 0.001, "supported")  # 0.001 nats apart: within the 0.05-nat margin
+    check(lambda seed: 0.2, "contradicted")  # the MC average is clearly better in likelihood
+    check(lambda seed: 0.1 if seed % 2 == 0 else 0.0, "inconclusive")  # 0 or 0.1 nats: spans the margin's edge
 
 
 def factorial_runs(bn_speed: float, dropout_speed: float, bn_error: float, dropout_error: float) -> Make:

@@ -110,3 +110,49 @@ def test_tables_without_the_lab() -> None:
     assert outcome.exit_code == 0, outcome.output
     assert "speedup" in outcome.stdout and "The speed goals" in outcome.stdout
     assert "steps/s" not in outcome.stdout and "matmul peak" not in outcome.stdout
+
+
+FLEET_FLAGS = ["bench", "fleet", "--quick", "-k", "2", "--steps", "2", "--repeats", "1", "-q"]
+
+
+def test_bench_fleet_json_rows() -> None:
+    # tiny sizes: two members, two steps, one family with BN + dropout (its fleet path) and one without
+    families = ["small 2x128 adam bn+dropout", "deep 6x100 sgd"]
+    outcome = CliRunner().invoke(app, [*FLEET_FLAGS, *(a for f in families for a in ("-f", f)), "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.stdout)
+    peak = report["machine"]
+    assert peak["threads"] == 1 and peak["matmul_size"] == bench_models.QUICK_MATMUL_SIZE
+    assert positive_finite(peak["matmul_gflop_per_s"])
+    assert [(row["family"], row["members"], row["steps"]) for row in report["rows"]] == [(f, 2, 2) for f in families]
+    for row in report["rows"]:
+        rates = ("fleet_member_steps_per_s", "solo_member_steps_per_s", "fleet_gflop_per_s", "solo_gflop_per_s")
+        assert all(positive_finite(row[key]) for key in rates), row
+        assert row["speedup"] == pytest.approx(row["fleet_member_steps_per_s"] / row["solo_member_steps_per_s"])
+        for side in ("fleet", "solo"):
+            percent = 100 * row[f"{side}_gflop_per_s"] / peak["matmul_gflop_per_s"]
+            assert row[f"{side}_percent_of_peak"] == pytest.approx(percent)
+        # GFLOP/s = member-steps/s x FLOPs of one member's step, the same FLOPs on both sides
+        assert row["fleet_gflop_per_s"] / row["fleet_member_steps_per_s"] == pytest.approx(
+            row["solo_gflop_per_s"] / row["solo_member_steps_per_s"]
+        )
+
+
+def test_bench_fleet_step_flops_is_three_forward_matmuls() -> None:
+    from normdrop.bench import fleet as bench_fleet
+
+    spec = bench_fleet.family_specs(bench_fleet.FLEET_FAMILIES["small 2x128 adam"], 3, 5)[0]
+    # MNIST-1D: 40 inputs, 10 classes; 2 hidden layers of 128; batch 100
+    assert bench_fleet.step_flops(spec) == 3 * 2 * 100 * (40 * 128 + 128 * 128 + 128 * 10)
+    specs = bench_fleet.family_specs(bench_fleet.FLEET_FAMILIES["small 2x128 adam"], 3, 5)
+    assert [s.data_seed for s in specs] == [s.seed for s in specs] == [0, 1, 2]
+
+
+def test_bench_fleet_refuses_bad_input_before_work() -> None:
+    runner = CliRunner()
+    unknown = runner.invoke(app, [*FLEET_FLAGS, "-f", "no such family"])
+    assert unknown.exit_code == 2 and "unknown family" in unknown.output
+    misplaced = runner.invoke(app, ["bench", "--quick", "fleet"])
+    assert misplaced.exit_code == 2 and "do not apply" in misplaced.output
+    zero = runner.invoke(app, ["bench", "fleet", "-k", "0"])
+    assert zero.exit_code == 2

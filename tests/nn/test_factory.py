@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import normdrop.nn as nd
+from normdrop.layer_catalog import NORM_KINDS
 from normdrop.nn import factory
 
 NORM_CASES = [  # (name, dims, kwargs, expected class)
@@ -20,6 +21,8 @@ NORM_CASES = [  # (name, dims, kwargs, expected class)
     ("renorm", 2, {}, nd.BatchRenorm2d),
     ("sync", 1, {}, nd.SyncBatchNorm),
     ("sync", 2, {}, nd.SyncBatchNorm),
+    ("noisy", 1, {"noise": 0.5}, nd.NoisyBatchNorm1d),
+    ("noisy", 2, {}, nd.NoisyBatchNorm2d),
     ("frozen", 1, {"eps": 1e-3}, nd.FrozenBatchNorm1d),
     ("frozen", 2, {}, nd.FrozenBatchNorm2d),
     ("none", 2, {}, torch.nn.Identity),
@@ -79,7 +82,9 @@ def test_torch_layers_where_torch_has_them():
 
 
 def test_unknown_names_and_dims_list_the_options():
-    with pytest.raises(ValueError, match="unknown norm 'layer'; known norms: batch, ghost, renorm, sync, frozen, none"):
+    with pytest.raises(
+        ValueError, match="unknown norm 'layer'; known norms: batch, ghost, noisy, renorm, sync, frozen, none"
+    ):
         nd.make_norm("layer", 4)
     with pytest.raises(ValueError, match="unknown dropout 'spatial'; known dropouts: standard, channel, alpha"):
         nd.make_dropout("spatial", 0.1)
@@ -102,3 +107,4 @@ def test_register_adds_a_name_once():
             factory.register_dropout("odd", {5: torch.nn.Dropout})
     finally:
         factory._NORMS.pop("instance", None)
+        NORM_KINDS.pop("instance", None)  # the torch-free catalog that specs are validated against

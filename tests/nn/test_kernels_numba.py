@@ -5,6 +5,7 @@ through ``normdrop.nn.functional``."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 
@@ -16,6 +17,7 @@ pytest.importorskip("numba")
 from normdrop.nn import functional as NF
 from normdrop.nn import kernels, rng
 from normdrop.nn.kernels import composite, numba_cpu
+from normdrop.nn.kernels.numba_cpu import memory as numba_memory
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 DTYPES = [torch.float32, torch.float64]
@@ -38,7 +40,7 @@ LAYOUT_IDS = [f"{'x'.join(map(str, shape))}-{str(fmt).split('.')[-1]}" for shape
 def kernel_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """Run a test on the serial kernels (one thread) and on the parallel ones (two threads, no size threshold)."""
     if request.param == "parallel":
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 0)
+        monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)  # the module _parallel reads it from
         torch.set_num_threads(2)  # the autouse fixture in conftest.py restores the thread count
     return request.param
 
@@ -385,7 +387,7 @@ def test_uniform_bit_identical_to_composite(kernel_threads, count, offset):
 def test_forked_child_of_a_parallel_parent_still_computes(monkeypatch):
     """After the parent has run a parallel kernel, a forked child must not restart OpenMP's pool (numba would
     terminate it): it takes the serial kernels and gets the same result."""
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)  # the module _parallel reads it from
     torch.set_num_threads(2)
     x = torch.randn(8, 3, 16)
     expected = numba_cpu.dropout_forward(x, 5, 0, 0.5, 3, False, True)
@@ -460,3 +462,55 @@ def test_functional_dropout_numba_vs_composite(numba_backend, fn, shape, channel
     reference = run_dropout("composite", fn, x)
     for got, want in zip(ours, reference, strict=True):
         assert torch.equal(got, want)
+
+
+def test_parallel_kernels_give_up_the_cores_other_processes_use(monkeypatch):
+    """Under contention the parallel kernels run on the free cores only (one thread when none is free), and the
+    results do not change: batch norm's blocks follow the thread count asked for, not the threads that run."""
+    import numba
+
+    from normdrop.nn.kernels.numba_cpu.memory import parallel_blocks
+
+    monkeypatch.setattr(numba_memory, "PARALLEL_MIN_NUMEL", 0)
+    torch.set_num_threads(2)
+    x = make_input((64, 6, 5, 7), torch.contiguous_format, torch.float32)
+    grad_out = torch.randn_like(x)
+    weight = torch.linspace(0.5, 1.5, 6)
+    runs, threads = [], []
+    for free in (2, 1, 0):
+        monkeypatch.setattr(numba_memory, "free_cores", lambda free=free: free)
+        y, mean, var = numba_cpu.batch_norm_forward(x, weight, None, None, None, True, 1e-5)
+        threads.append(numba.get_num_threads())
+        runs.append((y, mean, var, *numba_cpu.batch_norm_backward(grad_out, x, weight, mean, var, True, 1e-5)))
+    assert threads == [2, 1, 1] and parallel_blocks(64 * 6) == 2 and parallel_blocks(0) == 1
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True))
+    reference = composite.batch_norm_forward(x, weight, None, None, None, True, 1e-5)
+    for got, want in zip(runs[0][:3], reference, strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_free_cores_counts_a_busy_process_on_this_process_cores():
+    """A busy-loop child pinned to one of this process's cores takes that core off :func:`free_cores`."""
+    import multiprocessing
+    import time
+
+    cores = sorted(os.sched_getaffinity(0))
+    numba_memory._contention["checked"] = -math.inf
+    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(cores[-1],), daemon=True)
+    child.start()
+    try:
+        time.sleep(1.0)  # the child is spinning
+        numba_memory.free_cores()  # a first sample
+        time.sleep(2 * numba_memory.CONTENTION_WINDOW)
+        assert numba_memory.free_cores() <= len(cores) - 1
+    finally:
+        child.terminate()
+        child.join()
+        numba_memory._contention["checked"] = -math.inf
+
+
+def _spin(core: int) -> None:
+    os.sched_setaffinity(0, {core})
+    while True:
+        pass

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from normdrop.claims import CLAIM_IDS
-from normdrop.stats import VERDICTS
+from normdrop.scope import OVERALL
 
 CHROMIUM = os.environ.get("NORMDROP_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -204,7 +204,7 @@ def test_report_opens_in_headless_chromium(quick_study: Path, tmp_path: Path) ->
     sections = {section["id"]: section for section in checks["sections"]}
     assert list(sections) == list(CLAIM_IDS), "one section per claim of docs/claims.md, in its order"
     for claim_id, section in sections.items():
-        assert section["verdict"] in VERDICTS and section["badge"] == section["verdict"], claim_id
+        assert section["verdict"] in OVERALL and section["badge"] == section["verdict"], claim_id
         assert section["images"], f"{claim_id}: no figure"
         for image in section["images"]:
             assert image["complete"] and image["width"] > 0 and image["height"] > 0, f"{claim_id}: figure not loaded"

@@ -18,8 +18,9 @@ the work is done:
   very torch ops composite applies, so results are bit-identical too (no fused multiply-add in these loops).
 
 Inputs that are not CPU float32/float64 tensors, contiguous or channels_last(_3d) contiguous, go to composite
-(``supports``). Large inputs run on ``torch.get_num_threads()`` threads (numba's ``prange``); small ones, or one
-thread, take serial loops that never start numba's thread pool.
+(``supports``). Large inputs run on ``torch.get_num_threads()`` threads (numba's ``prange``), less the cores other
+processes keep busy (``memory.free_cores``: a loop's end waits for every thread, so one descheduled thread stalls it);
+small ones, or one thread, take serial loops that never start numba's thread pool.
 
 Tensors reach the kernels as their data address (``Tensor.data_ptr()``), viewed as arrays inside the compiled code
 (``_array_at``): converting a tensor with ``Tensor.numpy()`` costs about 2 us, a tenth of a small op, for each of

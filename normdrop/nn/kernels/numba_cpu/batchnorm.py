@@ -3,7 +3,6 @@ the forward / backward functions with composite's signatures (see :mod:`normdrop
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 from torch import Tensor
@@ -21,6 +20,7 @@ from normdrop.nn.kernels.numba_cpu.memory import (
     _plain_type,
     _plane_size,
     _with_layout,
+    parallel_blocks,
 )
 
 # ------------------------------------------------------------------------------------------ batch norm kernels
@@ -350,7 +350,8 @@ def batch_norm_forward(
     addresses = (x.data_ptr(), _address(weight), _address(bias), mean.data_ptr(), var.data_ptr())
     spatial = _plane_size(y.size, x, layout)
     if _parallel(y.size):
-        _forward_parallel(y, *addresses, channels, spatial, training, eps, numba.get_num_threads())
+        blocks = parallel_blocks(y.size // (channels if spatial == 1 else spatial))
+        _forward_parallel(y, *addresses, channels, spatial, training, eps, blocks)
     else:
         _forward(y, *addresses, channels, spatial, training, eps)
     if not training:
@@ -387,7 +388,8 @@ def batch_norm_backward(
     addresses = tuple(map(_address, tensors))
     spatial = _plane_size(grad_x.size, x, layout)
     if _parallel(grad_x.size):
-        _backward_parallel(grad_x, *addresses, channels, spatial, training, eps, numba.get_num_threads())
+        blocks = parallel_blocks(grad_x.size // (channels if spatial == 1 else spatial))
+        _backward_parallel(grad_x, *addresses, channels, spatial, training, eps, blocks)
     else:
         _backward(grad_x, *addresses, channels, spatial, training, eps)
     if param_dtype != x.dtype:

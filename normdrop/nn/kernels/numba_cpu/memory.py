@@ -3,7 +3,9 @@ compiled code, and when a kernel may run in parallel (see :mod:`normdrop.nn.kern
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import numba
 import numpy as np
@@ -123,7 +125,7 @@ def _plane_size(numel: int, x: Tensor, layout: int) -> int:
 # Without TBB, numba's parallel kernels run on OpenMP, and GNU's cannot start again in a process forked after its
 # pool started: numba terminates such a child. So a child forked from a process that ran a parallel kernel keeps to
 # the serial kernels (same results).
-_pool = {"started": False, "forked_after_start": False}
+_pool = {"started": False, "forked_after_start": False, "threads": 1}
 
 
 def _note_fork_in_child() -> None:
@@ -134,15 +136,81 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_note_fork_in_child)
 
 
+# Contention: every parallel loop ends at a barrier that waits for each of its threads, so a thread that another
+# process keeps off its core stalls the loop until the scheduler runs it again (measured on 2 cores with a busy
+# process on one: a 256Ki-element batch norm fwd+bwd took 50x its serial time, 0.43x torch.nn's). Handing out small
+# blocks dynamically does not help (the barrier still waits for the descheduled thread, and numba's dynamic
+# schedule costs 3-4x on one thread). So the loops run on the cores other processes leave free: every
+# CONTENTION_WINDOW seconds, the CPU time spent on this process's cores (/proc/stat) minus this process's own
+# (os.times) gives the cores others used; each begun core past CONTENTION_SLACK is taken off the thread count (at
+# least one thread stays). The blocks a loop splits into follow the requested count only (parallel_blocks).
+CONTENTION_WINDOW = 0.25
+CONTENTION_SLACK = 0.25
+"""A core counts as taken once others used more than this fraction of it (a stall costs far more than a thread)."""
+_contention = {"checked": -math.inf, "busy": 0.0, "own": 0.0, "free": 0}
+
+
+def _busy_seconds(cores: set[int]) -> float | None:
+    """CPU seconds spent (not idle or waiting for I/O) on ``cores`` since boot, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            lines = stat.read().splitlines()
+    except OSError:
+        return None
+    busy = 0
+    for line in lines[1:]:
+        if not line.startswith(b"cpu"):
+            break
+        name, *fields = line.split()
+        if int(name[3:]) in cores:
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            busy += sum(values) - values[3] - values[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _cores() -> set[int]:
+    """The cores this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def free_cores() -> int:
+    """This process's cores less those other processes kept busy over the last :data:`CONTENTION_WINDOW` seconds
+    (rounded, at least 0; cached for one window; all of them where /proc/stat cannot be read)."""
+    now = time.monotonic()
+    state = _contention
+    if now - state["checked"] < CONTENTION_WINDOW:
+        return int(state["free"])
+    cores = _cores()
+    busy = _busy_seconds(cores)
+    times = os.times()
+    own = times.user + times.system
+    others = 0.0
+    if busy is not None and math.isfinite(state["checked"]):
+        others = (busy - state["busy"] - (own - state["own"])) / (now - state["checked"])
+    taken = max(0, math.ceil(others - CONTENTION_SLACK))
+    state.update(checked=now, busy=busy or 0.0, own=own, free=max(0, len(cores) - taken))
+    return int(state["free"])
+
+
 def _parallel(numel: int) -> bool:
-    """Whether an op on ``numel`` elements should run threaded; if so, size numba's pool like torch's."""
+    """Whether an op on ``numel`` elements should run threaded; if so, size numba's pool like torch's, less the
+    cores other processes keep busy (:func:`free_cores`; one thread when none is free)."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if threads < 2 or numel < PARALLEL_MIN_NUMEL or _pool["forked_after_start"]:
         return False
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+    _pool["threads"] = threads
+    free = max(1, min(threads, free_cores()))
+    if numba.get_num_threads() != free:
+        numba.set_num_threads(free)
     _pool["started"] = True
     return True
+
+
+def parallel_blocks(units: int) -> int:
+    """How many blocks a parallel batch-norm loop over ``units`` rows or planes splits into (at least one): one per
+    thread asked for (torch's count), not per thread that runs (fewer under contention: :func:`_parallel`), so the
+    per-block sums, and the results, do not depend on the machine's load."""
+    return max(1, min(units, int(_pool["threads"])))
 
 
 @intrinsic

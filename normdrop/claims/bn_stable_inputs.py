@@ -150,7 +150,8 @@ class BNStableInputs(Claim):
         half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"
-            return Analysis(not_measurable(name, metric, "increase", reason))
+            figures = [message_figure(self.title, reason)] if data.draw else []
+            return Analysis(not_measurable(name, metric, "increase", reason), figures=figures)
         rates = {**rates, "noisy": rates["batch"]}
         runs = probed_runs(setting, data.results, rates)
         note = (

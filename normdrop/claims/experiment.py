@@ -193,6 +193,12 @@ def probed_deep_arms(setting: StudySetting, lrs: Mapping[str, float] | None = No
     }
 
 
+SMALL_KEEP: tuple[str, ...] = ("final_weights",)
+"""What every small-family run keeps besides metrics: its final weights (a 2 x 128 MLP is ~90 kB), so analyses can
+evaluate the trained network again, per test example (:func:`normdrop.claims.readers.final_predictions`: the
+test-set bootstrap of the accuracy differences, NLL and calibration)."""
+
+
 def small_label(norm: str = "none", dropout: float = 0.0, train_size: int | None = -1, **fields: Any) -> str:
     """Arm label of a small-family run (``train_size=-1``: the family's default subset)."""
     parts = [norm, f"p={dropout:g}"]
@@ -202,23 +208,49 @@ def small_label(norm: str = "none", dropout: float = 0.0, train_size: int | None
     return " ".join(parts)
 
 
+def selection_label(label: str) -> str:
+    """Arm label of the same arm on the selection seeds (:attr:`StudySetting.selection_seed_list`)."""
+    return f"{label} [selection]"
+
+
 def small_arm(
-    setting: StudySetting, norm: str = "none", dropout: float = 0.0, train_size: int | None = -1, **fields: Any
+    setting: StudySetting,
+    norm: str = "none",
+    dropout: float = 0.0,
+    train_size: int | None = -1,
+    *,
+    seeds: list[int] | None = None,
+    **fields: Any,
 ) -> tuple[str, list[RunSpec]]:
-    """``(label, specs)`` of a small-family arm, with the :data:`SMALL_PROBES` (unless ``probes`` says otherwise)."""
+    """``(label, specs)`` of a small-family arm, with the :data:`SMALL_PROBES` and keeping :data:`SMALL_KEEP`
+    (unless ``probes`` / ``keep`` say otherwise); one spec per seed of ``seeds`` (default: the evaluation seeds).
+    Neither ``probes``, ``keep`` nor ``seeds`` enters the label."""
     size = setting.small_train_size if train_size == -1 else train_size
     probes = fields.pop("probes", SMALL_PROBES)
-    specs = setting.arm("small", norm=norm, dropout=dropout, train_size=size, probes=probes, **fields)
+    keep = fields.pop("keep", SMALL_KEEP)
+    specs = setting.arm(
+        "small", seeds=seeds, norm=norm, dropout=dropout, train_size=size, probes=probes, keep=keep, **fields
+    )
     return small_label(norm, dropout, train_size, **fields), specs
 
 
-def factorial_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
+def add_arms(experiment: Experiment, arms: Mapping[str, list[RunSpec] | tuple[list[RunSpec], list[int]]]) -> None:
+    """Add arms to ``experiment``: ``label -> specs`` (evaluation seeds) or ``label -> (specs, replicates)``."""
+    for label, arm in arms.items():
+        if isinstance(arm, tuple):
+            experiment.add(label, arm[0], arm[1])
+        else:
+            experiment.add(label, arm)
+
+
+def factorial_arms(setting: StudySetting, seeds: list[int] | None = None) -> dict[str, list[RunSpec]]:
     """The 2 x 2 factorial of the small family: BN or none x dropout :attr:`StudySetting.primary_dropout` or none,
-    the same seeds in every cell (bn-less-dropout and summary share these runs)."""
+    the same seeds in every cell (bn-less-dropout and summary share these runs). ``seeds`` (default the evaluation
+    seeds): an experiment that passes other seeds must name them as the arms' replicates."""
     arms = {}
     for norm in NORMS:
         for p in (0.0, setting.primary_dropout):
-            label, specs = small_arm(setting, norm, p)
+            label, specs = small_arm(setting, norm, p, seeds=seeds)
             arms[label] = specs
     return arms
 
@@ -229,13 +261,31 @@ def dropout_label(setting: StudySetting, p: float, train_size: int | None) -> st
 
 
 def dropout_grid_arms(setting: StudySetting) -> dict[str, list[RunSpec]]:
-    """The plain small network at every dropout rate of the grid and every training-set size (dropout-overfit,
-    dropout-generalizes and dropout-coadapt share these runs)."""
+    """The plain small network on the evaluation seeds: every dropout rate of :attr:`StudySetting.dropout_grid` on
+    the family's subset, and p in :attr:`StudySetting.full_data_grid` (0 and the primary p) on the whole training
+    set (dropout-overfit, dropout-generalizes and dropout-coadapt share these runs)."""
     arms = {}
     for size in setting.train_sizes:
-        for p in setting.dropout_grid:
+        grid = setting.dropout_grid if size == setting.small_train_size else setting.full_data_grid
+        for p in grid:
             _, specs = small_arm(setting, "none", p, train_size=-1 if size == setting.small_train_size else size)
             arms[dropout_label(setting, p, size)] = specs
+    return arms
+
+
+def dropout_selection_arms(setting: StudySetting) -> dict[str, tuple[list[RunSpec], list[int]]]:
+    """The plain small network on the family's subset at every candidate rate of
+    :attr:`StudySetting.dropout_candidates`, on the *selection* seeds: where the dropout rate is chosen
+    (:func:`normdrop.claims.small_family.chosen_dropout`); ``label -> (specs, replicates)``, labels
+    ``selection_label(dropout_label(...))``. Empty when there is a single candidate (the quick study): nothing to
+    choose."""
+    if len(setting.dropout_candidates) < 2:
+        return {}
+    seeds = setting.selection_seed_list
+    arms = {}
+    for p in setting.dropout_candidates:
+        _, specs = small_arm(setting, "none", p, seeds=seeds)
+        arms[selection_label(dropout_label(setting, p, setting.small_train_size))] = (specs, list(seeds))
     return arms
 
 

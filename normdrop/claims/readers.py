@@ -7,6 +7,7 @@ import base64
 import io
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,3 +105,59 @@ def final_model(result: RunResult | None) -> Any:
     state = torch.load(io.BytesIO(weights), weights_only=True)
     model.load_state_dict(state)
     return model.eval()
+
+
+# test-set predictions (dropgen) ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A trained network's outputs on its run's test set, in the dataset's order (the same examples for every run
+    on one dataset): ``logits`` (N, classes) float64, ``labels`` (N,) int64. ``correct`` is what
+    :func:`normdrop.significance.paired_example_bootstrap` resamples; its mean is the run's final
+    ``test_accuracy``."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def correct(self) -> np.ndarray:
+        """1.0 where the arg-max class is the label, else 0.0 (ties go to the lower class, as ``argmax`` does)."""
+        return (self.logits.argmax(axis=1) == self.labels).astype(np.float64)
+
+
+_PREDICTIONS_CACHE: dict[str, Predictions] = {}
+_PREDICTIONS_CACHE_SIZE = 1024
+"""Predictions per run id (the claims of one study read the same runs; 1024 MNIST-1D runs hold ~80 MB)."""
+
+
+def final_predictions(result: RunResult | None) -> Predictions | None:
+    """The eval-mode logits and labels of a finished run's final network on the test set; None if the run is
+    missing, did not finish, or kept no final weights (``"final_weights"`` in ``spec.keep``). Cached per run id (a
+    run id fixes the spec, hence the weights)."""
+    if result is None or result.status != "finished" or kept_weights(result) is None:
+        return None  # checked before the cache: a run cut to a smaller budget has dropped its weights
+    cached = _PREDICTIONS_CACHE.get(result.run_id)
+    if cached is not None:
+        return cached
+    model = final_model(result)
+    if model is None:
+        return None
+    data = load_run_dataset(result.spec)
+    with torch.no_grad():
+        logits = torch.cat([model(data.x_test[i : i + 1024]) for i in range(0, len(data.y_test), 1024)])
+    predictions = Predictions(logits.double().numpy(), data.y_test.numpy().astype(np.int64))
+    if len(_PREDICTIONS_CACHE) >= _PREDICTIONS_CACHE_SIZE:
+        _PREDICTIONS_CACHE.pop(next(iter(_PREDICTIONS_CACHE)))
+    _PREDICTIONS_CACHE[result.run_id] = predictions
+    return predictions
+
+
+def final_correctness(runs: Mapping[int, RunResult | None]) -> dict[int, np.ndarray]:
+    """Seed -> per-test-example correctness of each run that has :func:`final_predictions` (others left out)."""
+    out = {}
+    for seed, result in runs.items():
+        predictions = final_predictions(result)
+        if predictions is not None:
+            out[seed] = predictions.correct
+    return out

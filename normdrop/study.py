@@ -213,6 +213,22 @@ def numeric_paths(store: Store, run_ids: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+def mixed_paths(paths: dict[str, int]) -> bool:
+    """Whether the path counts of :func:`numeric_paths` hold runs that may differ by rounding: two backends, or
+    one backend with the fast path both on and off. A run that never loaded the fast path (``fast path=None``: no
+    layer of it had a fast-path kernel to call, e.g. a plain network) agrees with either."""
+    backends: dict[str, set[str]] = {}
+    for key in paths:
+        if key == "not recorded":
+            backends.setdefault(key, set())
+            continue
+        backend, _, fast = key.partition(", fast path=")
+        backends.setdefault(backend, set())
+        if fast != "None":
+            backends[backend].add(fast)
+    return len(backends) > 1 or any(len(fast) > 1 for fast in backends.values())
+
+
 def run_study(
     settings: StudySetting | Sequence[StudySetting] | None,
     store_path: str | Path,
@@ -313,7 +329,7 @@ def run_study(
             outcome.phase_seconds["adaptive rounds"] = time.perf_counter() - rounds_started
         all_specs = [spec for plan in plans for spec in plan.specs]
         paths = numeric_paths(store, results.keys())
-    if len(paths) > 1:
+    if mixed_paths(paths):
         described = "; ".join(f"{count} runs on {path}" for path, count in sorted(paths.items()))
         message = (
             f"the analysed runs were computed on {len(paths)} numeric paths ({described}): backends and the fast "

@@ -305,3 +305,11 @@ def test_adaptive_rounds_run_a_bisection_and_report_replays_it(tmp_path: Path) -
     assert runs == result.runs.planned and runs <= 2 * rounds_needed(0.01, 10.0, 1.25)
     again = run_study(setting, store, claims=[BisectsTheLimit()], train=False, progress=False)
     assert again.results[0].analysis.primary.per_seed == values and again.results[0].runs.missing == 0
+
+
+def test_runs_that_never_loaded_the_fast_path_agree_with_either_path() -> None:
+    from normdrop.study import mixed_paths
+
+    on, off, unused = "backend=auto, fast path=True", "backend=auto, fast path=False", "backend=auto, fast path=None"
+    assert not mixed_paths({on: 6, unused: 6}) and not mixed_paths({off: 3, unused: 1}) and not mixed_paths({on: 1})
+    assert mixed_paths({on: 1, off: 1}) and mixed_paths({on: 2, "backend=composite, fast path=None": 1})

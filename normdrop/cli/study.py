@@ -113,8 +113,13 @@ def _choose(
     chosen_claims = list(registered.values()) if claim_ids is None else [registered[i] for i in claim_ids]
     if claim_ids is not None and "summary" in claim_ids:
         chosen_claims = [c for c in chosen_claims if c.id != "summary"] + [registered["summary"]]
-    if setting_names is None:  # every setting that applies to one of the chosen claims
-        setting_names = [name for name, d in SETTINGS.items() if any(d.applies_to(c.id) for c in chosen_claims)]
+    if setting_names is None:  # every setting that applies to one of the chosen claims (quick: its one setting)
+        from normdrop.study import QUICK_SETTINGS
+
+        pool = QUICK_SETTINGS if quick else tuple(SETTINGS)
+        setting_names = [name for name in pool if any(SETTINGS[name].applies_to(c.id) for c in chosen_claims)]
+        if not setting_names:
+            setting_names = [name for name, d in SETTINGS.items() if any(d.applies_to(c.id) for c in chosen_claims)]
     chosen_settings = default_settings(
         setting_names, quick=quick, seeds=seeds, dataset=_check_dataset(dataset), overrides=overrides
     )

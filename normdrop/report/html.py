@@ -89,7 +89,8 @@ OVERALL_MEANINGS = {
 SHOWN_VERDICT_RULE = (
     "a per-setting 'supported' whose primary test is not significant after Holm's correction over every primary "
     "test of the study is shown as 'inconclusive' (the claim's own verdict is kept as raw_verdict); other verdicts "
-    "are the claims' own"
+    "are the claims' own. The mechanics checks (bn-mechanics, dropout-mechanics: a layer against its closed form, "
+    "measured once) are not hypotheses about training and stay outside the family"
 )
 """How multiplicity changes what the report shows (also recorded in summary.json)."""
 

@@ -150,7 +150,9 @@ def _list_settings() -> None:
 def study(
     quick: Annotated[
         bool,
-        typer.Option("--quick", help="Short runs, thinned grids and 3 seeds: a first look, not for citing."),
+        typer.Option(
+            "--quick", help="One setting (mlp-sgd), short runs, thinned grids, 3 seeds: a first look, not for citing."
+        ),
     ] = False,
     claims: ClaimsOption = None,
     settings: SettingsOption = None,

@@ -237,12 +237,13 @@ def report(
     if not store.exists():
         _fail(f"{store}: no run store here (run `normdrop study` first, or pass --store / ${STORE_ENV_VAR})")
     check_out_dir(out, "--out")
-    recorded = read_study(out)
-    if recorded is None and not quiet:
-        _stderr.print(f"note: no study recorded in {out}; reporting the default study unless flags say otherwise")
     registered = {claim.id: claim for claim in all_claims()}
     claim_ids = _names(claims, list(registered), "claim(s)", "--claims")
     setting_names = _names(settings, list(SETTINGS), "setting(s)", "--settings")
+    _check_dataset(dataset)  # every flag checked before anything is printed: a bad one gives one line
+    recorded = read_study(out)
+    if recorded is None and not quiet:
+        _stderr.print(f"note: no study recorded in {out}; reporting the default study unless flags say otherwise")
     if claim_ids is None and recorded is not None and recorded["claims"]:
         unknown = [i for i in recorded["claims"] if i not in registered]
         claim_ids = [i for i in recorded["claims"] if i in registered]

@@ -10,6 +10,7 @@ import pytest
 
 from normdrop.claims.base import ClaimData
 from normdrop.claims.bn_higher_lr import BNHigherLR
+from normdrop.claims.experiment import PROBED_FRACTION
 from normdrop.claims.setting import StudySetting
 from normdrop.spec import RunResult, RunSpec
 from normdrop.study import run_study
@@ -266,7 +267,7 @@ def test_bn_smooth_probes_each_arm_at_half_its_own_limit_and_reports_step_0_apar
         seeds = setting.selection_seed_list
         true = GOOD[norm] * math.exp(sum(math.log(1 + 0.1 * (s % 7)) for s in seeds) / len(seeds))
         assert spec.lr == pytest.approx(PROBE_FRACTION * true, rel=0.12)  # the bisection's x1.25, halved
-        assert spec.steps == setting.steps("deep") // 2
+        assert spec.steps == setting.steps("deep") // PROBED_FRACTION
     analysis = BNSmooth().analyze(ClaimData(setting, experiment, results, draw=False))
     assert analysis.primary.verdict == "supported"  # after initialization: plain 10x, BN 1x
     at_init = next(m for m in analysis.secondary if "step 0" in m.name)

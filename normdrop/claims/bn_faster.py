@@ -25,9 +25,9 @@ import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
 from normdrop.claims.experiment import NORMS, Experiment, deep_lr_grid, deep_spec, selection_grid_arms
-from normdrop.claims.figures import LABELS, align, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.figures import LABELS, align, finish, legend, new_figure, plot_band, reason_figures
 from normdrop.claims.readers import curve, final, mean_of, paired_log2, steps_to_reach
-from normdrop.claims.results import Analysis, Figure, Table, measure, not_measurable
+from normdrop.claims.results import Analysis, Table, measure, not_measurable
 from normdrop.claims.setting import StudySetting
 from normdrop.selection import choose
 from normdrop.spec import RunResult, RunSpec
@@ -170,7 +170,8 @@ class BNFaster(Claim):
         name = "speed-up at each arm's chosen learning rate"
         chosen = choices(setting, data.results, data.budget)
         if isinstance(chosen, str):
-            return Analysis(not_measurable(name, metric, "increase", chosen), figures=_message(self, data, chosen))
+            figures = reason_figures(self.title, chosen, data.draw)
+            return Analysis(not_measurable(name, metric, "increase", chosen), figures=figures)
         target, best, best_accuracy = chosen
         spec = setting.spec("deep")
         budget = spec.steps * data.budget
@@ -191,9 +192,8 @@ class BNFaster(Claim):
                 f"the rates chosen at this budget ({best['none']:g}, {best['batch']:g}) have no evaluation runs "
                 "(chosen anew from the selection runs cut to this budget)"
             )
-            return Analysis(
-                not_measurable(name, metric, "increase", reason, note=note), figures=_message(self, data, reason)
-            )
+            figures = reason_figures(self.title, reason, data.draw)
+            return Analysis(not_measurable(name, metric, "increase", reason, note=note), figures=figures)
         steps = {norm: {s: censored(r, target, data.budget) for s, r in runs[norm].items()} for norm in NORMS}
         primary = measure(
             name, metric, paired_log2(steps["none"], steps["batch"]), "increase", unit="log2 ratio", note=note
@@ -294,8 +294,3 @@ def _curves(runs: Mapping[str, Mapping[int, RunResult | None]], best: Mapping[st
 
 
 CLAIM = BNFaster()
-
-
-def _message(claim: Claim, data: ClaimData, reason: str) -> list[Figure]:
-    """The figure of a claim that could not be measured: the reason, drawn (none in a re-analysis)."""
-    return [message_figure(claim.title, reason)] if data.draw else []

@@ -25,7 +25,7 @@ import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
 from normdrop.claims.experiment import NORMS, Experiment, probed_spec
-from normdrop.claims.figures import LABELS, align, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.figures import LABELS, align, finish, legend, new_figure, plot_band, reason_figures
 from normdrop.claims.readers import final, mean_of, records
 from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
@@ -126,8 +126,9 @@ class BNSmooth(Claim):
         half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"
-            figures = [message_figure(self.title, reason)] if data.draw else []
-            return Analysis(not_measurable(name, metric, "increase", reason), figures=figures)
+            return Analysis(
+                not_measurable(name, metric, "increase", reason), figures=reason_figures(self.title, reason, data.draw)
+            )
         limits = selection_limits(setting, data.results)
         censored = [f"{LABELS[n]} {c} {v:.3g}" for n in NORMS for v, c in limits[n] if c]
         note = (

@@ -32,7 +32,7 @@ import numpy as np
 
 from normdrop.claims.base import Claim, ClaimData
 from normdrop.claims.experiment import NOISY_NOISE, NORMS, Experiment, probed_spec
-from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band
+from normdrop.claims.figures import LABELS, color, finish, legend, message_figure, new_figure, plot_band, reason_figures
 from normdrop.claims.readers import curve, mean_of, records
 from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
@@ -150,8 +150,9 @@ class BNStableInputs(Claim):
         half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"
-            figures = [message_figure(self.title, reason)] if data.draw else []
-            return Analysis(not_measurable(name, metric, "increase", reason), figures=figures)
+            return Analysis(
+                not_measurable(name, metric, "increase", reason), figures=reason_figures(self.title, reason, data.draw)
+            )
         rates = {**rates, "noisy": rates["batch"]}
         runs = probed_runs(setting, data.results, rates)
         note = (

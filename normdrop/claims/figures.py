@@ -93,6 +93,12 @@ def message_figure(title: str, message: str) -> Figure:
     return finish(figure, title, f"No data to plot: {message}", alt=f"{title}: {message}")
 
 
+def reason_figures(title: str, reason: str, draw: bool) -> list[Figure]:
+    """The figures of a claim that could not be measured: its reason, drawn (none in a re-analysis, ``draw``
+    False)."""
+    return [message_figure(title, reason)] if draw else []
+
+
 def legend(ax: Axes, **kwargs: object) -> None:
     """A legend, when the axes have labelled artists (an empty plot gets none, rather than a warning)."""
     if ax.get_legend_handles_labels()[0]:

@@ -27,6 +27,20 @@ from normdrop.sweep import available_cores
 _stdout = Console()
 _stderr = Console(stderr=True)
 
+
+def _progress(quiet: bool) -> Progress:
+    """The bar every bench command shows on stderr while it measures (gone when done; none with ``quiet``)."""
+    return Progress(
+        TextColumn("[progress.description]{task.description:<48}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_stderr,
+        disable=quiet,
+        transient=True,
+    )
+
+
 Clock = Literal["wall", "cpu"]
 
 DEFAULT_REPEATS = 7
@@ -130,15 +144,7 @@ def bench(
         "goals": [],
     }
     total = len(layer_cases) + len(lab_cases) + (len(thread_counts) if lab else 0)
-    progress = Progress(
-        TextColumn("[progress.description]{task.description:<48}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_stderr,
-        disable=quiet,
-        transient=True,
-    )
+    progress = _progress(quiet)
     with progress:
         task = progress.add_task("normdrop bench", total=total)
         for thread_count in thread_counts:
@@ -303,15 +309,7 @@ def fleet(
     repeats = repeats or (bench_fleet.QUICK_REPEATS if quick else bench_fleet.DEFAULT_REPEATS)
     matmul_size = bench_models.QUICK_MATMUL_SIZE if quick else bench_models.MATMUL_SIZE
     result: dict[str, Any] = {"environment": _environment("wall", repeats, quick), "rows": []}
-    progress = Progress(
-        TextColumn("[progress.description]{task.description:<48}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_stderr,
-        disable=quiet,
-        transient=True,
-    )
+    progress = _progress(quiet)
     with progress:
         task = progress.add_task("normdrop bench fleet", total=1 + len(names) * len(sizes))
         progress.update(task, description=f"matmul peak {matmul_size}^2, 1 thr")

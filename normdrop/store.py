@@ -12,6 +12,16 @@ A run is saved in one transaction, so it is either fully present or absent: a pr
 leaves no partial rows. The file is in WAL mode: readers never block the writer, and writers from several
 processes queue on SQLite's write lock (a busy timeout) and retry when SQLite reports the file busy.
 
+One writer at a time, checkpoints included: every connection that writes to a store (a :class:`Store` opened for
+writing, a :class:`LeaseKeeper`'s heartbeats) holds the store's writer lock, an exclusive lock on the file
+``<store>-normdrop.lock`` next to it (:class:`WriterLock`; threads and processes alike), for each write transaction
+(whose commit may run SQLite's automatic checkpoint) and for closing (the last connection to close checkpoints the
+WAL into the file). SQLite 3.7.0-3.51.2 have a documented race, the *WAL-reset bug*
+(https://www.sqlite.org/wal.html#walresetbug): a checkpoint that starts right after another has emptied the WAL,
+while a second connection commits and so restarts the WAL, can mark frames as copied that were not, which damages
+the file. It needs two connections writing or checkpointing at the same moment, which the lock rules out on one
+machine (readers take no part in it). Python here links SQLite 3.40.1, and no fixed build was installable.
+
 Values: SQLite stores a NaN metric as NULL, so it reads back as NaN from :meth:`Store.metrics` and
 :meth:`Store.result`; infinities are kept.
 """
@@ -26,12 +36,15 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+
+import filelock
 
 if TYPE_CHECKING:  # pandas is imported where a table is built: it costs ~0.5 s, and the CLI's --help needs none
     import pandas as pd
@@ -202,6 +215,51 @@ class StoredRun:
     versions: dict[str, Any]
 
 
+WRITER_LOCK_SUFFIX = "-normdrop.lock"
+"""The writer lock's file is the store's path with this appended (see :class:`WriterLock`)."""
+
+
+def writer_lock_path(path: str | Path) -> Path:
+    """The file whose exclusive lock a connection holds while it writes to or checkpoints the store at ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + WRITER_LOCK_SUFFIX)
+
+
+class WriterLock:
+    """The store's writer lock: an exclusive OS lock on :func:`writer_lock_path` (``flock`` on POSIX, through the
+    ``filelock`` package), re-entrant within one holder. Each instance opens its own lock file descriptor, so two
+    instances exclude each other whether they live in one process (threads) or in two. Held around every write
+    transaction and connection close of :class:`Store` and :class:`LeaseKeeper`, so that no two SQLite connections
+    ever write or checkpoint at the same time (see the module docstring: the WAL-reset bug).
+
+    A lock left by a killed process is released by the kernel with its descriptors; the file itself stays (it holds
+    no data) and is reused."""
+
+    def __init__(self, store_path: str | Path, timeout: float = _DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self.path = writer_lock_path(store_path)
+        self.timeout = timeout
+        self._lock = filelock.FileLock(self.path, timeout=timeout, thread_local=False)
+        # Threads sharing this instance queue here (re-entrant, as the FileLock's own hold count is).
+        self._mutex = threading.RLock()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock for the block (waiting up to ``timeout`` seconds for another holder to let go)."""
+        with self._mutex:
+            try:
+                self._lock.acquire()
+            except filelock.Timeout as error:
+                raise StoreError(
+                    f"{self.path}: another process has held the store's writer lock for over {self.timeout:g} s"
+                ) from error
+            except OSError as error:
+                raise StoreError(f"{self.path}: cannot take the store's writer lock ({error.strerror})") from error
+            try:
+                yield
+            finally:
+                self._lock.release()
+
+
 class Store:
     """A run store in one SQLite file; created on first use.
 
@@ -241,7 +299,8 @@ class Store:
             self._check_writable()
         # Nothing is written to the file before it is known to be a normdrop store (or empty): its header and
         # schema are read through a read-only connection first.
-        is_new = self._inspect()
+        is_new = self._inspect(quick_check=quick_check)
+        self._writer_lock = None
         if readonly:
             if is_new:
                 raise StoreError(f"{self.path}: no run store here (an empty or missing file)")
@@ -249,23 +308,15 @@ class Store:
                 self._connection = sqlite3.connect(
                     self._read_only_uri(), uri=True, timeout=busy_timeout, isolation_level=None
                 )
-            try:
-                with self._reporting_corruption():
-                    if quick_check:
-                        self._quick_check()
-            except BaseException:
-                self._connection.close()
-                raise
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer_lock: WriterLock | None = WriterLock(self.path, timeout=busy_timeout)
         with self._reporting_corruption():
             # isolation_level=None: no implicit transactions; writes use explicit BEGIN IMMEDIATE.
             self._connection = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
         try:
             with self._reporting_corruption():
-                self._retrying(self._initialise)
-                if quick_check and not is_new:
-                    self._quick_check()
+                self._retrying(self._initialise_locked)
         except BaseException:
             self._connection.close()
             raise
@@ -280,8 +331,14 @@ class Store:
         return f"Store({str(self.path)!r})"
 
     def close(self) -> None:
-        """Close the connection; the file stays consistent whether or not this is called."""
-        self._connection.close()
+        """Close the connection; the file stays consistent whether or not this is called. (A writer closes under
+        the writer lock: the last connection to close checkpoints the WAL.)"""
+        if self._writer_lock is None:
+            self._connection.close()
+            return
+        with contextlib.suppress(StoreError), self._writer_lock.held():
+            self._connection.close()
+        self._connection.close()  # a no-op when closed above; closes anyway if the lock could not be had
 
     # ---- writing -------------------------------------------------------------------------------------
 
@@ -695,7 +752,7 @@ class Store:
         if header and header != _SQLITE_HEADER:
             raise StoreError(f"{self.path}: not a SQLite database (its first bytes are {header[:8]!r})")
 
-    def _inspect(self) -> bool:
+    def _inspect(self, quick_check: bool) -> bool:
         """Whether the file is a new store (missing, empty, or a SQLite file with nothing in it); raise
         :class:`StoreError` unless it is otherwise a normdrop store of this schema. Reads only (a read-only
         connection, which sees a WAL file's committed pages too)."""
@@ -727,6 +784,8 @@ class Store:
                     raise StoreError(
                         f"{self.path}: normdrop's application id, but not its schema: {'; '.join(problems)}"
                     )
+                if quick_check:  # before the writer lock's file is made: a refused store gains no file beside it
+                    _quick_check(self.path, connection)
             finally:
                 connection.close()
         return False
@@ -757,15 +816,10 @@ class Store:
         if read_only_fs:
             raise StoreError(f"{self.path}: the store is read-only (on a read-only file system)")
 
-    def _quick_check(self) -> None:
-        """SQLite's ``PRAGMA quick_check``: every page of the file is read and its b-tree structure checked (not
-        the indexes against their tables, which ``integrity_check`` adds); a damaged store is refused for writing."""
-        problems = [message for (message,) in self._connection.execute("PRAGMA quick_check") if message != "ok"]
-        if problems:
-            raise StoreError(
-                f"{self.path}: the store file is damaged ({'; '.join(problems[:3])}); "
-                "run `normdrop check` to see what can be saved"
-            )
+    def _initialise_locked(self) -> None:
+        assert self._writer_lock is not None
+        with self._writer_lock.held():
+            self._initialise()
 
     def _initialise(self) -> None:
         """Switch to WAL, then create the schema in an empty file or check that it is a normdrop store."""
@@ -796,15 +850,19 @@ class Store:
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sqlite3.Connection]:
         """A transaction that takes the write lock at its start (BEGIN IMMEDIATE), so it never has to
-        upgrade a read lock, which SQLite answers with an immediate busy error instead of waiting."""
-        self._connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._connection
-            self._connection.execute("COMMIT")
-        except BaseException:
-            if self._connection.in_transaction:
-                self._connection.execute("ROLLBACK")
-            raise
+        upgrade a read lock, which SQLite answers with an immediate busy error instead of waiting. Held under the
+        writer lock, commit (and the automatic checkpoint it may run) included."""
+        if self._writer_lock is None:
+            raise StoreError(f"{self.path}: the store is open read-only")
+        with self._writer_lock.held():
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+                self._connection.execute("COMMIT")
+            except BaseException:
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+                raise
 
     def _retrying(self, operation: Callable[[], _T]) -> _T:
         """Run ``operation``, retrying with jittered backoff while SQLite reports the file busy, up to
@@ -843,6 +901,17 @@ class Store:
             if code in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM):
                 raise StoreError(f"{self.path}: cannot read or write the store file ({error})") from error
             raise
+
+
+def _quick_check(path: Path, connection: sqlite3.Connection) -> None:
+    """SQLite's ``PRAGMA quick_check``: every page of the file is read and its b-tree structure checked (not the
+    indexes against their tables, which ``integrity_check`` adds); a damaged store is refused."""
+    problems = [message for (message,) in connection.execute("PRAGMA quick_check") if message != "ok"]
+    if problems:
+        raise StoreError(
+            f"{path}: the store file is damaged ({'; '.join(problems[:3])}); run `normdrop check` to see what can be "
+            "saved"
+        )
 
 
 def _table_columns(connection: sqlite3.Connection) -> dict[str, list[tuple[str, str, int, int]]]:
@@ -1043,13 +1112,16 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._beat, name="normdrop-lease", daemon=True)
 
     def _beat(self) -> None:
+        lock = WriterLock(self.path, timeout=30.0)
         connection = sqlite3.connect(self.path, timeout=30.0)
         try:
             while not self._stop.wait(self.lease_seconds / 4):
                 # a missed beat is retried at the next; a lapse lets another sweep take the runs over
-                with contextlib.suppress(sqlite3.Error), connection:
+                with contextlib.suppress(sqlite3.Error, StoreError), lock.held(), connection:
                     connection.execute("UPDATE leases SET heartbeat = ? WHERE owner = ?", (time.time(), self.owner))
         finally:
+            with contextlib.suppress(StoreError), lock.held():
+                connection.close()
             connection.close()
 
     def __enter__(self) -> LeaseKeeper:

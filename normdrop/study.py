@@ -449,7 +449,7 @@ class _ClaimProgress:
         self._progress.stop()
 
     def _poll(self) -> None:
-        with Store(self._store_path, readonly=True) as store:
+        with Store(self._store_path, readonly=True, quick_check=False) as store:
             while True:
                 done = store.completed_ids()
                 done |= {run.run_id for run in store.runs(status="failed") if run.finished_at >= self._since}

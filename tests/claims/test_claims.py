@@ -503,9 +503,7 @@ def ensemble_analysis(
             }
             for k in ks
         ]
-        rows += [
-            {"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9, "ece": 0.03} for n in range(len(nets))
-        ]
+        rows += [{"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9, "ece": 0.03} for n in range(len(nets))]
         return rows
 
     def examples(model: int, x: Any, y: Any, k: int) -> np.ndarray | None:

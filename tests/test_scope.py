@@ -11,8 +11,17 @@ from scipy import stats as scipy_stats
 from normdrop.lr_search import LogBisection, bisect_all, rounds_needed
 from normdrop.scope import SettingVerdict, fragile, half_of, overall_verdict, resolution_limited
 from normdrop.selection import SelectionLeak, SelectionView, choose, evaluation_values, split_seeds
-from normdrop.significance import holm, min_detectable_effect, p_value, paired_example_bootstrap, seeds_for
-from normdrop.stats import decide, t_interval
+from normdrop.significance import (
+    HULL_METHOD,
+    example_bootstrap,
+    holm,
+    min_detectable_effect,
+    p_value,
+    paired_example_bootstrap,
+    seeds_for,
+    with_example_error,
+)
+from normdrop.stats import Estimate, decide, t_interval
 
 # --- bisection ---------------------------------------------------------------------------------------------------
 
@@ -252,3 +261,45 @@ def test_example_bootstrap_counts_the_test_sets_sampling_error() -> None:
         paired_example_bootstrap({0: np.ones(3), 1: np.ones(3)}, {0: np.ones(4), 1: np.ones(3)})
     with pytest.raises(ValueError, match="a shared test set has one size"):
         paired_example_bootstrap({0: np.ones(3), 1: np.ones(4)}, {0: np.ones(3), 1: np.ones(4)}, shared_test_set=True)
+
+
+def test_example_bootstrap_of_any_per_example_value() -> None:
+    """The general two-level bootstrap: the paired one is it on the per-example differences (the same draws), and
+    on continuous per-example values (NLL differences) that every seed shares, its half-width is the test set's
+    standard error: 1.96 sd / sqrt(N); each seed on its own test set averages that error over the seeds."""
+    rng = np.random.default_rng(5)
+    a = {s: (rng.random(150) < 0.7).astype(float) for s in range(4)}
+    b = {s: (rng.random(150) < 0.6).astype(float) for s in range(4)}
+    for shared in (True, False):
+        paired = paired_example_bootstrap(a, b, shared_test_set=shared)
+        assert paired == example_bootstrap({s: a[s] - b[s] for s in a}, shared_test_set=shared)
+    row = rng.normal(0.01, 0.3, 400)
+    shared_row = example_bootstrap(dict.fromkeys(range(5), row), shared_test_set=True)
+    assert shared_row is not None and shared_row.value == pytest.approx(row.mean())
+    half_width = (shared_row.ci_high - shared_row.ci_low) / 2
+    assert half_width == pytest.approx(1.96 * row.std() / math.sqrt(400), rel=0.15)
+    own = example_bootstrap({s: rng.normal(0.01, 0.3, 400) for s in range(5)})
+    assert own is not None and (own.ci_high - own.ci_low) / 2 < 0.7 * half_width  # about 1 / sqrt(5)
+    assert example_bootstrap({0: row}) is None
+    with pytest.raises(ValueError, match="non-empty 1-d array"):
+        example_bootstrap({0: row, 1: np.empty(0)})
+    with pytest.raises(ValueError, match="a shared test set has one size"):
+        example_bootstrap({0: row, 1: row[:10]}, shared_test_set=True)
+
+
+def test_with_example_error_is_the_hull_in_the_t_intervals_units() -> None:
+    t = Estimate(2.0, 1.0, 3.0, 5, "t")
+    wide = Estimate(0.02, -0.05, 0.09, 5, "example-bootstrap")  # a fraction; the effect is in percentage points
+    hull = with_example_error(t, wide, scale=100)
+    assert (hull.value, hull.ci_low, hull.ci_high, hull.n, hull.method) == (2.0, -5.0, 9.0, 5, HULL_METHOD)
+    narrow = Estimate(0.02, 0.015, 0.025, 5, "example-bootstrap")
+    assert (with_example_error(t, narrow, scale=100).ci_low, with_example_error(t, narrow, scale=100).ci_high) == (
+        1.0,
+        3.0,
+    )
+    # seeds that agree (a zero-width t interval) leave the test set's error alone to decide
+    tie = Estimate(0.5, 0.5, 0.5, 5, "t")
+    assert decide(tie, "increase").verdict == "supported"
+    assert decide(with_example_error(tie, Estimate(0.5, -0.1, 1.1, 5, "example-bootstrap")), "increase").verdict == (
+        "inconclusive"
+    )

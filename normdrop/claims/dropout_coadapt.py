@@ -15,6 +15,20 @@ shared), the ``coadaptation`` probe measures at the last step, in inference mode
 
 The probe's usefulness fields exist only at the last step, so the claim is not re-analysed at smaller budgets
 (``budget_reanalysis = False``).
+
+**Interval of the primary.** The probes are scored on the first :data:`normdrop.probes.coadaptation.TEST_EXAMPLES`
+examples of the fixed test set, the same for every seed, so a t interval over seeds leaves that set's sampling error
+out. The stored records hold only each layer's mean over units and examples, but the runs keep their final weights,
+so the analysis rebuilds each network, refits the probes on the run's own training examples and scores them per
+test example (:func:`normdrop.claims.readers.final_unit_probe_scores`): ``c_si`` = the share of the network's
+hidden units whose probe classifies example i right, whose mean over examples is the recorded unit-weighted mean
+accuracy (checked: a seed whose refit does not reproduce the record to :data:`SCORE_TOLERANCE` leaves the
+bootstrap out). The effect per seed is ``100 (1/N) sum_i (c_si(dropout) - c_si(none))``, so the interval is the
+hull of the t interval over seeds and a paired bootstrap over seeds and test examples
+(:func:`normdrop.claims.small_family.example_estimate`). Runs without kept weights (stored before the small family
+kept them) fall back to the t interval, and the note says the test-set error is then left out. The probes'
+training-set variability is in the seed term: each seed fits on its own training subset. The secondaries keep the
+t interval over seeds alone, and their notes say so.
 """
 
 from __future__ import annotations
@@ -24,9 +38,10 @@ from typing import Any
 from normdrop.claims.base import Claim, ClaimData
 from normdrop.claims.experiment import Experiment, small_arm, small_label
 from normdrop.claims.figures import finish, legend, new_figure, plot_band, seeds_by_x
-from normdrop.claims.readers import mean_of, records
+from normdrop.claims.readers import final_unit_probe_scores, mean_of, records
 from normdrop.claims.results import Analysis, measure
 from normdrop.claims.setting import StudySetting
+from normdrop.claims.small_family import example_estimate
 from normdrop.probes.coadaptation import ABLATION_EXAMPLES, TEST_EXAMPLES
 from normdrop.spec import RunResult
 from normdrop.stats import paired_difference, paired_log_ratio
@@ -35,6 +50,13 @@ MISSING_USEFULNESS = (
     "the runs' coadaptation records have no unit_probe_accuracy (runs missing, failed or diverged, or stored before "
     "the probe measured individual usefulness: re-run them)"
 )
+
+
+SCORE_TOLERANCE = 1e-6
+"""Largest |100 x mean of the per-example scores - the recorded effect| (pp) for the refitted per-example probe scores
+to count as those of the primary (float rounding of the records only)."""
+SEED_ONLY = "t interval over seeds only (the test set's sampling error is not included)"
+"""What the secondaries' notes say about their intervals."""
 
 
 def final_rows(result: RunResult | None) -> list[dict[str, Any]]:
@@ -71,7 +93,9 @@ class DropoutCoadapt(Claim):
         "'Individually useful' is measured directly: each hidden unit alone is given to a one-feature linear "
         "classifier (one-feature LDA, fitted on the run's training examples, scored on the test set), and the mean "
         "accuracy over units is compared between the plain small network trained with and without dropout (the "
-        "dropout-overfit runs, same evaluation seeds, each seed its own training subset). Beside it: how much test "
+        "dropout-overfit runs, same evaluation seeds, each seed its own training subset); every seed is scored on "
+        "the same test examples, so the interval also resamples them (it includes the test set's sampling error), "
+        "from the probes refitted on the kept final networks. Beside it: how much test "
         "accuracy drops when one unit is zeroed (reliance on single units), and the old redundancy measures "
         "(correlation between units, DeCov, sparsity). Limits: one-feature probes see only what a unit says "
         "alone, not how it combines with others; the probe's chance level is the frequency of the most common "
@@ -128,6 +152,14 @@ class DropoutCoadapt(Claim):
             "advance, no choice made from data."
         )
         effect = paired_difference(usefulness[p], usefulness[0.0], scale=100)
+        estimate, interval = example_estimate(
+            effect,
+            example_differences(data, labels[p], labels[0.0], set(effect)),
+            scale=100.0,
+            missing="the runs kept no final weights to score the probes per test example",
+            bootstrap="a paired bootstrap",
+            tolerance=SCORE_TOLERANCE,
+        )
         primary = measure(
             f"single-unit probe accuracy, dropout {p:g} minus none",
             "test accuracy of a one-feature linear probe per hidden unit, mean over units, with minus without "
@@ -136,8 +168,9 @@ class DropoutCoadapt(Claim):
             "increase",
             null=self.NULL_PP,
             unit="pp",
-            note=scope,
+            note=f"{scope} {interval[0].upper()}{interval[1:]}.",
             unmeasurable=None if effect else MISSING_USEFULNESS,
+            estimate=estimate,
         )
         correlation = by_p(final_layer_mean, "mean_abs_correlation")
         decov = by_p(final_layer_mean, "decov")
@@ -151,7 +184,10 @@ class DropoutCoadapt(Claim):
                 paired_difference(ablation[p], ablation[0.0], scale=100),
                 "decrease",
                 unit="pp",
-                note="Dropout trains for robustness to deleted units directly, so this is expected to fall.",
+                note=(
+                    "Dropout trains for robustness to deleted units directly, so this is expected to fall. "
+                    f"{SEED_ONLY}."
+                ),
             ),
             measure(
                 f"mean |correlation| between units, without / with dropout {p:g}",
@@ -159,6 +195,7 @@ class DropoutCoadapt(Claim):
                 paired_log_ratio(correlation[0.0], correlation[p]),
                 "increase",
                 unit="ln ratio",
+                note=f"{SEED_ONLY}.",
             ),
             measure(
                 f"DeCov, without / with dropout {p:g}",
@@ -166,6 +203,7 @@ class DropoutCoadapt(Claim):
                 paired_log_ratio(decov[0.0], decov[p]),
                 "increase",
                 unit="ln ratio",
+                note=f"{SEED_ONLY}.",
             ),
             measure(
                 f"fraction of active units, with dropout {p:g} minus without",
@@ -173,11 +211,23 @@ class DropoutCoadapt(Claim):
                 paired_difference(active[p], active[0.0]),
                 "decrease",
                 unit="fraction",
-                note="The dropout paper reports sparser activations with dropout (figure 8).",
+                note=f"The dropout paper reports sparser activations with dropout (figure 8). {SEED_ONLY}.",
             ),
         ]
         figures = [_versus_p(data, usefulness, ablation, correlation)] if data.draw else []
         return Analysis(primary, secondary, figures)
+
+
+def example_differences(data: ClaimData, with_label: str, without_label: str, seeds: set[int]) -> dict[int, Any]:
+    """Seed -> per-test-example score with dropout minus without (:func:`final_unit_probe_scores`), for the seeds
+    in ``seeds`` where both runs kept their final weights on one test set."""
+    with_runs, without_runs = data.runs(with_label), data.runs(without_label)
+    out = {}
+    for seed in sorted(seeds):
+        a, b = final_unit_probe_scores(with_runs.get(seed)), final_unit_probe_scores(without_runs.get(seed))
+        if a is not None and b is not None and a.shape == b.shape:
+            out[seed] = a - b
+    return out
 
 
 def _versus_p(data: ClaimData, usefulness: dict[float, Any], ablation: dict[float, Any], correlation: Any) -> Any:

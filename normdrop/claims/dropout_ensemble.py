@@ -17,6 +17,18 @@ Primary: per seed, NLL of the MC average of :data:`MC_PASSES` masks minus NLL of
 equivalence margin of :attr:`DropoutEnsemble.MARGIN_NLL`: "behaves like" holds if the interval lies inside the band;
 if the MC average is clearly better (or worse) calibrated in likelihood, the claim as stated is contradicted for
 probabilities even when the two agree on the predicted class. Accuracy and ECE differences are secondaries.
+
+**Interval of the primary.** Every replicate is scored on the same fixed test set, so a t interval over replicates
+leaves that set's sampling error out (the replicates share it). The per-seed gap is a mean over test examples,
+
+    gap_r = (1/N) sum_i d_ri,   d_ri = -ln p_mc,50(y_i|x_i) + ln p_ws(y_i|x_i)
+
+(:func:`normdrop.probes.ensemble.mc_example_nll_gap`, the same 50 masks as the records), so the interval is the
+hull of the t interval over replicates and a bootstrap over replicates and test examples
+(:func:`normdrop.claims.small_family.example_estimate`, :func:`normdrop.significance.with_example_error`), and the
+TOST decision is read off that interval. The secondaries (accuracy, ECE, the explicit ensemble) keep the t interval
+over replicates alone, and their notes say so; ECE is not a mean over examples (it bins them), so it would need a
+bootstrap that recomputes the bins.
 """
 
 from __future__ import annotations
@@ -33,8 +45,9 @@ from normdrop.claims.figures import finish, legend, message_figure, new_figure, 
 from normdrop.claims.readers import final_model
 from normdrop.claims.results import Analysis, measure, not_measurable
 from normdrop.claims.setting import StudySetting
+from normdrop.claims.small_family import example_estimate
 from normdrop.probes import ensemble_comparison
-from normdrop.probes.ensemble import ECE_BINS
+from normdrop.probes.ensemble import ECE_BINS, mc_example_nll_gap
 from normdrop.significance import min_detectable_effect
 from normdrop.spec import RunResult, RunSpec
 from normdrop.stats import paired_difference
@@ -50,13 +63,20 @@ MC_PASSES = 50
 """Masks of the primary's MC average (Srivastava et al.'s figure 11 levels off by about 50)."""
 MC_SIZES = (1, 2, 5, 10, 20, MC_PASSES)
 """k of the MC curves in the figure."""
+GAP_TOLERANCE = 1e-9
+"""Largest |mean of the per-example NLL gaps - the records' NLL gap| (nats) for the per-example values to count as
+those of the primary (the same masks; only rounding differs)."""
 DROPOUT_ARM = "dropout net"
 KEEP = ("final_weights",)
 """What every run of this claim keeps: the analysis evaluates the trained networks again."""
 
-_SCORED: dict[tuple[Any, ...], tuple[tuple[int, ...], list[dict[str, Any]]]] = {}
-"""(dropout net, members, scorer) -> (ks, records) already computed in this process: the study's re-analysis on
-half the seeds reads the same stored runs again (records depend only on them, the ks and the fixed MC seed)."""
+SEED_ONLY = "t interval over replicates only (the test set's sampling error is not included)"
+"""What the secondaries' notes say about their intervals."""
+
+_SCORED: dict[tuple[Any, ...], tuple[tuple[int, ...], list[dict[str, Any]], np.ndarray]] = {}
+"""(dropout net, members, scorers) -> (ks, records, per-example NLL gap) already computed in this process: the
+study's re-analysis on half the seeds reads the same stored runs again (they depend only on the runs, the ks and
+the fixed MC seed)."""
 
 
 def member_label(index: int) -> str:
@@ -107,8 +127,10 @@ class DropoutEnsemble(Claim):
         "log-likelihood (NLL) and calibration (ECE, 15 equal-width confidence bins). The primary is the NLL "
         "difference: 'behaves like' is a statement about the predicted probabilities, and NLL is the proper "
         "scoring rule for them, while accuracy compares only the arg-max. Ten replicates (twice the evaluation "
-        "seeds), because the differences are small. Beside it, an explicit ensemble of three dropout-trained "
-        "networks (same training subset, different initializations). Limits: a small network; three ensemble "
+        "seeds), because the differences are small; every replicate is scored on the same test set, so the "
+        "primary's interval also resamples the test examples (it includes the test set's sampling error). Beside "
+        "it, an explicit ensemble of three dropout-trained networks (same training subset, different "
+        "initializations). Limits: a small network; three ensemble "
         "members; BN-free networks, so no BN statistics are involved."
     )
     caveats = (
@@ -157,11 +179,12 @@ class DropoutEnsemble(Claim):
         count = SEED_FACTOR * data.setting.seeds
         ks = MC_SIZES if data.draw else (MC_PASSES,)
         per_seed: dict[int, list[dict[str, Any]]] = {}
+        examples: dict[int, np.ndarray] = {}
         members_of = {i: arm_runs(data, member_label(i), count) for i in range(ENSEMBLE_SIZE - 1)}
         for seed, result in arm_runs(data, DROPOUT_ARM, count).items():
-            rows = _scores(result, [members_of[i].get(seed) for i in range(ENSEMBLE_SIZE - 1)], ks)
-            if rows is not None:
-                per_seed[seed] = rows
+            scored = _scores(result, [members_of[i].get(seed) for i in range(ENSEMBLE_SIZE - 1)], ks)
+            if scored is not None:
+                per_seed[seed], examples[seed] = scored
         metric = f"test NLL of the MC average over {MC_PASSES} masks minus weight-scaled, nats"
         if not per_seed:
             reason = "no dropout run finished with its weights kept (runs missing, failed or diverged)"
@@ -175,11 +198,18 @@ class DropoutEnsemble(Claim):
             return {seed: _pick(rows, method, k, field) for seed, rows in per_seed.items()}
 
         nll_gap = paired_difference(per("mc", MC_PASSES, "nll"), per("weight_scaled", None, "nll"))
+        estimate, interval = example_estimate(
+            nll_gap,
+            examples,
+            missing="no per-example NLLs",
+            tolerance=GAP_TOLERANCE,
+        )
         spec = data.setting.spec("small")
         note = (
             f"{len(nll_gap)} replicates; {spec.model} depth {spec.depth} x {spec.width}, dropout "
             f"{data.setting.primary_dropout}, {data.setting.small_train_size} training examples per replicate, "
-            f"{spec.steps} steps; whole test set; margin {self.MARGIN_NLL} nats fixed in advance."
+            f"{spec.steps} steps; whole test set; margin {self.MARGIN_NLL} nats fixed in advance; {interval}; the "
+            "equivalence test reads that interval."
         )
         values = list(nll_gap.values())
         if len(values) >= 2:
@@ -193,6 +223,7 @@ class DropoutEnsemble(Claim):
             margin=self.MARGIN_NLL,
             unit="nats",
             note=note,
+            estimate=estimate,
         )
         secondary = [
             measure(
@@ -202,6 +233,7 @@ class DropoutEnsemble(Claim):
                 "equal",
                 margin=self.MARGIN_PP,
                 unit="pp",
+                note=f"{SEED_ONLY}.",
             ),
             measure(
                 f"MC average over {MC_PASSES} masks vs weight scaling (ECE)",
@@ -210,6 +242,7 @@ class DropoutEnsemble(Claim):
                 "equal",
                 margin=self.MARGIN_ECE,
                 unit="ECE",
+                note=f"{SEED_ONLY}.",
             ),
         ]
         for field, scale, unit, label in (("nll", 1.0, "nats", "NLL"), ("accuracy", 100.0, "pp", "accuracy")):
@@ -221,7 +254,7 @@ class DropoutEnsemble(Claim):
                     paired_difference(per("ensemble", ENSEMBLE_SIZE, field), per("mc", MC_PASSES, field), scale=scale),
                     "decrease" if field == "nll" else "increase",
                     unit=unit,
-                    note="Lakshminarayanan et al. (2017) find explicit ensembles better than MC dropout.",
+                    note=f"Lakshminarayanan et al. (2017) find explicit ensembles better than MC dropout. {SEED_ONLY}.",
                 )
             )
         findings = []
@@ -237,16 +270,23 @@ class DropoutEnsemble(Claim):
 
 def _scores(
     result: RunResult | None, members: Sequence[RunResult | None], ks: Sequence[int]
-) -> list[dict[str, Any]] | None:
-    """The records of :func:`ensemble_comparison` for one replicate (None when its dropout net is unusable); the
-    explicit ensemble only when every member is usable. Served from :data:`_SCORED` when these runs were scored
-    before with these ks among others and the same largest k (the same max(ks) passes from the fixed MC seed)."""
+) -> tuple[list[dict[str, Any]], np.ndarray] | None:
+    """The records of :func:`ensemble_comparison` for one replicate and its per-example NLL gap (MC average of
+    :data:`MC_PASSES` masks minus weight scaling, :func:`mc_example_nll_gap`); None when its dropout net is
+    unusable. The explicit ensemble only when every member is usable. Served from :data:`_SCORED` when these runs
+    were scored before with these ks among others and the same largest k (the same max(ks) passes from the fixed
+    MC seed)."""
     if result is None or result.status != "finished":
         return None
-    key = (result.run_id, tuple(None if m is None else (m.run_id, m.status) for m in members), ensemble_comparison)
+    key = (
+        result.run_id,
+        tuple(None if m is None else (m.run_id, m.status) for m in members),
+        ensemble_comparison,
+        mc_example_nll_gap,
+    )
     cached = _SCORED.get(key)
     if cached is not None and set(ks) <= set(cached[0]) and max(ks) == max(cached[0]):
-        return [r for r in cached[1] if r["method"] != "mc" or r["k"] in ks]
+        return [r for r in cached[1] if r["method"] != "mc" or r["k"] in ks], cached[2]
     model = final_model(result)
     if model is None:
         return None
@@ -254,10 +294,11 @@ def _scores(
     ensemble = [model, *nets] if all(net is not None for net in nets) else []
     dataset = load_run_dataset(result.spec)
     rows = ensemble_comparison(model, ensemble, dataset.x_test, dataset.y_test, ks)
+    gap = np.asarray(mc_example_nll_gap(model, dataset.x_test, dataset.y_test, MC_PASSES), dtype=np.float64)
     if len(_SCORED) >= 512:
         _SCORED.clear()
-    _SCORED[key] = (tuple(ks), rows)
-    return rows
+    _SCORED[key] = (tuple(ks), rows, gap)
+    return rows, gap
 
 
 def _pick(rows: list[dict[str, Any]], method: str, k: int | None, field: str) -> float | None:

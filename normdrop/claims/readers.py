@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from normdrop.models import build_model
+from normdrop.probes.coadaptation import unit_probe_example_scores
 from normdrop.spec import RunResult
 from normdrop.stats import paired_log_ratio
 from normdrop.train import load_run_dataset
@@ -161,3 +162,26 @@ def final_correctness(runs: Mapping[int, RunResult | None]) -> dict[int, np.ndar
         if predictions is not None:
             out[seed] = predictions.correct
     return out
+
+
+_UNIT_SCORES_CACHE: dict[str, np.ndarray] = {}
+
+
+def final_unit_probe_scores(result: RunResult | None) -> np.ndarray | None:
+    """Per probe test example, the share of the final network's hidden units whose single-unit probe classifies it
+    right (:func:`normdrop.probes.coadaptation.unit_probe_example_scores`, fitted on the run's own training
+    examples as the ``coadaptation`` probe does); its mean is the run's unit-weighted mean ``unit_probe_accuracy``.
+    None if the run is missing, did not finish, or kept no final weights. Cached per run id."""
+    if result is None or result.status != "finished" or kept_weights(result) is None:
+        return None
+    cached = _UNIT_SCORES_CACHE.get(result.run_id)
+    if cached is not None:
+        return cached
+    model = final_model(result)
+    if model is None:
+        return None
+    scores = unit_probe_example_scores(model, load_run_dataset(result.spec)).numpy()
+    if len(_UNIT_SCORES_CACHE) >= _PREDICTIONS_CACHE_SIZE:
+        _UNIT_SCORES_CACHE.pop(next(iter(_UNIT_SCORES_CACHE)))
+    _UNIT_SCORES_CACHE[result.run_id] = scores
+    return scores

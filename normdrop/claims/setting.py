@@ -24,8 +24,10 @@ keeps the stored runs), selection seeds ``SELECTION_SEED_BASE ..``.
 
 **Data per seed.** A run on a subset of the training set (``train_size``) or with label noise draws that subset and
 that noise from its own seed (``data_seed = seed``), so the intervals include the variance of which examples were
-drawn. The test set is a property of the dataset (fixed); claims whose effect is a test accuracy resample test
-examples too (:func:`normdrop.significance.paired_example_bootstrap`).
+drawn. The test set is a property of the dataset (fixed); the primaries of dropout-generalizes, bn-less-dropout,
+dropout-ensemble and dropout-coadapt resample test examples too, from the kept final weights
+(:func:`normdrop.significance.example_bootstrap`, :func:`normdrop.claims.small_family.example_estimate`); other
+intervals are over seeds only.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ test sets (digits: 360 examples), while the percentile bootstrap alone, over 5 s
 t correction and would understate the seed variance. The effect itself (the per-seed values the engine tests)
 comes from the recorded metrics, so it is the same at every budget; the bootstrap needs the final weights, so a
 re-analysis at a smaller budget (weights dropped) falls back to the t interval and says so in the note.
+:func:`example_estimate` does the same for any effect that is a mean over test examples of a per-example value
+(dropout-ensemble's per-example NLL differences, dropout-coadapt's per-example share of units probed right);
+:func:`normdrop.significance.with_example_error` says why the hull.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from normdrop.claims.experiment import dropout_label, selection_label
 from normdrop.claims.readers import curve, final, final_correctness
 from normdrop.claims.setting import FAMILIES
 from normdrop.selection import choose
-from normdrop.significance import min_detectable_effect, paired_example_bootstrap
+from normdrop.significance import example_bootstrap, min_detectable_effect, with_example_error
 from normdrop.spec import RunResult
 from normdrop.stats import Estimate, finite, t_interval
 
@@ -123,27 +126,67 @@ def accuracy_estimate(
 
     The hull of the t interval of ``per_seed`` and the two-level example bootstrap (module docstring) when every
     seed of ``per_seed`` has final predictions in every arm; otherwise the t interval alone."""
-    t = t_interval(per_seed.values())
-    if t is None:
-        return None, "too few seeds for an interval"
     seeds = set(per_seed)
     correct_plus = [final_correctness({s: r for s, r in arm.items() if s in seeds}) for arm in plus]
     correct_minus = [final_correctness({s: r for s, r in arm.items() if s in seeds}) for arm in minus]
     if any(set(c) != seeds for c in correct_plus + correct_minus):
-        return t, "t interval over seeds (final weights not available, e.g. a re-analysis at a smaller budget)"
-    a = {s: np.sum([c[s] for c in correct_plus], axis=0) for s in seeds}
-    b = {s: np.sum([c[s] for c in correct_minus], axis=0) for s in seeds}
+        differences: dict[int, np.ndarray] = {}
+    else:
+        differences = {
+            s: np.sum([c[s] for c in correct_plus], axis=0) - np.sum([c[s] for c in correct_minus], axis=0)
+            for s in seeds
+        }
+    return example_estimate(
+        per_seed,
+        differences,
+        scale=scale,
+        missing="final weights not available, e.g. a re-analysis at a smaller budget",
+        bootstrap="a paired bootstrap",
+    )
+
+
+def example_estimate(
+    per_seed: Mapping[int, float],
+    per_example: Mapping[int, np.ndarray],
+    *,
+    scale: float = 1.0,
+    missing: str = "per-example values not available",
+    bootstrap: str = "a bootstrap",
+    tolerance: float | None = None,
+) -> tuple[Estimate | None, str]:
+    """The interval of an effect that is, per seed, ``scale`` times a mean over one fixed test set of per-example
+    values, and a phrase for the note.
+
+    With ``per_example[s]`` for every seed of ``per_seed``: the hull
+    (:func:`normdrop.significance.with_example_error`) of the t interval of ``per_seed`` and
+    :func:`normdrop.significance.example_bootstrap` with ``shared_test_set=True`` (seeds and test examples
+    resampled). Otherwise, or when the test sets differ in size, the t interval alone, and the phrase says the
+    test-set error is left out (``missing``: why). ``tolerance``: the largest allowed ``|scale * mean(per_example[s])
+    - per_seed[s]|``; a seed beyond it means the per-example values are not those of the recorded effect, so the t
+    interval is used and the phrase says so.
+    """
+    t = t_interval(per_seed.values())
+    if t is None:
+        return None, "too few seeds for an interval"
+    seeds = sorted(per_seed)
+    seed_only = "t interval over seeds only, without the test set's sampling error"
+    if not set(seeds) <= set(per_example):
+        return t, f"{seed_only} ({missing})"
+    rows = {s: np.asarray(per_example[s], dtype=np.float64) for s in seeds}
+    if tolerance is not None:
+        worst = max(abs(scale * float(rows[s].mean()) - per_seed[s]) if rows[s].size else math.inf for s in seeds)
+        if not worst <= tolerance:
+            return t, f"{seed_only} (the per-example values do not reproduce the recorded per-seed effect)"
     try:
-        boot = paired_example_bootstrap(a, b, shared_test_set=True)
+        boot = example_bootstrap(rows, shared_test_set=True)
     except ValueError:  # test sets of different sizes: runs of different datasets, not a shared test set
         boot = None
     if boot is None:
-        return t, "t interval over seeds"
-    low, high = min(t.ci_low, scale * boot.ci_low), max(t.ci_high, scale * boot.ci_high)
-    n_examples = len(next(iter(a.values())))
+        return t, seed_only
+    n_examples = len(rows[seeds[0]])
     return (
-        Estimate(t.value, low, high, t.n, "t + example bootstrap (hull)", t.confidence),
-        f"interval: hull of the t interval over seeds and a paired bootstrap over seeds and the {n_examples} test "
+        with_example_error(t, boot, scale=scale),
+        f"interval: hull of the t interval over seeds and {bootstrap} over seeds and the {n_examples} test "
         "examples (the test set is fixed, so its sampling error is included)",
     )
 

@@ -94,8 +94,18 @@ def single_unit_probe_accuracy(
     Args:
         train, test: activations of shape (examples, units).
         train_labels, test_labels: class indices in ``[0, num_classes)``.
-    Returns: a float64 tensor of shape (units,).
+    Returns: a float64 tensor of shape (units,): the mean over test examples of
+    :func:`single_unit_probe_correct`.
     """
+    return single_unit_probe_correct(train, train_labels, test, test_labels, num_classes).mean(dim=0)
+
+
+def single_unit_probe_correct(
+    train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, num_classes: int
+) -> Tensor:
+    """Per test example and unit, 1.0 where the unit's one-feature linear discriminant (fitted on ``train``)
+    predicts the label, else 0.0: float64 of shape (test examples, units); arguments as
+    :func:`single_unit_probe_accuracy`."""
     x = train.double()
     onehot = torch.nn.functional.one_hot(train_labels.long(), num_classes).double()  # (N, C)
     counts = onehot.sum(dim=0)  # (C,)
@@ -114,7 +124,7 @@ def single_unit_probe_accuracy(
     slope = means.T * inverse[:, None]
     offset = -means.T.pow(2) * inverse[:, None] / 2 + log_prior[None, :]
     predicted = torch.addcmul(offset[None], test.double()[:, :, None], slope[None]).argmax(dim=2)  # (M, U)
-    return (predicted == test_labels.long()[:, None]).double().mean(dim=0)
+    return (predicted == test_labels.long()[:, None]).double()
 
 
 def _unit_values(model: nn.Module, inputs: Tensor, module_types: tuple[type[nn.Module], ...]) -> dict[str, Tensor]:
@@ -214,6 +224,37 @@ def ablation_drops(
     return base, drops
 
 
+def _probe_sets(dataset: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """``(x_train, y_train, x_test, y_test, num_classes)`` the single-unit probes are fitted and scored on: the first
+    :data:`FIT_EXAMPLES` training and :data:`TEST_EXAMPLES` test examples."""
+    x_train, y_train = dataset.x_train[:FIT_EXAMPLES], dataset.y_train[:FIT_EXAMPLES]
+    x_test, y_test = dataset.x_test[:TEST_EXAMPLES], dataset.y_test[:TEST_EXAMPLES]
+    num_classes = int(getattr(dataset, "num_classes", 0) or int(max(y_train.max(), y_test.max())) + 1)
+    return x_train, y_train, x_test, y_test, num_classes
+
+
+def unit_probe_example_scores(
+    model: nn.Module, dataset: Any, module_types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES
+) -> Tensor:
+    """Per probe test example, the share of all hidden units (every watched layer's, pooled) whose single-unit
+    probe classifies it right: float64 of shape (test examples,), in inference mode.
+
+    Its mean over the examples is the mean over all units of the single-unit probe accuracy, i.e. the layers'
+    ``unit_probe_accuracy`` of :class:`CoadaptationProbe` weighted by their numbers of units,
+    ``(1/M) sum_i (1/U) sum_u c_iu = (1/U) sum_u (1/M) sum_i c_iu``; what a bootstrap over test examples resamples.
+    """
+    x_train, y_train, x_test, y_test, num_classes = _probe_sets(dataset)
+    train_values = _unit_values(model, x_train, module_types)
+    test_values = _unit_values(model, x_test, module_types)
+    correct = [
+        single_unit_probe_correct(train_values[layer], y_train, test_values[layer], y_test, num_classes)
+        for layer in train_values
+    ]
+    if not correct:
+        raise ValueError("the model has no watched layer to probe")
+    return torch.cat(correct, dim=1).mean(dim=1)
+
+
 class CoadaptationProbe(Probe):
     """Correlation, DeCov and sparsity of the output of every activation layer, on the probe batch.
 
@@ -261,9 +302,7 @@ class CoadaptationProbe(Probe):
     def usefulness(self, model: nn.Module, dataset: Any) -> dict[str, dict[str, Any]]:
         """Per layer: single-unit probe accuracies and ablation drops (tensors of shape (units,)), the network's
         test accuracy and the numbers of examples used (see the module docstring)."""
-        x_train, y_train = dataset.x_train[:FIT_EXAMPLES], dataset.y_train[:FIT_EXAMPLES]
-        x_test, y_test = dataset.x_test[:TEST_EXAMPLES], dataset.y_test[:TEST_EXAMPLES]
-        num_classes = int(getattr(dataset, "num_classes", 0) or int(max(y_train.max(), y_test.max())) + 1)
+        x_train, y_train, x_test, y_test, num_classes = _probe_sets(dataset)
         train_values = _unit_values(model, x_train, self.module_types)
         test_values = _unit_values(model, x_test, self.module_types)
         accuracy, drops = ablation_drops(

@@ -53,11 +53,17 @@ def weight_scaled_logits(model: nn.Module, inputs: Tensor) -> Tensor:
         return model(inputs).double()
 
 
-def negative_log_likelihood(probabilities: Tensor, labels: Tensor) -> float:
-    """-mean_i ln p(y_i | x_i) of predicted probabilities (N, C) (a probability of 0 counts as the smallest positive
-    float64, so the value stays finite)."""
+def example_negative_log_likelihood(probabilities: Tensor, labels: Tensor) -> Tensor:
+    """-ln p(y_i | x_i) per example, float64 of shape (N,), from predicted probabilities (N, C) (a probability of 0
+    counts as the smallest positive float64, so every value stays finite)."""
     picked = probabilities.double().gather(1, labels.long()[:, None]).squeeze(1)
-    return float(-picked.clamp_min(torch.finfo(torch.float64).tiny).log().mean())
+    return -picked.clamp_min(torch.finfo(torch.float64).tiny).log()
+
+
+def negative_log_likelihood(probabilities: Tensor, labels: Tensor) -> float:
+    """-mean_i ln p(y_i | x_i) of predicted probabilities (N, C): the mean of
+    :func:`example_negative_log_likelihood`."""
+    return float(example_negative_log_likelihood(probabilities, labels).mean())
 
 
 def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
@@ -85,6 +91,32 @@ def _scores(
         "agreement_weight_scaled": None if reference is None else float((predicted == reference).double().mean()),
         "agreement_ensemble": None if ensemble is None else float((predicted == ensemble).double().mean()),
     }
+
+
+def _mc_logits(model: nn.Module, inputs: Tensor, k: int, seed: int, reference_logits: Tensor) -> Tensor:
+    """(k, N, C) float64 logits of k dropout passes with masks from ``seed`` (every pass the weight-scaled
+    ``reference_logits`` for a model without dropout)."""
+    if not dropouts(model):
+        return reference_logits.expand(k, *reference_logits.shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return mc_samples(model, inputs, k).double()
+
+
+def mc_example_nll_gap(model: nn.Module, inputs: Tensor, labels: Tensor, k: int, *, seed: int = MC_SEED) -> Tensor:
+    """Per example, -ln p_mc,k(y_i | x_i) minus -ln p_ws(y_i | x_i) (nats, float64, shape (N,)): the MC average of
+    k passes against weight scaling, example by example.
+
+    Its mean is the ``nll`` of the ``mc`` row with this k minus that of the ``weight_scaled`` row of
+    :func:`mc_dropout_records` called with ``max(ks) == k`` and the same ``seed`` (the same k masks); what a
+    bootstrap over test examples resamples.
+    """
+    if k < 1:
+        raise ValueError(f"k must be a positive int, got {k}")
+    reference_logits = weight_scaled_logits(model, inputs)
+    averaged = _mc_logits(model, inputs, k, seed, reference_logits).softmax(dim=2).cumsum(dim=0)[-1] / k  # as the rows
+    mc = example_negative_log_likelihood(averaged, labels)
+    return mc - example_negative_log_likelihood(reference_logits.softmax(dim=1), labels)
 
 
 def mc_dropout_records(
@@ -120,12 +152,7 @@ def mc_dropout_records(
             "tv_weight_scaled": 0.0,
         }
     ]
-    if dropouts(model):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            samples = mc_samples(model, inputs, sizes[-1]).double()
-    else:
-        samples = reference_logits.expand(sizes[-1], *reference_logits.shape)
+    samples = _mc_logits(model, inputs, sizes[-1], seed, reference_logits)
     logit_means = samples.cumsum(dim=0)
     probability_means = samples.softmax(dim=2).cumsum(dim=0)
     for k in sizes:

@@ -9,6 +9,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,10 +20,12 @@ from normdrop.claims.bn_stable_inputs import relative_drift
 from normdrop.claims.dropout_bn_shift import position_label
 from normdrop.claims.experiment import Experiment, small_label
 from normdrop.claims.readers import final, steps_to_reach
+from normdrop.claims.results import Analysis
 from normdrop.probe_catalog import PROBES
 from normdrop.probes import make_probe
+from normdrop.significance import HULL_METHOD
 from normdrop.spec import RunResult, RunSpec
-from normdrop.stats import VERDICTS
+from normdrop.stats import VERDICTS, decide, t_interval
 
 SETTING = StudySetting.create(quick=True, seeds=4)
 MECHANICS = ("bn-mechanics", "dropout-mechanics")
@@ -457,44 +460,156 @@ def test_dropout_coadapt_each_verdict() -> None:
     analysis = get("dropout-coadapt").analyze(data_for("dropout-coadapt", coadaptation_runs(lambda spec: 0.3)))
     by_name = {m.name.split(",")[0]: m for m in analysis.secondary}
     assert by_name["mean |correlation| between units"].verdict == "supported"  # ln(0.3 / 0.1) > 0
+    # these runs kept no weights: the probes cannot be scored per example, and the note says what is left out
+    assert analysis.primary.estimate is not None and analysis.primary.estimate.method == "t"
+    assert "without the test set's sampling error" in analysis.primary.note
     assert by_name["accuracy drop when one unit is zeroed"].estimate.value == pytest.approx(-0.9)  # pp
 
 
-def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The analysis combines the kept networks through ``ensemble_comparison`` (tested on real networks in
-    tests/probes/test_probes_ensemble.py); here it returns rows whose MC average has an NLL ``gap(seed)`` nats
-    below weight scaling (the primary) and the same accuracy."""
+def shared_examples(mean: float, values: tuple[float, float], n_examples: int, seed: int = 0) -> np.ndarray:
+    """``n_examples`` per-example values, half ``values[0]`` and half ``values[1]`` shifted so that their mean is
+    exactly ``mean``, in an order fixed by ``seed`` (the same fixed test set for every seed that asks)."""
+    half = np.array([values[0]] * (n_examples // 2) + [values[1]] * (n_examples - n_examples // 2))
+    row = half - half.mean() + mean
+    return np.random.default_rng(seed).permutation(row)
+
+
+def ensemble_analysis(
+    monkeypatch: pytest.MonkeyPatch,
+    gap: Callable[[int], float],
+    per_example: Callable[[int, float], np.ndarray | None] | None = None,
+) -> Analysis:
+    """dropout-ensemble on fake networks (the seed stands for the net): ``ensemble_comparison`` rows whose MC average
+    has an NLL ``gap(seed)`` nats below weight scaling (the primary is ``-gap``) and the same accuracy, and
+    ``mc_example_nll_gap`` giving ``per_example(seed, -gap(seed))`` (default: ``-gap`` on each of 1000 test
+    examples: no test-set spread). Both are tested on real networks elsewhere (tests/probes/test_probes_ensemble.py,
+    tests/claims/test_dropout_mechanism_claims.py)."""
     from normdrop.claims import dropout_ensemble
 
     monkeypatch.setattr(dropout_ensemble, "final_model", lambda result: None if result is None else result.spec.seed)
     monkeypatch.setattr(dropout_ensemble, "load_run_dataset", lambda spec: types.SimpleNamespace(x_test=0, y_test=0))
 
-    def check(gap: Callable[[int], float], expected: str) -> None:
-        def comparison(model: int, nets: list[int], x: Any, y: Any, ks: Any) -> list[dict[str, Any]]:
-            nll = 1.0 + noise(SETTING.spec("small", seed=model), 0.001)
-            rows = [{"method": "weight_scaled", "k": None, "accuracy": 0.6, "nll": nll, "ece": 0.1}]
-            rows += [
-                {
-                    "method": "mc",
-                    "k": k,
-                    "accuracy": 0.6,
-                    "nll": nll - gap(model),
-                    "ece": 0.05,
-                    "agreement_weight_scaled": 0.99,
-                }
-                for k in ks
-            ]
-            rows += [
-                {"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9, "ece": 0.03} for n in range(len(nets))
-            ]
-            return rows
+    def comparison(model: int, nets: list[int], x: Any, y: Any, ks: Any) -> list[dict[str, Any]]:
+        nll = 1.0 + noise(SETTING.spec("small", seed=model), 0.001)
+        rows = [{"method": "weight_scaled", "k": None, "accuracy": 0.6, "nll": nll, "ece": 0.1}]
+        rows += [
+            {
+                "method": "mc",
+                "k": k,
+                "accuracy": 0.6,
+                "nll": nll - gap(model),
+                "ece": 0.05,
+                "agreement_weight_scaled": 0.99,
+            }
+            for k in ks
+        ]
+        rows += [{"method": "ensemble", "k": n + 1, "accuracy": 0.7, "nll": 0.9, "ece": 0.03} for n in range(len(nets))]
+        return rows
 
-        monkeypatch.setattr(dropout_ensemble, "ensemble_comparison", comparison)
-        assert verdict("dropout-ensemble", lambda label, spec: run_result(spec)) == expected
+    def examples(model: int, x: Any, y: Any, k: int) -> np.ndarray | None:
+        assert k == dropout_ensemble.MC_PASSES
+        if per_example is None:
+            return np.full(1000, -gap(model))
+        return per_example(model, -gap(model))
+
+    monkeypatch.setattr(dropout_ensemble, "ensemble_comparison", comparison)
+    monkeypatch.setattr(dropout_ensemble, "mc_example_nll_gap", examples)
+    return get("dropout-ensemble").analyze(data_for("dropout-ensemble", lambda label, spec: run_result(spec)))
+
+
+def test_dropout_ensemble_each_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    def check(gap: Callable[[int], float], expected: str) -> None:
+        analysis = ensemble_analysis(monkeypatch, gap)
+        assert analysis.figures and all(figure.png.startswith(b"\x89PNG") for figure in analysis.figures)
+        assert analysis.primary.verdict == expected
 
     check(lambda seed: 0.001, "supported")  # 0.001 nats apart: within the 0.05-nat margin
     check(lambda seed: 0.2, "contradicted")  # the MC average is clearly better in likelihood
     check(lambda seed: 0.1 if seed % 2 == 0 else 0.0, "inconclusive")  # 0 or 0.1 nats: spans the margin's edge
+
+
+def test_dropout_ensemble_interval_includes_the_test_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicates that agree exactly (-0.01 nats each: the seed-only interval has zero width, inside the 0.05
+    band) on one fixed test set whose per-example NLL differences spread by 0.3 nats: with 20 examples the test
+    set's error (about 1.96 x 0.3 / sqrt(20) = 0.13 nats) spans the band's edges, so the verdict must be
+    inconclusive; with 20 000 examples (0.004 nats) it is supported again."""
+    few = ensemble_analysis(monkeypatch, lambda seed: 0.01, lambda seed, mean: shared_examples(mean, (-0.3, 0.3), 20))
+    seed_only = t_interval(few.primary.per_seed.values())
+    assert seed_only is not None and seed_only.ci_low == seed_only.ci_high  # the seeds alone: decisive
+    assert decide(seed_only, "equal", margin=0.05).verdict == "supported"
+    primary = few.primary
+    assert primary.verdict == "inconclusive", primary.decision.reason
+    assert primary.estimate is not None and primary.estimate.method == HULL_METHOD
+    assert primary.estimate.ci_high - primary.estimate.ci_low > 0.2
+    assert primary.estimate.value == pytest.approx(-0.01)
+    assert "20 test examples" in primary.note and "sampling error is included" in primary.note
+    assert all("not included" in m.note for m in few.secondary)  # the secondaries say they are seed-only
+    many = ensemble_analysis(
+        monkeypatch, lambda seed: 0.01, lambda seed, mean: shared_examples(mean, (-0.3, 0.3), 20_000)
+    )
+    assert many.primary.verdict == "supported", many.primary.decision.reason
+    assert many.primary.estimate is not None and many.primary.estimate.ci_high - many.primary.estimate.ci_low < 0.02
+    # per-example values that do not average to the recorded gap are not used; the note says what is left out
+    wrong = ensemble_analysis(monkeypatch, lambda seed: 0.01, lambda seed, mean: shared_examples(0.2, (-0.3, 0.3), 20))
+    assert wrong.primary.verdict == "supported" and "do not reproduce" in wrong.primary.note
+    assert "sampling error" in wrong.primary.note and wrong.primary.estimate == seed_only
+
+
+def unit_score_runs(
+    monkeypatch: pytest.MonkeyPatch, gain: float, n_examples: int, spread: float = 0.2
+) -> tuple[Make, dict[str, np.ndarray]]:
+    """Coadaptation records with mean single-unit probe accuracy 0.2 without dropout and ``0.2 + gain`` with it,
+    the same on every seed, and per-example unit-probe scores (``final_unit_probe_scores``) on ``n_examples``
+    shared test examples: half ``mean - spread``, half ``mean + spread``, independently ordered per arm, so their
+    differences spread by about ``spread * sqrt(2)``."""
+    from normdrop.claims import dropout_coadapt
+
+    scores: dict[str, np.ndarray] = {}
+
+    def make(label: str, spec: RunSpec) -> RunResult:
+        usefulness = 0.2 + (gain if spec.dropout else 0.0)
+        rows = [
+            {
+                "probe": "coadaptation",
+                "step": spec.steps,
+                "unit": None,
+                "layer": layer,
+                "units": 128,
+                "mean_abs_correlation": 0.3 if spec.dropout == 0 else 0.1,
+                "decov": 0.3,
+                "active_fraction": 0.5,
+                "unit_probe_accuracy": usefulness,
+                "ablation_drop": 0.01,
+            }
+            for layer in ("hidden1.act", "hidden2.act")
+        ]
+        scores[spec.run_id] = shared_examples(usefulness, (-spread, spread), n_examples, seed=int(spec.dropout > 0))
+        return run_result(spec, {"train_accuracy": lambda t: 1.0, "test_accuracy": lambda t: 0.6}, probe_records=rows)
+
+    monkeypatch.setattr(
+        dropout_coadapt, "final_unit_probe_scores", lambda result: None if result is None else scores[result.run_id]
+    )
+    return make, scores
+
+
+def test_dropout_coadapt_interval_includes_the_test_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every seed gains exactly 2 pp (zero-width seed interval, above 0), on one fixed test set whose per-example
+    score differences spread by about 0.28: with 40 examples the test set's error (about 1.96 x 28 / sqrt(40) = 9
+    pp) makes the verdict inconclusive; with 40 000 (0.3 pp) it is supported."""
+    make, _ = unit_score_runs(monkeypatch, 0.02, 40)
+    primary = get("dropout-coadapt").analyze(data_for("dropout-coadapt", make)).primary
+    seed_only = t_interval(primary.per_seed.values())
+    assert seed_only is not None and seed_only.ci_low == seed_only.ci_high
+    assert decide(seed_only, "increase").verdict == "supported"  # the seeds alone: decisive
+    assert primary.verdict == "inconclusive", primary.decision.reason
+    assert primary.estimate is not None and primary.estimate.method == HULL_METHOD
+    assert primary.estimate.ci_low < -2 and primary.estimate.value == pytest.approx(2.0)
+    assert "40 test examples" in primary.note and "sampling error is included" in primary.note
+    make, _ = unit_score_runs(monkeypatch, 0.02, 40_000)
+    analysis = get("dropout-coadapt").analyze(data_for("dropout-coadapt", make))
+    assert analysis.primary.verdict == "supported", analysis.primary.decision.reason
+    assert analysis.primary.estimate is not None and analysis.primary.estimate.ci_low > 1.5
+    assert all("not included" in m.note for m in analysis.secondary)  # the secondaries say they are seed-only
 
 
 def factorial_runs(bn_speed: float, dropout_speed: float, bn_error: float, dropout_error: float) -> Make:

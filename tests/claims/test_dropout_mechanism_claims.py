@@ -19,19 +19,25 @@ from torch import nn
 from normdrop.claims import ClaimData, StudySetting, get
 from normdrop.claims.base import ClaimResult
 from normdrop.claims.dropout_bn_shift import MATCHED, matched_label, position_label
+from normdrop.claims.dropout_coadapt import unit_mean
 from normdrop.claims.experiment import factorial_selection_arms
+from normdrop.claims.readers import final_unit_probe_scores
 from normdrop.claims.results import Analysis, RunCounts, measure
+from normdrop.lab import run_spec
 from normdrop.models import build_model
 from normdrop.probes import (
     CoadaptationProbe,
     ablation_drops,
     expected_calibration_error,
+    mc_dropout_records,
     negative_log_likelihood,
     single_unit_probe_accuracy,
 )
+from normdrop.probes.coadaptation import TEST_EXAMPLES, single_unit_probe_correct
+from normdrop.probes.ensemble import mc_example_nll_gap
 from normdrop.spec import RunResult, RunSpec
 from normdrop.study import run_study
-from normdrop.train import HookContext
+from normdrop.train import HookContext, load_run_dataset
 
 SETTING = StudySetting.create(quick=True, seeds=4)
 
@@ -127,6 +133,50 @@ def test_the_coadaptation_probe_records_usefulness_at_the_last_step_only() -> No
     assert float(single_unit_probe_accuracy(x[:, :1], y, x[:, :1], y, 2)[0]) == pytest.approx(7 / 8)
     (first,) = CoadaptationProbe()(context(0))
     assert "unit_probe_accuracy" not in first and "mean_abs_correlation" in first
+
+
+def test_the_per_example_unit_scores_of_the_kept_network_reproduce_the_probes_record() -> None:
+    """The oracle: the coadaptation probe's own record at the last step of a real run. The analysis refits the
+    probes on the kept final network and scores them per test example; the mean of those scores must be the
+    record's unit-weighted mean accuracy (which also checks that the kept weights are the ones the probe saw)."""
+    spec = SETTING.spec(
+        "small", seed=2, dropout=0.5, steps=30, train_size=200, probes=("coadaptation",), keep=("final_weights",)
+    )
+    result = run_spec(spec)
+    scores = final_unit_probe_scores(result)
+    assert scores is not None and scores.shape == (min(TEST_EXAMPLES, len(load_run_dataset(spec).y_test)),)
+    assert ((scores >= 0) & (scores <= 1)).all() and scores.std() > 0
+    assert float(scores.mean()) == pytest.approx(unit_mean(result, "unit_probe_accuracy"), abs=1e-12)
+    unkept = RunResult(result.run_id + "-unkept", spec, "finished", probe_records=result.probe_records)
+    assert final_unit_probe_scores(unkept) is None
+
+
+def test_single_unit_probe_correct_is_per_example() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    correct = single_unit_probe_correct(x[:40], y[:40], x[40:], y[40:], 3)
+    assert correct.shape == (20, 5) and set(correct.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(correct.mean(dim=0), single_unit_probe_accuracy(x[:40], y[:40], x[40:], y[40:], 3))
+
+
+def test_the_per_example_nll_gap_averages_to_the_records_gap() -> None:
+    """The oracle: :func:`mc_dropout_records`' NLLs of the MC average of 50 masks and of weight scaling; the
+    per-example gaps of the same masks must average to their difference (and be zero without dropout)."""
+    torch.manual_seed(1)
+    spec = SETTING.spec("small", dropout=0.5)
+    data = load_run_dataset(spec)
+    model = build_model(spec, data.input_shape, data.num_classes).eval()
+    x, y = data.x_test[:300], data.y_test[:300]
+    rows = mc_dropout_records(model, x, y, (1, 5, 50))
+    ws = next(r["nll"] for r in rows if r["method"] == "weight_scaled")
+    mc = next(r["nll"] for r in rows if r["method"] == "mc" and r["k"] == 50)
+    gap = mc_example_nll_gap(model, x, y, 50)
+    assert gap.shape == (300,) and gap.std() > 0
+    assert float(gap.mean()) == pytest.approx(mc - ws, abs=1e-12)
+    plain = build_model(SETTING.spec("small"), data.input_shape, data.num_classes).eval()
+    assert mc_example_nll_gap(plain, x, y, 5).abs().max() < 1e-12  # every pass is weight scaling (up to rounding)
+    with pytest.raises(ValueError, match="positive"):
+        mc_example_nll_gap(model, x, y, 0)
 
 
 # ---- NLL and ECE ----------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from normdrop.scope import ScopedVerdict, SettingVerdict, fragile, overall_verdi
 from normdrop.significance import ALPHA, Adjusted, holm, min_detectable_effect, p_value
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import Store
-from normdrop.sweep import ExecutorName, SweepError, run_sweep
+from normdrop.sweep import ExecutorName, SweepError, WorkerPool, run_sweep
 from normdrop.versions import STUDY_PACKAGES, package_versions
 
 DEFAULT_OUT_DIR = Path("normdrop-report")
@@ -287,7 +287,10 @@ def run_study(
         versions=versions(),
     )
     # report only reads: a read-only connection (a read-only store works); a missing store is created empty as before
-    with Store(store_path, readonly=not train and Path(store_path).exists()) as store:
+    # One pool of local workers for the first sweep and every adaptive round: a round is often a few runs, and
+    # starting the workers again for each cost about as much as its runs (~6 s a round on 2 busy cores).
+    pool = WorkerPool(workers) if train and executor == "local" else None
+    with Store(store_path, readonly=not train and Path(store_path).exists()) as store, pool or contextlib.nullcontext():
         all_specs = [spec for plan in plans for spec in plan.specs]
         if train and all_specs:
             sweep_started = time.perf_counter()
@@ -303,6 +306,7 @@ def run_study(
                 console,
                 outcome,
                 fleet=fleet,
+                pool=pool,
             )
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
@@ -318,7 +322,18 @@ def run_study(
             if not train:
                 break
             swept = _sweep(
-                plans, missing, store, executor, workers, ray_address, progress, run_fn, console, outcome, fleet=fleet
+                plans,
+                missing,
+                store,
+                executor,
+                workers,
+                ray_address,
+                progress,
+                run_fn,
+                console,
+                outcome,
+                fleet=fleet,
+                pool=pool,
             )
             for key, value in swept.items():
                 outcome.sweep[key] = outcome.sweep.get(key, 0) + value
@@ -380,6 +395,7 @@ def _sweep(
     console: Console,
     outcome: StudyOutcome,
     fleet: bool = True,
+    pool: WorkerPool | None = None,
 ) -> dict[str, int]:
     """Run the missing specs in one sweep (claim by claim in submission order), with a bar per claim."""
     with _ClaimProgress(plans, store.path, console, enabled=progress):
@@ -393,6 +409,7 @@ def _sweep(
                 progress=False,
                 run_fn=run_fn,
                 fleet=fleet,
+                pool=pool,
             )
         except SweepError as error:
             outcome.notes.append(f"the sweep stopped early: {error}")

@@ -314,6 +314,7 @@ def run_sweep(
     run_fn: RunFunction | None = None,
     fleet: bool = True,
     fleet_fn: FleetFunction | None = None,
+    pool: WorkerPool | None = None,
 ) -> SweepReport:
     """Run every spec the store does not already hold as finished or diverged, saving each as it completes.
 
@@ -334,6 +335,9 @@ def run_sweep(
         fleet: train specs that share a shape as fleets (:mod:`normdrop.fleet`, one task each; the stored runs are
             the same bit for bit, the fleet is noted in their provenance). Used with the default ``run_fn``, or
             with a ``fleet_fn``: the fleet twin of a custom ``run_fn`` (module-level, like it).
+        pool: local worker processes kept across sweeps (:class:`WorkerPool`; e.g. the study's adaptive rounds, many
+            small sweeps in a row, each of which would otherwise start its workers again). Default: a pool for
+            this sweep alone, shut down at its end. Its size wins over ``workers``.
 
     Raises:
         SweepError: a local worker process died abruptly (runs saved so far stay; re-run to resume).
@@ -367,7 +371,9 @@ def run_sweep(
                     claimed = set(store.claim([spec.run_id for spec in pending], owner, lease_seconds))
                     mine = [spec for spec in pending if spec.run_id in claimed]
                     if mine:
-                        _execute(mine, store, report, bar, executor, workers, ray_address, progress, run_fn, fleet_fn)
+                        _execute(
+                            mine, store, report, bar, executor, workers, ray_address, progress, run_fn, fleet_fn, pool
+                        )
                     elsewhere = [spec for spec in pending if spec.run_id not in claimed]
                     if not elsewhere:
                         break
@@ -412,13 +418,16 @@ def _execute(
     progress: bool,
     run_fn: RunFunction,
     fleet_fn: FleetFunction | None,
+    pool: WorkerPool | None = None,
 ) -> None:
     """Train ``pending`` (runs this sweep holds) on the executor and save each result as it comes."""
+    if pool is not None and executor == "local":
+        workers = pool.workers
     tasks: list[Task] = list(pending)
     if fleet_fn is not None:
         tasks = plan_tasks(pending, workers or available_cores())
     if executor == "local":
-        results = _local_results(tasks, run_fn, workers or available_cores(), fleet_fn)
+        results = _local_results(tasks, run_fn, workers or available_cores(), fleet_fn, pool)
     else:
         results = _ray_results(tasks, run_fn, ray_address, fleet_fn, quiet=not progress)
     with contextlib.closing(results):
@@ -474,10 +483,75 @@ class _SweepProgress:
 # ---- executors ------------------------------------------------------------------------------------------
 
 
+class WorkerPool:
+    """Spawned worker processes for local sweeps, kept from one sweep to the next until closed.
+
+    A worker's start costs ~2 CPU-seconds (the interpreter, torch, normdrop's kernels), paid once per pool rather
+    than once per sweep. Workers are started when the first sweep submits its tasks; a sweep that is interrupted or
+    whose worker dies stops the pool's processes, and the next sweep starts a fresh set. Use as a context manager::
+
+        with WorkerPool(2) as pool:
+            for round_specs in rounds:
+                run_sweep(round_specs, store, pool=pool)
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        workers = available_cores() if workers is None else workers
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def executor(self) -> ProcessPoolExecutor:
+        """The pool's executor (made on first use; it spawns its workers as tasks arrive, up to ``workers``)."""
+        if self._executor is None:
+            self._executor = _spawn_pool(self.workers)
+        return self._executor
+
+    def terminate(self) -> None:
+        """Stop the workers now (runs in flight are lost) and forget them: the next sweep starts new ones."""
+        if self._executor is not None:
+            _terminate(self._executor)
+            self._executor = None
+
+    def close(self) -> None:
+        """Let the workers exit (they are idle between sweeps)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(os.getpid(),),
+    )
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    # ProcessPoolExecutor has no public way to do this before Python 3.14's terminate_workers().
+    for process in list(pool._processes.values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _local_results(
-    specs: Sequence[Task], run_fn: RunFunction, workers: int, fleet_fn: FleetFunction | None = None
+    specs: Sequence[Task],
+    run_fn: RunFunction,
+    workers: int,
+    fleet_fn: FleetFunction | None = None,
+    shared: WorkerPool | None = None,
 ) -> Iterator[tuple[RunResult, RunProvenance]]:
-    """Run specs on a pool of spawned processes; yield each result as it completes."""
+    """Run specs on a pool of spawned processes (``shared``'s, kept afterwards, or one of this sweep's own); yield
+    each result as it completes."""
     try:
         pickle.dumps(run_fn)
     except (pickle.PicklingError, AttributeError, TypeError) as error:
@@ -487,12 +561,7 @@ def _local_results(
     from normdrop.nn.kernels import fastpath
 
     fastpath.prepare()  # compile the C++ fast path here once, not in every worker at its first layer call
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(specs)),
-        mp_context=get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(os.getpid(),),
-    )
+    pool = shared.executor() if shared is not None else _spawn_pool(min(workers, len(specs)))
     running: dict = {}
     try:
         for spec in specs:
@@ -514,16 +583,20 @@ def _local_results(
                     outcome = [_lost_run(member, traceback.format_exc()) for member in _task_specs(spec)]
                 yield from outcome if isinstance(outcome, list) else [outcome]
             if broken is not None:
+                if shared is not None:
+                    shared.terminate()
                 raise SweepError(
                     "a worker process died abruptly (killed, out of memory, or crashed in native code); "
                     "the runs saved so far stay in the store, re-run the sweep to resume"
                 ) from broken
     finally:
         if running:  # interrupted (Ctrl-C, an error in this process): stop the runs in flight too, now
-            # ProcessPoolExecutor has no public way to do this before Python 3.14's terminate_workers().
-            for process in list(pool._processes.values()):
-                process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+            if shared is not None:
+                shared.terminate()
+            else:
+                _terminate(pool)
+        elif shared is None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _start_worker(parent_pid: int) -> None:

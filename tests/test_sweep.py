@@ -16,7 +16,7 @@ import pytest
 
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import Store
-from normdrop.sweep import SweepError, SweepFileError, expand_sweep_file, load_sweep_file, run_sweep
+from normdrop.sweep import SweepError, SweepFileError, WorkerPool, expand_sweep_file, load_sweep_file, run_sweep
 
 TESTS_DIR = Path(__file__).parent
 SLEEP_ENV = "NORMDROP_TEST_RUN_SLEEP"
@@ -180,6 +180,42 @@ def test_failed_and_diverged_runs_are_recorded_and_failures_retried(tmp_path: Pa
 
     retry = run_sweep(specs, store_path, workers=1, progress=False, run_fn=fake_run)
     assert (retry.reused, retry.executed, retry.failed) == (3, 1, 1)
+
+
+def _pids_of_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, specs, **kwargs) -> set[int]:
+    pid_dir = tmp_path / name
+    pid_dir.mkdir()
+    monkeypatch.setenv(PID_DIR_ENV, str(pid_dir))  # workers spawned from now on see it
+    monkeypatch.setenv(SLEEP_ENV, "0.2")  # long enough for both workers to take a run
+    report = run_sweep(specs, tmp_path / "runs.sqlite", progress=False, run_fn=fake_run, **kwargs)
+    assert report.finished == len(specs)
+    return {int(p.name) for p in pid_dir.iterdir()}
+
+
+def test_a_worker_pool_keeps_its_workers_from_one_sweep_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = [RunSpec(width=8, seed=s) for s in range(4)], [RunSpec(width=9, seed=s) for s in range(4)]
+    with WorkerPool(2) as pool:
+        pids_first = _pids_of_sweep(tmp_path, monkeypatch, "a", first, pool=pool)
+        pids_second = _pids_of_sweep(tmp_path, monkeypatch, "b", second, pool=pool)
+    assert 1 <= len(pids_first) <= 2
+    assert pids_second <= pids_first  # the same processes ran the second sweep
+    # without a pool each sweep starts its own workers
+    own_first = _pids_of_sweep(tmp_path, monkeypatch, "c", [RunSpec(width=10, seed=s) for s in range(4)], workers=2)
+    own_second = _pids_of_sweep(tmp_path, monkeypatch, "d", [RunSpec(width=11, seed=s) for s in range(4)], workers=2)
+    assert not own_first & own_second
+
+
+def test_a_worker_pool_replaces_a_dead_worker_at_the_next_sweep(tmp_path: Path) -> None:
+    store_path = tmp_path / "runs.sqlite"
+    with WorkerPool(1) as pool:
+        with pytest.raises(SweepError, match="a worker process died abruptly"):
+            run_sweep([RunSpec(width=CRASHING_WIDTH)], store_path, progress=False, run_fn=fake_run, pool=pool)
+        report = run_sweep([RunSpec(width=8)], store_path, progress=False, run_fn=fake_run, pool=pool)
+    assert report.finished == 1
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        WorkerPool(0)
 
 
 def test_a_dead_worker_stops_the_sweep_with_the_finished_runs_saved(tmp_path: Path) -> None:

@@ -733,8 +733,21 @@ def _combine(
         reanalyses: dict[str, ScopedVerdict] = {}
         details = []
         changed = []
+        notes_unmeasurable: list[str] = []
         for variant in (VARIANT_HALF_SEEDS, VARIANT_HALF_BUDGET, VARIANT_QUARTER_BUDGET):
             present = [k for k in keys if k in shown[variant]]
+            # A setting measurable in full but not in the re-analysis (e.g. a speed target no run reaches within
+            # half its steps) says nothing about the verdict's robustness: it is left out of the comparison and
+            # named, not counted as a change of verdict.
+            unmeasurable = [
+                k
+                for k in present
+                if shown[variant][k] == "not measurable" and shown[VARIANT_FULL][k] != "not measurable"
+            ]
+            if unmeasurable and variant != VARIANT_QUARTER_BUDGET:
+                details_unmeasurable = ", ".join(k[1] for k in unmeasurable)
+                notes_unmeasurable.append(f"not measurable with {variant} in {details_unmeasurable}")
+            present = [k for k in present if k not in unmeasurable] if variant != VARIANT_QUARTER_BUDGET else present
             if not present:
                 continue
             other = overall_verdict([SettingVerdict(k[1], shown[variant][k]) for k in present])  # type: ignore[arg-type]
@@ -758,6 +771,8 @@ def _combine(
             detail = f"{full.verdict} also with " + " and with ".join(details)
         else:
             detail = "no re-analysis could be made"
+        if notes_unmeasurable:
+            detail += "; " + "; ".join(notes_unmeasurable) + " (left out of the robustness comparison)"
         if skipped:
             detail += f"; budget not re-analysed in {len(skipped)}/{len(items)} settings: {skipped[0].budget_skipped}"
         scoped_results.append(ScopedClaimResult(claim, items, full, bool(changed), detail, reanalyses))

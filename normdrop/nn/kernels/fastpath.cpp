@@ -231,7 +231,14 @@ struct DropoutNode : public torch::autograd::Function<DropoutNode> {
       return out;
     }
     const Tensor grad = dense_like(grads[0], grads[0]);
-    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0, 0.0);
+    if (at::GradMode::is_enabled()) {  // recording a double backward: through the node again
+      out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0,
+                                  0.0);
+    } else {  // the kernel alone: a node's apply() costs more than the kernel on a small gradient
+      out[0] = at::empty_like(grad);
+      dropout_kernel[dtype_index(grad)](address(out[0]), address(grad), grad.numel(), key[0], key[1], key[2], key[3],
+                                        key[4], key[5], scales[0], scales[1], 0.0, 0.0);
+    }
     return out;
   }
 };
@@ -259,8 +266,14 @@ struct UniformNoiseNode : public torch::autograd::Function<UniformNoiseNode> {
       out[0] = grads[0];
       return out;
     }
-    const Tensor grad = dense_like(grads[0], grads[0]);
-    out[0] = UniformNoiseNode::apply(grad, key[0], key[1], key[2], key[3], scale);  // dy/dx = eps
+    const Tensor grad = dense_like(grads[0], grads[0]);  // dy/dx = eps: the same map on the gradient
+    if (at::GradMode::is_enabled()) {
+      out[0] = UniformNoiseNode::apply(grad, key[0], key[1], key[2], key[3], scale);
+    } else {
+      out[0] = at::empty_like(grad);
+      uniform_noise_kernel[dtype_index(grad)](address(out[0]), address(grad), grad.numel(), key[0], key[1], key[2],
+                                              key[3], scale);
+    }
     return out;
   }
 };

@@ -21,8 +21,8 @@ only to rounding, not bitwise; each stored run records which path computed it).
 It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
 numba backend, CPU float32/float64 contiguous inputs small enough that the kernels would run serially anyway
 (``numba_cpu.PARALLEL_MIN_NUMEL``, or one thread) and below ``MAX_NUMEL``, per-channel tensors in the input's
-dtype, dropout and alpha dropout (element-wise, per channel or per sample). ``NORMDROP_FASTPATH=0`` or
-``set_enabled(False)`` turns it off.
+dtype, dropout and alpha dropout (element-wise, per channel or per sample), and Uout's uniform noise.
+``NORMDROP_FASTPATH=0`` or ``set_enabled(False)`` turns it off.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from normdrop.nn import functional as F
+from normdrop.nn import ops
 from normdrop.nn.interop import fx_leaf_layer
-from normdrop.nn.kernels import backend_for, backend_for_device
+from normdrop.nn.kernels import backend_for, backend_for_device, fastpath
 from normdrop.nn.rng import draw_rng_state
 
 __all__ = [
@@ -113,6 +114,10 @@ def uout(
     if not training or beta == 0.0 or input.numel() == 0:
         return input
     _check_floating(input, "uout")
+    if not ops.graph_capture():  # small CPU inputs: one C++ autograd node, which also draws the seed
+        y = fastpath.uniform_noise_drawing_seed(input, generator, float(beta))
+        if y is not None:
+            return y
     return _MultiplicativeNoise.apply(input, draw_rng_state(generator), "uniform", float(beta))
 
 

@@ -18,6 +18,8 @@ from normdrop.nn.checks import check_p as _check_p
 from normdrop.nn.kernels import fastpath
 from normdrop.nn.rng import draw_rng_state_tensor, draw_seed, rng_state
 
+_DRAW_SEED = draw_seed
+
 __all__ = [
     "InputDimError",
     "alpha_dropout",
@@ -96,9 +98,15 @@ def _apply_dropout(
         # The seed stays a tensor: the graph (or the vmapped function) draws it on each call, with no .item().
         y = ops.dropout(input, draw_rng_state_tensor(generator), float(p), mask_dims, alpha, True, compiling)
         return input.copy_(y) if inplace else y
-    seed = draw_seed(generator)
+    # Small CPU inputs: one C++ autograd node, which also draws the seed (as draw_seed would). A draw_seed replaced
+    # on this module (a caller pinning the seed) is honoured: its seed goes to the node instead.
     y = None
-    if not compiling:  # small CPU inputs: one C++ autograd node
+    if draw_seed is _DRAW_SEED:
+        y = fastpath.dropout_drawing_seed(input, generator, float(p), mask_dims, alpha)
+        if y is None:
+            seed = draw_seed(generator)
+    else:
+        seed = draw_seed(generator)
         y = fastpath.dropout(input, seed, float(p), min(mask_dims, input.ndim), alpha)
     if y is None:
         y = ops.dropout(input, rng_state(seed), float(p), mask_dims, alpha, True, compiling)

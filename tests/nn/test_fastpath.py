@@ -401,3 +401,101 @@ def test_tensors_without_plain_memory_never_reach_the_kernels(backend):
         x = torch.randn(4, 3, requires_grad=True)
         fn(x).backward(torch._efficientzerotensor((4, 3)))
         assert torch.equal(x.grad, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("make_generator", [lambda: None, lambda: torch.Generator().manual_seed(21)])
+def test_the_seed_drawn_in_cpp_is_draw_seeds(make_generator):
+    """The C++ draw is rng.draw_seed's twin: the same seeds from the same generator state, and the same state after
+    (the next torch draw agrees), so a layer's masks stay a function of torch's generator state."""
+    from normdrop.nn import rng
+
+    module = fastpath.extension()
+    assert module is not None
+    draws = {}
+    for name, draw in (("python", rng.draw_seed), ("cpp", module.draw_seed)):
+        torch.manual_seed(1234)
+        generator = make_generator()
+        seeds = [draw(generator) for _ in range(200)]
+        draws[name] = (seeds, torch.rand(4, generator=generator))
+    assert draws["python"][0] == draws["cpp"][0]
+    assert torch.equal(draws["python"][1], draws["cpp"][1])
+    assert len(set(draws["cpp"][0])) == 200 and all(0 <= s < rng.SEED_BOUND for s in draws["cpp"][0])
+    for seed in [0, 1, 2**32 - 1, 2**32, rng.SEED_BOUND - 1, *draws["cpp"][0][:20]]:
+        assert tuple(module.round_keys(seed)) == rng.round_keys(seed)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: torch.randn(9, 6), lambda: torch.randn(6, 9).t(), lambda: torch.randn(9, 6).half()]
+)
+def test_one_seed_draw_per_dropout_call_on_either_path(numba_backend, make):
+    """The fast path draws its seed in C++ only when it runs; where it steps aside (a transposed input, a float16
+    one) the Python path draws it: either way one draw per call, so later draws do not depend on the path."""
+    from normdrop.nn import rng
+
+    fastpath.set_enabled(True)
+    x = make()
+    torch.manual_seed(3)
+    rng.draw_seed()
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    F.dropout(x, 0.4)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(3)
+    nd.Uout(0.2)(x.float())
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_replaced_draw_seed_still_sets_the_fast_paths_mask(numba_backend, monkeypatch):
+    """Callers pin a mask's seed by replacing functional.draw_seed (the fleet's tests do): the fast path then takes
+    that seed instead of drawing its own."""
+    fastpath.set_enabled(True)
+    monkeypatch.setattr(F, "draw_seed", lambda generator=None: 987654321)
+    x = torch.randn(20, 30)
+    y = F.dropout(x.requires_grad_(), 0.5)
+    assert is_fast(y)
+    fastpath.set_enabled(False)
+    assert torch.equal(y, F.dropout(x, 0.5))
+    monkeypatch.undo()  # the seed drawn as usual: another mask
+    fastpath.set_enabled(True)
+    assert not torch.equal(y, F.dropout(x, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(33, 17), (64, 32, 2, 2), (1,)])
+def test_uout_fast_path_matches_the_python_path(numba_backend, dtype, shape):
+    outputs = {}
+    x0 = torch.randn(shape, dtype=dtype)
+    g = torch.randn_like(x0)
+    for fast in (True, False):
+        fastpath.set_enabled(fast)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(4)
+        y = nd.Uout(0.3)(x)
+        assert ("UniformNoiseNode" in node(y)) == fast
+        y.backward(g)
+        outputs[fast] = (y.detach(), x.grad, torch.rand(2))
+    for a, b in zip(outputs[True], outputs[False], strict=True):
+        assert torch.equal(a, b)
+    y, dx, _ = outputs[True]
+    factor = y / x0
+    assert bool(((factor - 1).abs() <= 0.3 + 1e-6).all()) and (x0.numel() == 1 or len(torch.unique(factor)) > 1)
+    torch.testing.assert_close(dx, g * factor)
+
+
+def test_uout_fast_path_double_backward_and_second_backward(numba_backend):
+    fastpath.set_enabled(True)
+    x64 = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert "UniformNoiseNode" in node(_uout(x64))
+    assert torch.autograd.gradcheck(_uout, (x64,))
+    assert torch.autograd.gradgradcheck(_uout, (x64,))
+    y = _uout(torch.randn(4, 4, requires_grad=True))
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+def _uout(x: torch.Tensor) -> torch.Tensor:
+    """Uout with the same noise on every call (its own freshly seeded generator)."""
+    from normdrop.nn.dropout_variants import uout
+
+    return uout(x, 0.4, generator=torch.Generator().manual_seed(8))

@@ -372,6 +372,19 @@ def test_dropout_large_tensor_parallel_blocks(kernel_threads):
         assert torch.equal(y, composite.dropout_forward(x, 42, offset, 0.3, 1, alpha, True))
 
 
+@pytest.mark.parametrize("unit_size", [1, 2, 3, 4, 7, 64])
+def test_unit_dropout_over_several_hash_blocks_and_the_high_word(unit_size):
+    """Unit (channel / sample) masks are hashed UNIT_BLOCK units at a time: blocks that end inside the tensor and
+    counters that cross a multiple of 2**32 inside a block give composite's bits."""
+    from normdrop.nn.kernels.numba_cpu.dropout import UNIT_BLOCK
+
+    units = 2 * UNIT_BLOCK + 37
+    x = torch.randn(units, unit_size, dtype=torch.float64)
+    for offset, (p, alpha, shift) in itertools.product((0, 2**32 - UNIT_BLOCK - 5, 2**40 - 3), DROPOUT_FLAVOURS):
+        y = numba_cpu.dropout_forward(x, 77, offset, p, 1, alpha, shift)
+        assert torch.equal(y, composite.dropout_forward(x, 77, offset, p, 1, alpha, shift)), (offset, p, alpha)
+
+
 @pytest.mark.parametrize(("count", "offset"), [(1, 0), (1000, 7), (3 * 2**14 + 17, 2**32 - 2**14), (5, 2**61)])
 def test_uniform_bit_identical_to_composite(kernel_threads, count, offset):
     """The variants' random fields: same float64 values as composite, strictly inside (0, 1), also across a

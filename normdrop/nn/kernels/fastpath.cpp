@@ -1,4 +1,4 @@
-// normdrop's fast path: batch norm and element-wise dropout as C++ autograd nodes around the numba kernels.
+// normdrop's fast path: batch norm, dropout and uniform noise as C++ autograd nodes around the numba kernels.
 //
 // A Python autograd.Function costs ~20 us per call and again in backward, as much as torch's whole batch norm on
 // a 64x128 input. These nodes do the same work as normdrop.nn.ops' Functions with no Python in between: the
@@ -15,10 +15,23 @@
 // Dropout: y = x * keep / (1 - p) with keep = bits(seed, offset + u) >= threshold for element (or unit) u (alpha
 // dropout: y = x * scale[keep] + shift[keep]); backward is the same node, without shifts, applied to the gradient,
 // so it is differentiable any number of times and keeps only the counter key.
+//
+// Uniform noise (Uout): y = x * eps, eps = 1 + scale * (2 u - 1) with u the counter's uniform in (0, 1); backward is
+// the same node on the gradient, as for dropout.
+//
+// The *_drawing_seed entry points also draw the mask's seed, as normdrop.nn.rng.draw_seed draws it: one
+// ``torch.randint(0, 2**62, (1,), generator=g)``, i.e. ATen's uniform_int_from_to_distribution on the generator
+// under its lock (the same value and the same generator state after), and expand it into the counter hash's round
+// keys (rng.round_keys: SplitMix64). They draw nothing when they return None, so the caller then draws once itself.
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <cstdint>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -33,11 +46,47 @@ using BatchNormBackward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, 
                                    int64_t, int64_t, int64_t, double);
 using Dropout = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double,
                          double, double, double);
+using UniformNoise = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double);
 
 // Index 0: float32, 1: float64.
 BatchNormForward batch_norm_forward_kernel[2] = {nullptr, nullptr};
 BatchNormBackward batch_norm_backward_kernel[2] = {nullptr, nullptr};
 Dropout dropout_kernel[2] = {nullptr, nullptr};
+UniformNoise uniform_noise_kernel[2] = {nullptr, nullptr};
+
+constexpr uint64_t kSeedBound = uint64_t{1} << 62;  // normdrop.nn.rng.SEED_BOUND
+
+// normdrop.nn.rng.draw_seed: torch.randint(0, SEED_BOUND, (1,), generator=generator) on a CPU generator (None: the
+// default one), through the very distribution ATen's CPU randint kernel applies, under the generator's lock.
+int64_t draw_seed(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  at::uniform_int_from_to_distribution<int64_t> random(kSeedBound, 0);
+  return random(gen);
+}
+
+// One SplitMix64 step (normdrop.nn.rng.splitmix64): advances state, returns the output.
+uint64_t splitmix64(uint64_t& state) {
+  state += 0x9E3779B97F4A7C15ULL;
+  uint64_t z = state;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// normdrop.nn.rng.round_keys: the three 32-bit round keys of a seed.
+std::array<int64_t, 3> round_keys(int64_t seed) {
+  uint64_t state = static_cast<uint64_t>(seed);
+  const uint64_t a = splitmix64(state);
+  const uint64_t b = splitmix64(state);
+  return {static_cast<int64_t>(a & 0xFFFFFFFFULL), static_cast<int64_t>(a >> 32),
+          static_cast<int64_t>(b & 0xFFFFFFFFULL)};
+}
+
+// Whether the seed may be drawn here: no generator (torch's default CPU one) or a CPU generator.
+bool cpu_generator(const std::optional<at::Generator>& generator) {
+  return !generator.has_value() || !generator->defined() || generator->device().is_cpu();
+}
 
 int dtype_index(const Tensor& x) { return x.scalar_type() == at::kDouble ? 1 : 0; }
 
@@ -182,7 +231,49 @@ struct DropoutNode : public torch::autograd::Function<DropoutNode> {
       return out;
     }
     const Tensor grad = dense_like(grads[0], grads[0]);
-    out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0, 0.0);
+    if (at::GradMode::is_enabled()) {  // recording a double backward: through the node again
+      out[0] = DropoutNode::apply(grad, key[0], key[1], key[2], key[3], key[4], key[5], scales[0], scales[1], 0.0,
+                                  0.0);
+    } else {  // the kernel alone: a node's apply() costs more than the kernel on a small gradient
+      out[0] = at::empty_like(grad);
+      dropout_kernel[dtype_index(grad)](address(out[0]), address(grad), grad.numel(), key[0], key[1], key[2], key[3],
+                                        key[4], key[5], scales[0], scales[1], 0.0, 0.0);
+    }
+    return out;
+  }
+};
+
+struct UniformNoiseNode : public torch::autograd::Function<UniformNoiseNode> {
+  // y = x * (1 + scale * (2 u - 1)), u the uniform of counter counter0 + i; keeps only the key and the scale.
+  static Tensor forward(AutogradContext* ctx, Tensor x, int64_t counter0, int64_t k0, int64_t k1, int64_t k2,
+                        double scale) {
+    Tensor y = at::empty_like(x);
+    uniform_noise_kernel[dtype_index(x)](address(y), address(x), x.numel(), counter0, k0, k1, k2, scale);
+    ctx->saved_data["key"] = std::vector<int64_t>{counter0, k0, k1, k2};
+    ctx->saved_data["scale"] = scale;
+    ctx->save_for_backward({at::empty({0}, x.options())});  // as DropoutNode: a second backward raises
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);
+    if (!grads[0].defined()) return out;
+    ctx->get_saved_variables();
+    const auto key = ctx->saved_data["key"].toIntVector();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    if (grads[0]._is_zerotensor()) {
+      out[0] = grads[0];
+      return out;
+    }
+    const Tensor grad = dense_like(grads[0], grads[0]);  // dy/dx = eps: the same map on the gradient
+    if (at::GradMode::is_enabled()) {
+      out[0] = UniformNoiseNode::apply(grad, key[0], key[1], key[2], key[3], scale);
+    } else {
+      out[0] = at::empty_like(grad);
+      uniform_noise_kernel[dtype_index(grad)](address(out[0]), address(grad), grad.numel(), key[0], key[1], key[2],
+                                              key[3], scale);
+    }
     return out;
   }
 };
@@ -229,14 +320,39 @@ std::optional<Tensor> dropout(Tensor x, int64_t unit_size, int64_t counter0, int
                             keep_shift);
 }
 
+// Dropout of x with a mask over its first mask_dims dims (all of them: element-wise), the seed drawn here from
+// ``generator``; None (and nothing drawn) where x or the generator is not what this path takes.
+std::optional<Tensor> dropout_drawing_seed(Tensor x, const std::optional<at::Generator>& generator, int64_t mask_dims,
+                                           int64_t threshold, double drop_scale, double keep_scale,
+                                           double drop_shift, double keep_shift) {
+  if (dropout_kernel[0] == nullptr || !kernel_ready(x) || !cpu_generator(generator) || mask_dims < 0)
+    return std::nullopt;
+  int64_t units = 1;
+  for (int64_t d = 0; d < std::min<int64_t>(mask_dims, x.dim()); ++d) units *= x.size(d);
+  const int64_t unit_size = x.numel() / units;  // numel > 0 (kernel_ready), so units > 0
+  const auto keys = round_keys(draw_seed(generator));
+  return DropoutNode::apply(x, unit_size, 0, keys[0], keys[1], keys[2], threshold, drop_scale, keep_scale,
+                            drop_shift, keep_shift);
+}
+
+// Uniform noise (Uout) with offset 0 and the seed drawn here; None (nothing drawn) where the path does not apply.
+std::optional<Tensor> uniform_noise_drawing_seed(Tensor x, const std::optional<at::Generator>& generator,
+                                                 double scale) {
+  if (uniform_noise_kernel[0] == nullptr || !kernel_ready(x) || !cpu_generator(generator)) return std::nullopt;
+  const auto keys = round_keys(draw_seed(generator));
+  return UniformNoiseNode::apply(x, 0, keys[0], keys[1], keys[2], scale);
+}
+
 void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, int64_t backward64,
-                      int64_t dropout32, int64_t dropout64) {
+                      int64_t dropout32, int64_t dropout64, int64_t noise32, int64_t noise64) {
   batch_norm_forward_kernel[0] = reinterpret_cast<BatchNormForward>(forward32);
   batch_norm_forward_kernel[1] = reinterpret_cast<BatchNormForward>(forward64);
   batch_norm_backward_kernel[0] = reinterpret_cast<BatchNormBackward>(backward32);
   batch_norm_backward_kernel[1] = reinterpret_cast<BatchNormBackward>(backward64);
   dropout_kernel[0] = reinterpret_cast<Dropout>(dropout32);
   dropout_kernel[1] = reinterpret_cast<Dropout>(dropout64);
+  uniform_noise_kernel[0] = reinterpret_cast<UniformNoise>(noise32);
+  uniform_noise_kernel[1] = reinterpret_cast<UniformNoise>(noise64);
 }
 
 }  // namespace
@@ -244,5 +360,11 @@ void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm", &batch_norm, "Batch norm as a C++ autograd node (checked inputs only).");
   m.def("dropout", &dropout, "Element-wise or channel (alpha) dropout as a C++ autograd node (checked inputs only).");
+  m.def("dropout_drawing_seed", &dropout_drawing_seed,
+        "Dropout as a C++ autograd node, its seed drawn from the generator as normdrop.nn.rng.draw_seed draws it.");
+  m.def("uniform_noise_drawing_seed", &uniform_noise_drawing_seed,
+        "Uniform multiplicative noise (Uout) as a C++ autograd node, its seed drawn as draw_seed draws it.");
+  m.def("draw_seed", &draw_seed, "normdrop.nn.rng.draw_seed on a CPU generator (None: torch's default).");
+  m.def("round_keys", &round_keys, "normdrop.nn.rng.round_keys.");
   m.def("register_kernels", &register_kernels, "Register the numba kernels' C entry points.");
 }

@@ -3,7 +3,10 @@
 A Python ``torch.autograd.Function`` costs about 20 us per call plus as much again in backward, which on a 64x128
 input is as long as torch's whole native batch norm. ``fastpath.cpp`` holds two C++ autograd nodes (batch norm;
 dropout, element-wise or per channel/sample) that call numba's serial kernels through C function pointers
-(``numba_cpu.entry_points()``), so a small layer costs one pybind call, two allocations and the kernel. Results are
+(``numba_cpu.entry_points()``), so a small layer costs one pybind call, two allocations and the kernel; a third node
+does Uout's uniform noise. The dropout and noise calls also draw the layer's seed in C++, as
+``normdrop.nn.rng.draw_seed`` draws it (the same ``torch.randint`` distribution on the same generator: the same seed
+and the same generator state after), which saves the ~4 us of a Python ``torch.randint(...).item()``. Results are
 the numba backend's: the same bits for dropout; for batch norm equal to rounding (an ulp in the running statistics,
 and LLVM may reassociate the sums of a kernel inlined into a C entry point). Double backward works (see the C++
 file's header).
@@ -18,8 +21,8 @@ only to rounding, not bitwise; each stored run records which path computed it).
 It is taken only where it pays and is safe: eager mode (not while compiling, not under functorch transforms), the
 numba backend, CPU float32/float64 contiguous inputs small enough that the kernels would run serially anyway
 (``numba_cpu.PARALLEL_MIN_NUMEL``, or one thread) and below ``MAX_NUMEL``, per-channel tensors in the input's
-dtype, dropout and alpha dropout (element-wise, per channel or per sample). ``NORMDROP_FASTPATH=0`` or
-``set_enabled(False)`` turns it off.
+dtype, dropout and alpha dropout (element-wise, per channel or per sample), and Uout's uniform noise.
+``NORMDROP_FASTPATH=0`` or ``set_enabled(False)`` turns it off.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ __all__ = [
     "batch_norm",
     "build_dir",
     "dropout",
+    "dropout_drawing_seed",
     "extension",
     "prepare",
     "set_enabled",
+    "uniform_noise_drawing_seed",
 ]
 
 FASTPATH_ENV = "NORMDROP_FASTPATH"
@@ -117,7 +122,8 @@ def extension() -> ModuleType | None:
         return None
     entries = numba_cpu.entry_points()
     module.register_kernels(
-        *(entries[f"{name}_{dtype}"] for name in ("batch_norm_forward", "batch_norm_backward", "dropout")
+        *(entries[f"{name}_{dtype}"]
+          for name in ("batch_norm_forward", "batch_norm_backward", "dropout", "uniform_noise")
           for dtype in ("float32", "float64"))
     )  # fmt: skip
     return module
@@ -231,6 +237,29 @@ def dropout(x: Tensor, seed: int, p: float, mask_dims: int, alpha: bool) -> Tens
     unit_size = x.numel() // units if units else 1
     threshold, coefficients = _constants(p, alpha, x.dtype)
     return module.dropout(x, unit_size, 0, *round_keys(seed), threshold, *coefficients)
+
+
+def dropout_drawing_seed(
+    x: Tensor, generator: torch.Generator | None, p: float, mask_dims: int, alpha: bool
+) -> Tensor | None:
+    """:func:`dropout` with the seed drawn in C++ from ``generator`` (None: torch's default CPU generator) exactly
+    as ``normdrop.nn.rng.draw_seed(generator)`` draws it, or None, having drawn nothing, where the fast path does
+    not apply (the caller then draws the seed itself: one draw per call either way)."""
+    module = _usable(x)
+    if module is None or x.dtype not in _DTYPES:
+        return None
+    threshold, coefficients = _constants(p, alpha, x.dtype)
+    return module.dropout_drawing_seed(x, generator, mask_dims, threshold, *coefficients)
+
+
+def uniform_noise_drawing_seed(x: Tensor, generator: torch.Generator | None, scale: float) -> Tensor | None:
+    """Uout's y = x * (1 + scale * (2 u - 1)) (``kernels.composite.multiplicative_noise``, uniform kind, offset 0)
+    through the C++ node, the seed drawn as ``normdrop.nn.rng.draw_rng_state(generator)`` draws it, or None, having
+    drawn nothing, where the fast path does not apply."""
+    module = _usable(x)
+    if module is None or x.dtype not in _DTYPES:
+        return None
+    return module.uniform_noise_drawing_seed(x, generator, scale)
 
 
 @functools.lru_cache(maxsize=256)

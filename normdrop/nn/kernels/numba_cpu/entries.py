@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, types
 
 from normdrop.nn.kernels.numba_cpu.batchnorm import _backward, _forward
-from normdrop.nn.kernels.numba_cpu.dropout import _drop_elements, _drop_units
+from normdrop.nn.kernels.numba_cpu.dropout import _drop_elements, _drop_units, _uniform_noise_elements
 from normdrop.nn.kernels.numba_cpu.memory import BN_MATH, _array_at
 
 # ----------------------------------------------------------------------------- C entry points for the fast path
@@ -78,11 +78,22 @@ def _dropout_entry(dtype):
     return entry
 
 
+def _uniform_noise_entry(dtype):
+    like = np.empty(0, dtype)
+
+    def entry(y_at, x_at, numel, counter0, k0, k1, k2, scale):
+        x, y = _array_at(x_at, numel, like), _array_at(y_at, numel, like)
+        _uniform_noise_elements(x, y, 0, numel, counter0, k0, k1, k2, scale)
+
+    return entry
+
+
 _I64, _F64 = types.int64, types.float64
 _ENTRY_SIGNATURES = {
     "batch_norm_forward": (_batch_norm_forward_entry, types.void(*[_I64] * 12, _F64, _F64)),
     "batch_norm_backward": (_batch_norm_backward_entry, types.void(*[_I64] * 12, _F64)),
     "dropout": (_dropout_entry, types.void(*[_I64] * 9, *[_F64] * 4)),
+    "uniform_noise": (_uniform_noise_entry, types.void(*[_I64] * 7, _F64)),
 }
 
 

@@ -26,7 +26,9 @@ per-example NLLs, a share of units that classify the example right):
 With one fixed test set every seed's mean shares the same examples, so the seeds' spread cannot show the test
 set's error: ``Var(effect) ~ Var_seeds(effect_s) / n + Var_i(dbar_i) / N`` with ``dbar_i`` the mean over seeds of
 ``d_si``, and the second term is what a t interval over seeds leaves out. :func:`with_example_error` combines the
-two intervals (the hull; see there why not a sum of variances).
+two intervals (the hull; see there why not a sum of variances). The p-value that enters Holm's correction for such
+an effect is the larger of the seeds' t test and the p-value the hull implies (:func:`interval_p_value`), so the
+multiplicity step counts the test set's error too.
 """
 
 from __future__ import annotations
@@ -206,6 +208,41 @@ def paired_example_bootstrap(
             raise ValueError(f"seed {s}: both arms need the same non-empty 1-d test set, got {a.shape} and {b.shape}")
         pairs.append(a - b)
     return _two_level(pairs, shared_test_set, resamples, seed, confidence)
+
+
+def interval_p_value(
+    estimate: Estimate, direction: Direction, *, null: float = 0.0, margin: float | None = None
+) -> float:
+    """The one-sided (or TOST) p-value an interval implies under a normal approximation (Altman & Bland 2011), one
+    standard error per side: ``se_low = (value - ci_low) / z``, ``se_high = (ci_high - value) / z``, ``z`` the
+    two-sided normal quantile of the interval's confidence. ``H0: mean <= b`` has ``p = Phi(-(value - b) / se_low)``,
+    ``H0: mean >= b`` has ``p = Phi((value - b) / se_high)``; an equivalence test the larger of the two at
+    ``null -+ margin``. For an interval that is not a t interval over seeds (the hull of :func:`with_example_error`),
+    so that a p-value and the interval read the same variance; a zero-width side gives 0 or 1."""
+    z = float(scipy_stats.norm.ppf(1 - (1 - estimate.confidence) / 2))
+    value = estimate.value
+
+    def above(bound: float) -> float:
+        se = (value - estimate.ci_low) / z
+        if se <= 0:
+            return 0.0 if value > bound else 1.0
+        return float(scipy_stats.norm.sf((value - bound) / se))
+
+    def below(bound: float) -> float:
+        se = (estimate.ci_high - value) / z
+        if se <= 0:
+            return 0.0 if value < bound else 1.0
+        return float(scipy_stats.norm.cdf((value - bound) / se))
+
+    if direction == "increase":
+        return above(null)
+    if direction == "decrease":
+        return below(null)
+    if direction == "equal":
+        if margin is None or margin <= 0:
+            raise ValueError(f"an equivalence test needs a positive margin, got {margin!r}")
+        return max(above(null - margin), below(null + margin))
+    raise ValueError(f"direction must be 'increase', 'decrease' or 'equal', got {direction!r}")
 
 
 HULL_METHOD = "t + example bootstrap (hull)"

@@ -47,7 +47,15 @@ from normdrop.claims.scope_figure import small_multiples
 from normdrop.claims.setting import DEFAULT_SETTING, SETTINGS, StudySetting
 from normdrop.probe_catalog import PROBES
 from normdrop.scope import ScopedVerdict, SettingVerdict, fragile, overall_verdict
-from normdrop.significance import ALPHA, Adjusted, holm, min_detectable_effect, p_value
+from normdrop.significance import (
+    ALPHA,
+    HULL_METHOD,
+    Adjusted,
+    holm,
+    interval_p_value,
+    min_detectable_effect,
+    p_value,
+)
 from normdrop.spec import RunResult, RunSpec
 from normdrop.store import Store
 from normdrop.sweep import ExecutorName, SweepError, WorkerPool, run_sweep
@@ -548,11 +556,16 @@ def cut_result(result: RunResult, budget: float) -> RunResult:
 
 def primary_p_value(m: Measurement) -> float | None:
     """The primary's p-value from its per-seed values (None with fewer than two, or without a margin where the
-    test needs one)."""
+    test needs one); for an interval that also holds the test set's sampling error (the hull of
+    :func:`normdrop.significance.with_example_error`), the larger of that and the p-value the interval implies
+    (:func:`normdrop.significance.interval_p_value`), so Holm's correction sees the same variance as the verdict."""
     if m.verdict == "not measurable":
         return None
     try:
-        return p_value(m.per_seed.values(), m.direction, null=m.null, margin=m.margin)  # type: ignore[arg-type]
+        p = p_value(m.per_seed.values(), m.direction, null=m.null, margin=m.margin)  # type: ignore[arg-type]
+        if p is not None and m.estimate is not None and m.estimate.method == HULL_METHOD:
+            p = max(p, interval_p_value(m.estimate, m.direction, null=m.null, margin=m.margin))  # type: ignore[arg-type]
+        return p
     except ValueError:
         return None
 

@@ -15,6 +15,7 @@ from normdrop.significance import (
     HULL_METHOD,
     example_bootstrap,
     holm,
+    interval_p_value,
     min_detectable_effect,
     p_value,
     paired_example_bootstrap,
@@ -303,3 +304,39 @@ def test_with_example_error_is_the_hull_in_the_t_intervals_units() -> None:
     assert decide(with_example_error(tie, Estimate(0.5, -0.1, 1.1, 5, "example-bootstrap")), "increase").verdict == (
         "inconclusive"
     )
+
+
+def test_interval_p_value_inverts_a_normal_interval_and_reads_each_side() -> None:
+    # a symmetric 95% interval of half-width 1.96 se: the implied one-sided p is the normal tail at value / se
+    e = Estimate(0.5, 0.5 - 1.96 * 0.25, 0.5 + 1.96 * 0.25, 5, HULL_METHOD)
+    assert interval_p_value(e, "increase") == pytest.approx(scipy_stats.norm.sf(2.0), rel=1e-3)
+    assert interval_p_value(e, "decrease") == pytest.approx(scipy_stats.norm.cdf(2.0), rel=1e-3)
+    # an interval whose lower end touches the null implies p = 0.025 one-sided
+    edge = Estimate(1.0, 0.0, 3.0, 5, HULL_METHOD)
+    assert interval_p_value(edge, "increase") == pytest.approx(0.025, rel=1e-6)
+    # TOST reads the low side for the lower bound and the high side for the upper bound: the larger p
+    band = Estimate(0.0, -0.01, 0.03, 5, HULL_METHOD)
+    lower, upper = scipy_stats.norm.sf(0.05 / (0.01 / 1.959964)), scipy_stats.norm.cdf(-0.05 / (0.03 / 1.959964))
+    assert interval_p_value(band, "equal", margin=0.05) == pytest.approx(max(lower, upper), rel=1e-6)
+    assert interval_p_value(Estimate(0.2, 0.2, 0.2, 5, HULL_METHOD), "increase") == 0.0
+    with pytest.raises(ValueError, match="positive margin"):
+        interval_p_value(band, "equal")
+
+
+def test_holm_reads_the_hulls_p_value_when_the_test_set_widens_the_interval() -> None:
+    from normdrop.claims.results import measure
+    from normdrop.study import primary_p_value
+
+    per_seed = {0: 0.50, 1: 0.51, 2: 0.49, 3: 0.50, 4: 0.50}  # seeds agree: a tiny t p-value
+    seeds_only = measure("gain", "pp", per_seed, "increase")
+    t_p = primary_p_value(seeds_only)
+    assert t_p is not None and t_p < 1e-6
+    hull = with_example_error(seeds_only.estimate, Estimate(0.5, -0.1, 1.1, 5, "example-bootstrap"))
+    widened = measure("gain", "pp", per_seed, "increase", estimate=hull)
+    assert widened.verdict == "inconclusive"
+    assert (
+        primary_p_value(widened) == pytest.approx(interval_p_value(hull, "increase"))
+        and primary_p_value(widened) > 0.05
+    )
+    narrow = with_example_error(seeds_only.estimate, Estimate(0.5, 0.499, 0.501, 5, "example-bootstrap"))
+    assert primary_p_value(measure("gain", "pp", per_seed, "increase", estimate=narrow)) == pytest.approx(t_p)

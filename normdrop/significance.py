@@ -34,7 +34,7 @@ multiplicity step counts the test set's error too.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,16 +59,25 @@ def p_value(
         return None
     mean, sd = float(data.mean()), float(data.std(ddof=1))
 
-    def above(bound: float) -> float:  # H0: mean <= bound
-        if sd == 0:
-            return 0.0 if mean > bound else 1.0
-        return float(scipy_stats.t.sf((mean - bound) / (sd / math.sqrt(n)), n - 1))
+    se = sd / math.sqrt(n)
+    return _one_sided(
+        direction,
+        lambda b: (0.0 if mean > b else 1.0) if sd == 0 else float(scipy_stats.t.sf((mean - b) / se, n - 1)),
+        lambda b: (0.0 if mean < b else 1.0) if sd == 0 else float(scipy_stats.t.cdf((mean - b) / se, n - 1)),
+        null,
+        margin,
+    )
 
-    def below(bound: float) -> float:  # H0: mean >= bound
-        if sd == 0:
-            return 0.0 if mean < bound else 1.0
-        return float(scipy_stats.t.cdf((mean - bound) / (sd / math.sqrt(n)), n - 1))
 
+def _one_sided(
+    direction: Direction,
+    above: Callable[[float], float],
+    below: Callable[[float], float],
+    null: float,
+    margin: float | None,
+) -> float:
+    """The p-value of ``direction`` from the two one-sided tests: ``above(b)`` of H0 mean <= b, ``below(b)`` of H0
+    mean >= b; an equivalence claim takes the larger at ``null -+ margin`` (TOST)."""
     if direction == "increase":
         return above(null)
     if direction == "decrease":
@@ -221,28 +230,14 @@ def interval_p_value(
     so that a p-value and the interval read the same variance; a zero-width side gives 0 or 1."""
     z = float(scipy_stats.norm.ppf(1 - (1 - estimate.confidence) / 2))
     value = estimate.value
-
-    def above(bound: float) -> float:
-        se = (value - estimate.ci_low) / z
-        if se <= 0:
-            return 0.0 if value > bound else 1.0
-        return float(scipy_stats.norm.sf((value - bound) / se))
-
-    def below(bound: float) -> float:
-        se = (estimate.ci_high - value) / z
-        if se <= 0:
-            return 0.0 if value < bound else 1.0
-        return float(scipy_stats.norm.cdf((value - bound) / se))
-
-    if direction == "increase":
-        return above(null)
-    if direction == "decrease":
-        return below(null)
-    if direction == "equal":
-        if margin is None or margin <= 0:
-            raise ValueError(f"an equivalence test needs a positive margin, got {margin!r}")
-        return max(above(null - margin), below(null + margin))
-    raise ValueError(f"direction must be 'increase', 'decrease' or 'equal', got {direction!r}")
+    se_low, se_high = (value - estimate.ci_low) / z, (estimate.ci_high - value) / z
+    return _one_sided(
+        direction,
+        lambda b: (0.0 if value > b else 1.0) if se_low <= 0 else float(scipy_stats.norm.sf((value - b) / se_low)),
+        lambda b: (0.0 if value < b else 1.0) if se_high <= 0 else float(scipy_stats.norm.cdf((value - b) / se_high)),
+        null,
+        margin,
+    )
 
 
 HULL_METHOD = "t + example bootstrap (hull)"

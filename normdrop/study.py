@@ -300,22 +300,15 @@ def run_study(
     pool = WorkerPool(workers) if train and executor == "local" else None
     with Store(store_path, readonly=not train and Path(store_path).exists()) as store, pool or contextlib.nullcontext():
         all_specs = [spec for plan in plans for spec in plan.specs]
+
+        def sweep(specs: list[RunSpec]) -> dict[str, int]:
+            return _sweep(
+                plans, specs, store, executor, workers, ray_address, progress, run_fn, console, outcome, fleet, pool
+            )
+
         if train and all_specs:
             sweep_started = time.perf_counter()
-            outcome.sweep = _sweep(
-                plans,
-                all_specs,
-                store,
-                executor,
-                workers,
-                ray_address,
-                progress,
-                run_fn,
-                console,
-                outcome,
-                fleet=fleet,
-                pool=pool,
-            )
+            outcome.sweep = sweep(all_specs)
             outcome.phase_seconds["training"] = time.perf_counter() - sweep_started
         results = load_results(store, [spec.run_id for spec in all_specs])
         rounds_started = time.perf_counter()
@@ -329,20 +322,7 @@ def run_study(
                 continue
             if not train:
                 break
-            swept = _sweep(
-                plans,
-                missing,
-                store,
-                executor,
-                workers,
-                ray_address,
-                progress,
-                run_fn,
-                console,
-                outcome,
-                fleet=fleet,
-                pool=pool,
-            )
+            swept = sweep(missing)
             for key, value in swept.items():
                 outcome.sweep[key] = outcome.sweep.get(key, 0) + value
             results.update(load_results(store, [spec.run_id for spec in missing]))

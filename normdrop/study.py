@@ -658,7 +658,9 @@ def _analyze_all(
                                     if key not in cut_cache:
                                         cut_cache[key] = cut_result(results[spec.run_id], budget)
                                     cut[spec.run_id] = cut_cache[key]
-                            shorter = analyze_claim(plan, setting, cut, others[variant], budget=budget, draw=False)
+                            shorter = analyze_claim(
+                                plan, setting, cut, others[variant], budget=budget, draw=False, whole=results
+                            )
                             others[variant][plan.claim.id] = shorter
                             item.budgets[budget] = shorter.analysis.primary
                     item.reanalysis_seconds = time.perf_counter() - started
@@ -780,9 +782,11 @@ def analyze_claim(
     *,
     budget: float = 1.0,
     draw: bool = True,
+    whole: Mapping[str, RunResult] | None = None,
 ) -> ClaimResult:
     """One claim's result in one setting: its analysis, or a not-measurable result saying why (missing probe,
-    analysis error). ``budget`` and ``draw`` are passed on in :class:`ClaimData` (re-analyses: ``draw=False``)."""
+    analysis error). ``budget`` and ``draw`` are passed on in :class:`ClaimData` (re-analyses: ``draw=False``), and
+    so is ``whole`` (a budget re-analysis: the uncut runs, on which the claim makes its choices)."""
     started = time.perf_counter()
     claim = plan.claim
     specs = plan.experiment.specs()
@@ -797,7 +801,8 @@ def analyze_claim(
         analysis = _unmeasurable(claim, f"needs probes that are not available: {reason}", draw)
     else:
         try:
-            data = ClaimData(setting, plan.experiment, mine, dict(others), budget=budget, draw=draw)
+            uncut = None if whole is None else {run_id: whole[run_id] for run_id in mine}
+            data = ClaimData(setting, plan.experiment, mine, dict(others), budget=budget, draw=draw, whole=uncut)
             with contextlib.nullcontext() if draw else not_rendered():
                 analysis = claim.analyze(data)
         except Exception as error:

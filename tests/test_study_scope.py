@@ -26,7 +26,7 @@ SEEDS = 4
 NOISE = (0.01, -0.012, 0.008, -0.006)
 """Per-seed noise of the BN arm: sums to zero over the four seeds, so a zero effect stays inconclusive."""
 
-ONLY_IN_MNIST1D_MLPS, FLIPS_LATE, FLIPS_WITH_SEEDS, TIES, WEAK, LATE_TARGET = 11, 12, 13, 14, 16, 17
+ONLY_IN_MNIST1D_MLPS, FLIPS_LATE, FLIPS_WITH_SEEDS, TIES, WEAK, LATE_TARGET, ADAPTIVE = 11, 12, 13, 14, 16, 17, 18
 """Each fake claim's runs have their own width, which tells :func:`scope_run` the behaviour to fake."""
 SEED_EFFECTS = {FLIPS_WITH_SEEDS: (0.05, 0.06, 0.07, 0.08), WEAK: (0.02, 0.05, 0.08, 0.11)}
 
@@ -40,6 +40,8 @@ def effect(spec: RunSpec, step: int) -> float:
         return (0.1 if step > spec.steps / 2 else -0.1) + noise
     if spec.width == TIES:
         return 0.25
+    if spec.width == ADAPTIVE:  # the pilot's accuracy rises in the run's second half; the gain is steady
+        return (0.1 if spec.lr != 0.05 or step > spec.steps / 2 else 0.0) + noise / 100
     if spec.width == LATE_TARGET:  # in the CNN setting the gain (and the target) comes only in the run's second half
         late = spec.model == "cnn1d" and step <= spec.steps / 2
         return (0.0 if late else 0.1) + noise / 100  # seeds nearly agree: half of them still decide
@@ -92,6 +94,44 @@ class ReachesTarget(AccuracyGain):
         return super().analyze(data)
 
 
+class ChoosesOnAPilot(AccuracyGain):
+    """An adaptive claim: a pilot pair of runs (lr 0.05) decides, from its final BN accuracy, the learning rate of
+    the evaluation pair (0.1 when the pilot ends above 55%, else 0.01), added by ``extend``. On runs cut to half
+    their steps the pilot has not risen yet, so re-making the choice there would ask for runs never trained."""
+
+    @staticmethod
+    def choice(setting: StudySetting, results) -> float | None:
+        pilot = results.get(setting.spec("small", norm="batch", width=ADAPTIVE, probes=(), lr=0.05, seed=0).run_id)
+        if pilot is None:
+            return None
+        return 0.1 if final(pilot, "test_accuracy") > 0.55 else 0.01
+
+    def experiment(self, setting: StudySetting) -> Experiment:
+        pilot = {
+            f"pilot {norm}": setting.arm("small", norm=norm, width=ADAPTIVE, probes=(), lr=0.05) for norm in NORMS_AB
+        }
+
+        def extend(results):
+            lr = self.choice(setting, results)
+            if lr is None:
+                return {}
+            return {
+                norm: (setting.arm("small", norm=norm, width=ADAPTIVE, probes=(), lr=lr), None) for norm in NORMS_AB
+            }
+
+        return Experiment(arms=pilot, extend=extend)
+
+    def analyze(self, data: ClaimData) -> Analysis:
+        lr = self.choice(data.setting, data.choice_results)
+        wanted = {data.setting.spec("small", norm="batch", width=ADAPTIVE, probes=(), lr=lr, seed=0).run_id}
+        if lr is None or not wanted <= set(data.results):
+            return Analysis(not_measurable("gain", "test accuracy, BN - plain", "increase", "runs missing"))
+        return super().analyze(data)
+
+
+NORMS_AB = ("none", "batch")
+
+
 class FailsOnConvs(Claim):
     """Measured without runs (one value per evaluation seed); its analysis raises in the CNN setting."""
 
@@ -116,6 +156,7 @@ def claims() -> list[Claim]:
         AccuracyGain("ties", TIES, flag_ties_in="mlp-sgd"),
         AccuracyGain("weak", WEAK),
         ReachesTarget("late-target", LATE_TARGET),
+        ChoosesOnAPilot("adaptive", ADAPTIVE),
         FailsOnConvs(),
     ]
 
@@ -146,9 +187,10 @@ def rows(summary: dict, claim_id: str) -> dict[str, dict]:
 def test_runs_shared_across_settings_run_once_in_one_sweep(scoped: tuple[Path, object, dict]) -> None:
     _, outcome, _ = scoped
     planned = {spec.run_id for plan in plan_study(settings(), claims()) for spec in plan.specs}
-    # 6 claims with runs x 3 settings x 2 arms x 4 seeds, all distinct (width, model, dataset differ)
-    assert len(planned) == 6 * 3 * 2 * SEEDS
-    assert outcome.sweep["total"] == len(planned) and outcome.sweep["finished"] == len(planned)
+    # 7 claims with runs x 3 settings x 2 arms x 4 seeds, all distinct (width, model, dataset differ); the adaptive
+    # claim's evaluation pair comes in one more round: 3 settings x 2 arms x 4 seeds
+    assert len(planned) == 7 * 3 * 2 * SEEDS
+    assert outcome.sweep["total"] == len(planned) + 3 * 2 * SEEDS == outcome.sweep["finished"]
 
 
 def test_an_effect_in_one_setting_only_is_setting_dependent(scoped: tuple[Path, object, dict]) -> None:
@@ -182,6 +224,15 @@ def test_a_setting_not_measurable_at_half_the_budget_is_left_out_not_a_flip(scop
     assert e["fragile"] is False, e["fragile_detail"]
     assert "not measurable with half the budget in cnn1d (left out of the robustness comparison)" in e["fragile_detail"]
     assert "supported also with half the seeds and with half the budget (on the 2/3 settings" in e["fragile_detail"]
+
+
+def test_an_adaptive_claim_keeps_its_full_budget_choice_in_budget_reanalyses(scoped: tuple[Path, object, dict]) -> None:
+    _, _, summary = scoped
+    e = entry(summary, "adaptive")
+    assert e["verdict"] == "supported"
+    for row in e["settings"]:
+        assert row["budgets"]["0.5"]["verdict"] == "supported", row["budgets"]  # measured, not "runs missing"
+    assert e["fragile"] is False and "not measurable" not in e["fragile_detail"]
 
 
 def test_an_effect_carried_by_the_later_seeds_is_fragile(scoped: tuple[Path, object, dict]) -> None:

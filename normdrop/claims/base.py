@@ -197,7 +197,10 @@ class ClaimData:
     reads them). ``budget`` is the fraction of each run's steps the results were cut to (1: whole runs; the study
     re-analyses at smaller budgets by cutting each run's records at ``budget * steps``). ``draw`` False: a
     re-analysis (half the seeds, a smaller budget) that reads only the primary and secondary measurements, so the
-    claim should skip its figures and any in-process measurement the primary does not need.
+    claim should skip its figures and any in-process measurement the primary does not need. ``whole``: in a budget
+    re-analysis, the same runs uncut; an adaptive claim makes its choices (rates, targets, stability limits) on
+    :attr:`choice_results`, so a re-analysis holds them at their full-budget values and cuts only what is measured
+    with them (re-making them on cut runs would ask for runs that were never trained).
     """
 
     setting: StudySetting
@@ -206,6 +209,12 @@ class ClaimData:
     others: Mapping[str, ClaimResult] = field(default_factory=dict)
     budget: float = 1.0
     draw: bool = True
+    whole: Mapping[str, RunResult] | None = None
+
+    @property
+    def choice_results(self) -> Mapping[str, RunResult]:
+        """The runs choices are made on: :attr:`whole` in a budget re-analysis, else :attr:`results`."""
+        return self.results if self.whole is None else self.whole
 
     def runs(self, arm: str) -> dict[int, RunResult | None]:
         """Replicate seed -> result of an arm (None when the store does not hold the run).

@@ -122,14 +122,14 @@ class BNSmooth(Claim):
         setting = data.setting
         metric = "ln(beta without BN / with BN); beta = " + LANDSCAPE_FIELDS["beta_smoothness"]
         name = "effective beta-smoothness after initialization, without BN / with BN"
-        rates = probe_rates(setting, data.results)
+        rates = probe_rates(setting, data.choice_results)
         half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"
             return Analysis(
                 not_measurable(name, metric, "increase", reason), figures=reason_figures(self.title, reason, data.draw)
             )
-        limits = selection_limits(setting, data.results)
+        limits = selection_limits(setting, data.choice_results)
         censored = [f"{LABELS[n]} {c} {v:.3g}" for n in NORMS for v, c in limits[n] if c]
         note = (
             f"Each arm at {PROBE_FRACTION:g} x its own stability limit (geometric mean over selection seeds "

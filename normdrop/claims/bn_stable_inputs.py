@@ -146,7 +146,7 @@ class BNStableInputs(Claim):
         setting = data.setting
         name = "layer-input drift, without BN / with BN"
         metric = "ln(relative drift without BN / with BN); drift = W1 between successive probe steps / input std"
-        rates = probe_rates(setting, data.results)
+        rates = probe_rates(setting, data.choice_results)
         half = probed_spec(setting, "batch", 0.1, 0).steps
         if not rates or set(rates) != set(NORMS):
             reason = "the selection seeds' stability limits are not all known (a bisection run is missing or failed)"

@@ -11,22 +11,27 @@ The contract (at one torch thread, on CPU): every member's metrics equal, bit fo
 :func:`normdrop.train.run` on its spec (``train_time`` aside: it is the fleet's training time divided among the
 members still training). What makes it hold:
 
-- **layout**: hidden activations are (B, K, C) contiguous, so batch norm is normdrop's own kernel over a
-  (B, K*C) input: channel (k, c) is reduced over the B rows exactly as the solo run reduces channel c;
-- **linear layers** are batched matmuls of the solo formulas (custom backward) on contiguous (K, B, in) copies:
+- **layout**: activations are (K, B, C) contiguous, so member k's (B, C) slice is one contiguous block, laid out
+  as its solo run's input;
+- **batch norm** per member: one C++ autograd node per layer (:func:`normdrop.nn.kernels.fastpath.fleet_batch_norm`)
+  calls, on each member's slice, the numba kernel that the solo run's fast path calls on its (B, C) input, with the
+  member's own BN momentum and eps (momentum None: ``1 / num_batches_tracked``, as the solo module); where a solo
+  input would not take the fast path (it is off, or the input too large), the solo call
+  ``normdrop.nn.functional.batch_norm`` member by member;
+- **linear layers** are batched matmuls of the solo formulas (custom backward) on the (K, B, in) activations:
   ``y_k = b_k + x_k W_k^T`` (``baddbmm``), ``dx_k = g_k W_k``, ``dW_k = g_k^T x_k`` (torch's mm backward of a
-  transposed weight) and ``db_k = sum_b g_k`` over a contiguous (K, B, C) copy. torch picks its gemm kernel by
-  shape and stride, and bmm does not always pick mm's (a strided operand, or 50 x 37 -> 10, rounds otherwise), so
-  each layer shape is checked once per process (:func:`batched_linear_exact`) and runs member by member with the
-  solo ``F.linear`` where the batched form would differ; evaluation (long chunks) always runs member by member;
-- **dropout** masks from a kernel that takes one key per member: member k's element (b, c) is kept iff
-  ``bits(seed_k, b C + c) >= threshold(p_k)`` (:mod:`normdrop.nn.rng`), with ``seed_k`` drawn from the member's own
-  dropout stream (``derive_seed(seed, "dropout")``) once per dropout layer and step, as its solo run draws it;
+  transposed weight) and ``db_k = sum_b g_k``. torch picks its gemm kernel by shape and stride, and bmm does not
+  always pick mm's (50 x 37 -> 10 rounds otherwise), so each layer shape is checked once per process
+  (:func:`batched_linear_exact`) and runs member by member with the solo ``F.linear`` where the batched form would
+  differ; evaluation (long chunks) always runs member by member;
+- **dropout** per member: one C++ node per layer (:func:`normdrop.nn.kernels.fastpath.fleet_dropout_drawing_seeds`)
+  draws member k's seed from the member's own dropout stream (``derive_seed(seed, "dropout")``), as its solo layer
+  draws it, and masks its slice with the solo kernel: element (b, c) kept iff ``bits(seed_k, b C + c) >=
+  threshold(p_k)`` (:mod:`normdrop.nn.rng`); without the fast path, the same bits as a (K, B, C) multiplier
+  (:func:`fleet_dropout_multiplier`);
 - **batch order** from each member's own ``"batch_order"`` generator, over its own dataset (its ``data_seed``'s
   subset, noisy labels and standardization; stacked (K, N, D) when the members' datasets differ) and evaluated on
   its own train and test splits;
-- **BN momentum / eps** per member: members are ordered by setting and each run of one setting is one kernel call
-  on its contiguous (B, K_run*C) block (a strided block would take another kernel path, which rounds otherwise);
 - **losses** per member: ``F.cross_entropy`` on the member's (B, classes) logits, as the solo run computes it;
 - **optimizers** stacked over members with per-member hyperparameters as (K, 1, ...) tensors, in the formulas that
   round exactly as torch.optim's single-tensor paths (torch 2.13): ``p.add_(g, alpha=-lr)`` becomes
@@ -74,9 +79,9 @@ from torch import Tensor, nn
 from normdrop.data import Dataset
 from normdrop.models import _unit, build_model
 from normdrop.nn import functional as ndF
-from normdrop.nn.kernels import composite, numba_cpu
+from normdrop.nn.kernels import composite, fastpath, numba_cpu
 from normdrop.nn.kernels.numba_cpu.dropout import _counter_bits
-from normdrop.nn.rng import MASK32, SEED_BOUND, drop_threshold, round_keys
+from normdrop.nn.rng import MASK32, draw_seed, drop_threshold, round_keys
 from normdrop.seeds import derive_seed
 from normdrop.spec import RunResult, RunSpec
 from normdrop.tensors import global_norm
@@ -146,9 +151,8 @@ def fleet_key(spec: RunSpec) -> tuple[Any, ...] | None:
 
 def bitwise_backend() -> bool:
     """Whether this process's CPU kernels are the ones the bitwise contract was established with: normdrop's numba
-    kernels (and their C++ fast path). With ``NORMDROP_BACKEND=composite`` batch norm runs as torch ops over the
-    (B, K*C) input, whose vectorized and scalar tails fall on other channels as K changes: members then differ
-    from their solo runs by rounding."""
+    kernels (and their C++ fast path). With ``NORMDROP_BACKEND=composite`` the layers run as torch ops, for which
+    the fleet's dropout multiplier and batched formulas were not proven bitwise: no fleets then."""
     from normdrop.nn import kernels
 
     return kernels.backend_for_device(torch.device("cpu")) is numba_cpu
@@ -177,45 +181,44 @@ def group_specs(specs: Sequence[RunSpec]) -> tuple[list[list[RunSpec]], list[Run
 
 
 class _FleetLinear(torch.autograd.Function):
-    """y[:, k] = b_k + x[:, k] W_k^T on (B, K, in) -> (B, K, out), with the solo path's backward formulas."""
+    """y_k = b_k + x_k W_k^T on (K, B, in) -> (K, B, out), with the solo path's backward formulas."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        xt = x.transpose(0, 1).contiguous()  # (K, B, in): a strided operand takes another gemm kernel in torch
-
         if bias is None:
-            y = torch.bmm(xt, weight.transpose(1, 2))
+            y = torch.bmm(x, weight.transpose(1, 2))
         else:
-            y = torch.baddbmm(bias.unsqueeze(1), xt, weight.transpose(1, 2))
-        ctx.save_for_backward(xt, weight)
+            y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return y.transpose(0, 1).contiguous()
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        xt, weight = ctx.saved_tensors
-        gt = grad.transpose(0, 1).contiguous()  # (K, B, out): each member's gradient as its solo run holds it
-        grad_x = torch.bmm(gt, weight).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        grad_w = torch.bmm(gt.transpose(1, 2), xt) if ctx.needs_input_grad[1] else None
-        grad_b = gt.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # (K, B, out): each member's gradient as its solo run holds it (a no-op in training)
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
 _EXACT_SHAPES: dict[tuple[int, int, int, int, bool, int], bool] = {}
 
 
-def batched_linear_exact(rows: int, members: int, in_features: int, out_features: int, bias: bool) -> bool:
-    """Whether :class:`_FleetLinear` on this shape gives, member by member, the solo ``F.linear``'s forward and
-    gradients bit for bit. torch picks its gemm kernel by shape, and ``bmm`` and ``mm`` do not always pick the same
-    one (e.g. 50 x 37 -> 10 rounds differently): the answer is measured once per shape and process on random data
-    (a different kernel shows up as a difference there), and a shape that fails runs member by member."""
-    key = (rows, members, in_features, out_features, bias, torch.get_num_threads())
+def batched_linear_exact(members: int, rows: int, in_features: int, out_features: int, bias: bool) -> bool:
+    """Whether :class:`_FleetLinear` on a (members, rows, in_features) input gives, member by member, the solo
+    ``F.linear``'s forward and gradients bit for bit. torch picks its gemm kernel by shape, and ``bmm`` and ``mm``
+    do not always pick the same one (e.g. 50 x 37 -> 10 rounds differently): the answer is measured once per shape
+    and process on random data (a different kernel shows up as a difference there), and a shape that fails runs
+    member by member."""
+    key = (members, rows, in_features, out_features, bias, torch.get_num_threads())
     if key not in _EXACT_SHAPES:
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(rows, members, in_features, generator=generator)
+        x = torch.randn(members, rows, in_features, generator=generator)
         weight = torch.randn(members, out_features, in_features, generator=generator)
         b = torch.randn(members, out_features, generator=generator) if bias else None
-        grad = torch.randn(rows, members, out_features, generator=generator)
+        grad = torch.randn(members, rows, out_features, generator=generator)
         xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
         bs = None if b is None else b.clone().requires_grad_()
         with torch.enable_grad():
@@ -223,14 +226,12 @@ def batched_linear_exact(rows: int, members: int, in_features: int, out_features
             y.backward(grad)
         exact = True
         for k in range(members):
-            xk, wk = x[:, k].contiguous().requires_grad_(), weight[k].clone().requires_grad_()
+            xk, wk = x[k].clone().requires_grad_(), weight[k].clone().requires_grad_()
             bk = None if b is None else b[k].clone().requires_grad_()
             with torch.enable_grad():
                 yk = F.linear(xk, wk, bk)
-                yk.backward(grad[:, k].contiguous())
-            exact &= (
-                torch.equal(yk, y[:, k]) and torch.equal(xk.grad, xs.grad[:, k]) and torch.equal(wk.grad, ws.grad[k])
-            )
+                yk.backward(grad[k].clone())
+            exact &= torch.equal(yk, y[k]) and torch.equal(xk.grad, xs.grad[k]) and torch.equal(wk.grad, ws.grad[k])
             if bk is not None:
                 exact &= torch.equal(bk.grad, bs.grad[k])
         _EXACT_SHAPES[key] = bool(exact)
@@ -238,14 +239,14 @@ def batched_linear_exact(rows: int, members: int, in_features: int, out_features
 
 
 @njit(cache=True, parallel=False)
-def _fleet_mask(out, rows, members, channels, keys, thresholds, keep_scales, drop_scales):
-    """out[b, k, c] = keep_scale_k if bits(seed_k, b * channels + c) >= threshold_k else drop_scale_k."""
-    for b in prange(rows):
-        for k in range(members):
-            k0, k1, k2 = np.uint32(keys[k, 0]), np.uint32(keys[k, 1]), np.uint32(keys[k, 2])
-            bound = np.uint32(thresholds[k])
-            keep_scale, drop_scale = keep_scales[k], drop_scales[k]
-            row = out[b, k]
+def _fleet_mask(out, members, rows, channels, keys, thresholds, keep_scales, drop_scales):
+    """out[k, b, c] = keep_scale_k if bits(seed_k, b * channels + c) >= threshold_k else drop_scale_k."""
+    for k in prange(members):
+        k0, k1, k2 = np.uint32(keys[k, 0]), np.uint32(keys[k, 1]), np.uint32(keys[k, 2])
+        bound = np.uint32(thresholds[k])
+        keep_scale, drop_scale = keep_scales[k], drop_scales[k]
+        for b in range(rows):
+            row = out[k, b]
             for c in range(channels):
                 keep = _counter_bits(np.int64(b * channels + c), k0, k1, k2) >= bound
                 row[c] = keep_scale if keep else drop_scale
@@ -260,15 +261,15 @@ def _torch_multiplier(
     device: torch.device,
 ) -> Tensor:
     """:func:`fleet_dropout_multiplier` in torch ops on ``device``: h = mix(mix(mix(lo(c) ^ k0) ^ hi(c) ^ k1) ^ k2)
-    per counter c = b C + c' with member k's round keys (:mod:`normdrop.nn.rng`), broadcast over (B, K, C)."""
-    rows, members, channels = shape
+    per counter c = b C + c' with member k's round keys (:mod:`normdrop.nn.rng`), broadcast over (K, B, C)."""
+    members, rows, channels = shape
 
     def column(values: np.ndarray, dtype: torch.dtype) -> Tensor:
-        return torch.from_numpy(values).to(device=device, dtype=dtype).view(1, members, 1)
+        return torch.from_numpy(values).to(device=device, dtype=dtype).view(members, 1, 1)
 
     k = torch.from_numpy(keys).to(device)
-    k0, k1, k2 = (k[:, i].view(1, members, 1) for i in range(3))
-    counter = torch.arange(rows * channels, dtype=torch.int64, device=device).view(rows, 1, channels)
+    k0, k1, k2 = (k[:, i].view(members, 1, 1) for i in range(3))
+    counter = torch.arange(rows * channels, dtype=torch.int64, device=device).view(1, rows, channels)
     high = counter >> 32
     h = composite._mix32_((counter & MASK32) ^ k0)
     h = composite._mix32_(h ^ high ^ k1)
@@ -278,7 +279,7 @@ def _torch_multiplier(
 
 
 class _FleetDropout(torch.autograd.Function):
-    """y = x * m with m[b, k, c] the member's scaled keep mask; backward multiplies by the same m."""
+    """y = x * m with m[k, b, c] the member's scaled keep mask; backward multiplies by the same m."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, multiplier: Tensor) -> Tensor:
@@ -291,6 +292,35 @@ class _FleetDropout(torch.autograd.Function):
         return grad * multiplier, None
 
 
+def _batched_norm(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    momenta: Sequence[float],
+    eps: Sequence[float],
+) -> Tensor:
+    """Batch norm of (K, B, C) over the B rows of each member in torch ops (the fleet off CPU, where no solo kernel
+    is to be matched): ``y = (x - mu_k) / sqrt(var_k + eps_k) * w_k + b_k`` with the biased batch variance in
+    training, and ``running = (1 - m_k) running + m_k batch`` with the unbiased one (B / (B - 1) times the biased),
+    as torch.nn.BatchNorm1d; the running statistics in eval."""
+    members, rows, _ = h.shape
+    eps_column = _column(eps, h.device).view(members, 1, 1)
+    if training:
+        mean = h.mean(1, keepdim=True)
+        var = (h - mean).square().mean(1, keepdim=True)
+        with torch.no_grad():
+            m = _column(momenta, h.device).view(members, 1)
+            unbiased = var.squeeze(1) * (rows / max(rows - 1, 1))
+            running_mean.mul_(1 - m).add_(m * mean.squeeze(1))
+            running_var.mul_(1 - m).add_(m * unbiased)
+    else:
+        mean, var = running_mean.unsqueeze(1), running_var.unsqueeze(1)
+    return (h - mean) * torch.rsqrt(var + eps_column) * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+
 @functools.lru_cache(maxsize=1024)
 def _scales(p: float) -> tuple[int, np.ndarray]:
     """normdrop's float32 dropout constants for ``p`` (cached: building them costs tensor ops, once per member
@@ -301,11 +331,11 @@ def _scales(p: float) -> tuple[int, np.ndarray]:
 def fleet_dropout_multiplier(
     shape: tuple[int, int, int], seeds: Sequence[int], ps: Sequence[float], device: torch.device | str = "cpu"
 ) -> Tensor:
-    """The (B, K, C) float32 multiplier of one dropout layer: member k's keep mask for seed ``seeds[k]`` and
+    """The (K, B, C) float32 multiplier of one dropout layer: member k's keep mask for seed ``seeds[k]`` and
     probability ``ps[k]``, scaled as normdrop's kernels scale it (keep: ``float32(1 / (1 - p))``, drop: 0).
 
     On CPU a numba kernel; on other devices the same counter hash in torch int64 ops (:func:`_torch_multiplier`)."""
-    rows, members, channels = shape
+    members, rows, channels = shape
     keys = np.array([round_keys(seed) for seed in seeds], dtype=np.int64).reshape(members, 3)
     thresholds = np.array([drop_threshold(p) for p in ps], dtype=np.int64)
     constants = [_scales(p) for p in ps]
@@ -313,8 +343,8 @@ def fleet_dropout_multiplier(
     keep_scales = np.array([c[1][1] for c in constants], dtype=np.float32)
     if torch.device(device).type != "cpu":
         return _torch_multiplier(shape, keys, thresholds, keep_scales, drop_scales, torch.device(device))
-    out = np.empty((rows, members, channels), dtype=np.float32)
-    _fleet_mask(out, rows, members, channels, keys, thresholds, keep_scales, drop_scales)
+    out = np.empty((members, rows, channels), dtype=np.float32)
+    _fleet_mask(out, members, rows, channels, keys, thresholds, keep_scales, drop_scales)
     return torch.from_numpy(out)
 
 
@@ -334,33 +364,31 @@ class _Member:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
-def _column(values: Sequence[float], ndim: int, device: torch.device) -> Tensor:
-    """Per-member scalars as a float32 (K, 1, ..., 1) tensor of ``ndim`` dims (each value rounded to float32, as
-    torch rounds a Python scalar against a float32 tensor)."""
-    column = torch.tensor(list(values), dtype=torch.float64).to(torch.float32).view(-1, *([1] * (ndim - 1)))
-    return column.to(device)
+def _column(values: Sequence[float], device: torch.device) -> Tensor:
+    """Per-member scalars as a float32 (K,) tensor (each value rounded to float32, as torch rounds a Python scalar
+    against a float32 tensor); :func:`_as_column` views it as (K, 1, ..., 1)."""
+    return torch.tensor(list(values), dtype=torch.float64).to(torch.float32).to(device)
 
 
-def norm_setting(spec: RunSpec) -> tuple[float | None, float]:
-    """A spec's batch-norm (momentum, eps): members with equal settings share one kernel call per layer."""
-    return (spec.norm_momentum, spec.norm_eps)
+ALIGNMENT = 64
+"""Bytes to which torch's CPU allocator aligns a fresh tensor, as the solo run's activations are aligned."""
 
 
-def _norm_blocks(specs: Sequence[RunSpec]) -> list[tuple[int, float | None, float]]:
-    """Runs of consecutive members with one :func:`norm_setting`: (members, momentum, eps) per run, in order."""
-    blocks: list[tuple[int, float | None, float]] = []
-    for spec in specs:
-        setting = norm_setting(spec)
-        if blocks and blocks[-1][1:] == setting:
-            blocks[-1] = (blocks[-1][0] + 1, *setting)
-        else:
-            blocks.append((1, *setting))
-    return blocks
+def _aligned(x: Tensor) -> Tensor:
+    """``x`` (a member's slice of stacked activations) itself if it starts on an :data:`ALIGNMENT` boundary, else a
+    fresh copy: torch's ``mm`` rounds differently on a misaligned operand (measured: a 50 x 37 -> 10 linear layer
+    on member 1's slice of a (2, 50, 37) tensor, 7400 bytes in), and the solo run's operand is always aligned."""
+    return x if x.data_ptr() % ALIGNMENT == 0 else x.clone()
+
+
+def _as_column(values: Tensor, ndim: int) -> Tensor:
+    """A (K,) tensor viewed as (K, 1, ..., 1) with ``ndim`` dims, to broadcast over stacked (K, ...) parameters."""
+    return values.view(-1, *([1] * (ndim - 1)))
 
 
 class Fleet:
     """K MLP members as stacked tensors: ``params[name]`` is (K, *shape) for each parameter name of the solo model
-    (in the solo model's order), ``buffers[name]`` likewise for batch-norm statistics."""
+    (in the solo model's order), ``buffers[name]`` likewise for batch-norm statistics; activations are (K, B, C)."""
 
     def __init__(
         self,
@@ -393,107 +421,99 @@ class Fleet:
         self.unit = [name for name, _ in _unit(self.template, self.template.width, 0)]
         self.state: dict[str, dict[str, Tensor]] = {name: {} for name in self.param_names}
         self.adam_step = 0.0
-        self.norm_blocks = _norm_blocks(self.specs)
+        self._members_changed()
+
+    def _members_changed(self) -> None:
+        """Recompute what depends on the membership: per-member settings as lists and as (K,) columns."""
+        self.dropout_ps = [float(s.dropout) for s in self.specs]
+        self.norm_eps = [float(s.norm_eps) for s in self.specs]
+        self.norm_momenta = [None if s.norm_momentum is None else float(s.norm_momentum) for s in self.specs]
+        self._columns: dict[str, Tensor] = {}
+
+    def _member_column(self, field_name: str) -> Tensor:
+        """The (K,) float32 column of a spec field over the members (built once per membership)."""
+        if field_name not in self._columns:
+            self._columns[field_name] = _column([getattr(s, field_name) for s in self.specs], self.device)
+        return self._columns[field_name]
 
     @property
     def size(self) -> int:
         return len(self.specs)
 
     # ---- forward
-    def _dropout(self, h: Tensor, seeds: Sequence[int] | None) -> Tensor:
-        if seeds is None:  # eval: identity
+    def _dropout(self, h: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+        """Member k's dropout on its (B, C) slice, its seed drawn from ``generators[k]`` as its solo layer draws it
+        (None: eval, identity). On CPU one C++ node over the members (:func:`fastpath.fleet_dropout_drawing_seeds`,
+        the solo fast path's kernel per slice); else a (K, B, C) multiplier with the same bits."""
+        if generators is None:
             return h
-        multiplier = fleet_dropout_multiplier(tuple(h.shape), seeds, [s.dropout for s in self.specs], h.device)
+        y = fastpath.fleet_dropout_drawing_seeds(h, list(generators), self.dropout_ps)
+        if y is not None:
+            return y
+        seeds = [draw_seed(generator) for generator in generators]
+        multiplier = fleet_dropout_multiplier(tuple(h.shape), seeds, self.dropout_ps, h.device)
         return _FleetDropout.apply(h, multiplier)
 
     def _norm(self, h: Tensor, index: int, training: bool) -> Tensor:
-        """Batch norm of (B, K, C) with normdrop's kernel over (B, K*C): channel (k, c) reduced over the B rows as
-        member k's solo run reduces channel c. Members with their own BN momentum / eps come in runs of equal
-        settings (:attr:`norm_blocks`), one kernel call per run on its (B, K_run*C) block; the blocks are split
-        and joined by copies (``torch.split`` / ``torch.cat``, whose backward copies too), so no value changes."""
-        rows, _, channels = h.shape
+        """Batch norm of (K, B, C): member k's (B, C) slice normalized as its solo run normalizes its input, with its
+        own BN momentum and eps. Exact (CPU): one C++ node that calls the solo fast path's kernel on each slice
+        (:func:`fastpath.fleet_batch_norm`), or, where a solo input would not take the fast path, the solo call
+        ``normdrop.nn.functional.batch_norm`` member by member. Otherwise (other devices) :func:`_batched_norm`."""
         prefix = f"hidden{index}.norm."
         tracked = self.buffers[prefix + "num_batches_tracked"]
+        weight, bias = self.params[prefix + "weight"], self.params[prefix + "bias"]
+        mean, var = self.buffers[prefix + "running_mean"], self.buffers[prefix + "running_var"]
         if training:
             tracked.add_(1)
-        sizes = [size for size, _, _ in self.norm_blocks]
-        if len(sizes) == 1:
-            pieces = [(h, *(self.params[prefix + n] for n in ("weight", "bias")))]
-            stats = [(self.buffers[prefix + "running_mean"], self.buffers[prefix + "running_var"])]
-        else:
-            pieces = list(
-                zip(
-                    torch.split(h, sizes, dim=1),
-                    torch.split(self.params[prefix + "weight"], sizes),
-                    torch.split(self.params[prefix + "bias"], sizes),
-                    strict=True,
-                )
-            )
-            stats = list(
-                zip(
-                    torch.split(self.buffers[prefix + "running_mean"], sizes),
-                    torch.split(self.buffers[prefix + "running_var"], sizes),
-                    strict=True,
-                )
-            )
-        outputs = []
-        for (block, weight, bias), (mean, var), (size, setting, eps) in zip(
-            pieces, stats, self.norm_blocks, strict=True
-        ):
-            # as the solo module: a float momentum, or 1 / num_batches_tracked (a 0-dim double) when it is None
-            momentum: float | Tensor = 0.0 if setting is None else setting
-            if training and setting is None:
-                momentum = 1.0 / tracked[0].double()
-            y = ndF.batch_norm(
-                # contiguous, as the solo run's input: a strided (B, K_run*C) view takes another kernel path,
-                # which rounds differently
-                block.reshape(rows, size * channels).contiguous(),
-                mean.view(-1),
-                var.view(-1),
-                weight.reshape(-1),
-                bias.reshape(-1),
-                training,
-                momentum,
-                eps,
-            )
-            outputs.append(y.view(rows, size, channels))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        # as the solo module: a float momentum, or 1 / num_batches_tracked when it is None (members train in step,
+        # so their counts agree)
+        cumulative = 1.0 / float(tracked[0].item()) if training and None in self.norm_momenta else 0.0
+        momenta = [cumulative if m is None else m for m in self.norm_momenta]
+        if not self.exact:
+            return _batched_norm(h, weight, bias, mean, var, training, momenta, self.norm_eps)
+        y = fastpath.fleet_batch_norm(h, weight, bias, mean, var, training, momenta, self.norm_eps)
+        if y is not None:
+            return y
+        outputs = [
+            ndF.batch_norm(h[k], mean[k], var[k], weight[k], bias[k], training, momenta[k], self.norm_eps[k])
+            for k in range(len(self.specs))
+        ]
+        return torch.stack(outputs)
 
-    def forward(self, x: Tensor, draw_seeds: Callable[[], list[int]] | None) -> Tensor:
-        """Logits (B, K, classes) of inputs (B, K, D); ``draw_seeds`` gives each member's next dropout seed (None:
-        eval mode, running statistics and no dropout)."""
+    def forward(self, x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+        """Logits (K, B, classes) of inputs (K, B, D); ``generators[k]``: member k's dropout stream, from which each
+        dropout layer draws the member's seed (None: eval mode, running statistics and no dropout)."""
         spec = self.template
-        training = draw_seeds is not None
+        training = generators is not None
         h = x
         for index in range(1, spec.depth + 1):
-            prefix = f"hidden{index}.linear."
-            h = self._linear(h, prefix, training)
+            h = self._linear(h, f"hidden{index}.linear.", training)
             for op in self.unit:
                 if op == "norm":
                     h = self._norm(h, index, training)
                 elif op == "act":
                     h = torch.relu(h) if spec.activation == "relu" else h
                 else:
-                    h = self._dropout(h, draw_seeds() if training else None)
+                    h = self._dropout(h, generators)
         if spec.dropout > 0 and spec.dropout_position == "before_head":
-            h = self._dropout(h, draw_seeds() if training else None)
+            h = self._dropout(h, generators)
         return self._linear(h, "classifier.", training)
 
     def _linear(self, h: Tensor, prefix: str, training: bool) -> Tensor:
         """One linear layer: batched where torch's bmm rounds as its mm does (:func:`batched_linear_exact`), else
         member by member with the solo call ``F.linear`` (always so in eval: long chunks take other kernels)."""
         weight, bias = self.params[prefix + "weight"], self.params.get(prefix + "bias")
-        rows, members, in_features = h.shape
+        members, rows, in_features = h.shape
         if not self.exact or (
-            training and batched_linear_exact(rows, members, in_features, weight.shape[1], bias is not None)
+            training and batched_linear_exact(members, rows, in_features, weight.shape[1], bias is not None)
         ):
             return _FleetLinear.apply(h, weight, bias)
-        shared = h.stride(1) == 0  # the eval input: one chunk seen by every member
+        shared = h.stride(0) == 0  # the eval input: one chunk seen by every member
         outputs = [
-            F.linear(h[:, 0] if shared else h[:, k].contiguous(), weight[k], None if bias is None else bias[k])
+            F.linear(_aligned(h[0] if shared else h[k]), weight[k], None if bias is None else bias[k])
             for k in range(members)
         ]
-        return torch.stack(outputs, dim=1)
+        return torch.stack(outputs)
 
     # ---- optimizer
     def step(self, lrs: Sequence[float]) -> None:
@@ -505,7 +525,8 @@ class Fleet:
             self._adam(lrs, decoupled=spec.optimizer == "adamw")
 
     def _sgd(self, lrs: Sequence[float]) -> None:
-        specs = self.specs
+        spec = self.template
+        step_sizes = _column([-lr for lr in lrs], self.device)
         with torch.no_grad():
             for name in self.param_names:
                 param = self.params[name]
@@ -513,18 +534,18 @@ class Fleet:
                 if grad is None:
                     continue
                 ndim = param.ndim
-                if specs[0].weight_decay > 0:
-                    grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim, param.device))
-                if specs[0].momentum > 0:
-                    momenta = _column([s.momentum for s in specs], ndim, param.device)
+                if spec.weight_decay > 0:
+                    grad = grad.addcmul(param, _as_column(self._member_column("weight_decay"), ndim))
+                if spec.momentum > 0:
+                    momenta = _as_column(self._member_column("momentum"), ndim)
                     buf = self.state[name].get("momentum_buffer")
                     if buf is None:
                         buf = grad.detach().clone()
                         self.state[name]["momentum_buffer"] = buf
                     else:
                         buf.mul_(momenta).add_(grad, alpha=1)
-                    grad = grad.addcmul(buf, momenta) if specs[0].nesterov else buf
-                param.addcmul_(grad, _column([-lr for lr in lrs], ndim, param.device))
+                    grad = grad.addcmul(buf, momenta) if spec.nesterov else buf
+                param.addcmul_(grad, _as_column(step_sizes, ndim))
 
     def _adam(self, lrs: Sequence[float], decoupled: bool) -> None:
         specs = self.specs
@@ -533,6 +554,10 @@ class Fleet:
         step = self.adam_step
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_sizes = _column([-lr / bias_correction1 for lr in lrs], self.device)
+        decays = None
+        if specs[0].weight_decay > 0 and decoupled:
+            decays = _column([1 - lr * s.weight_decay for lr, s in zip(lrs, specs, strict=True)], self.device)
         with torch.no_grad():
             for name in self.param_names:
                 param = self.params[name]
@@ -544,21 +569,15 @@ class Fleet:
                 if not state:
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros_like(param)
-                if specs[0].weight_decay > 0:
-                    if decoupled:
-                        param.mul_(
-                            _column(
-                                [1 - lr * s.weight_decay for lr, s in zip(lrs, specs, strict=False)], ndim, param.device
-                            )
-                        )
-                    else:
-                        grad = grad.addcmul(param, _column([s.weight_decay for s in specs], ndim, param.device))
+                if decays is not None:
+                    param.mul_(_as_column(decays, ndim))
+                elif specs[0].weight_decay > 0:
+                    grad = grad.addcmul(param, _as_column(self._member_column("weight_decay"), ndim))
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-                step_size = _column([-lr / bias_correction1 for lr in lrs], ndim, param.device)
-                param.add_((exp_avg * step_size).div_(denom))
+                param.add_((exp_avg * _as_column(step_sizes, ndim)).div_(denom))
 
     # ---- membership
     def keep(self, indices: Sequence[int]) -> None:
@@ -574,7 +593,7 @@ class Fleet:
                 self.params[name] = new
                 self.state[name] = {key: value.index_select(0, index) for key, value in self.state[name].items()}
             self.buffers = {name: value.index_select(0, index) for name, value in self.buffers.items()}
-        self.norm_blocks = _norm_blocks(self.specs)
+        self._members_changed()
 
     def member_model(self, k: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Member ``k`` as the ordinary model of its spec, with its exact weights, buffers and gradients, and a
@@ -696,24 +715,18 @@ def _train_fleets(
     exact: bool | None = None,
 ) -> list[_Member]:
     """Load each member's dataset (its own ``data_seed``), split the members into fleets whose datasets have one
-    shape (:func:`_data_shapes`; in practice always one fleet), order each fleet's members by BN setting (one
-    kernel call per setting: :func:`norm_setting`), train them; the members back in the order of ``specs``."""
+    shape (:func:`_data_shapes`; in practice always one fleet), train them; the members back in the order of
+    ``specs``."""
     datasets = [load_run_dataset(spec, data_root) for spec in specs]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for k, data in enumerate(datasets):
         groups.setdefault(_data_shapes(data), []).append(k)
     members: list[_Member | None] = [None] * len(specs)
     for group in groups.values():
-
-        def by_setting(k: int) -> tuple[bool, float, float]:
-            momentum, eps = norm_setting(specs[k])
-            return (momentum is None, 0.0 if momentum is None else momentum, eps)
-
-        order = sorted(group, key=by_setting)
         trained = _train_fleet(
-            [specs[k] for k in order], [datasets[k] for k in order], [hooks[k] for k in order], device, exact
+            [specs[k] for k in group], [datasets[k] for k in group], [hooks[k] for k in group], device, exact
         )
-        for k, member in zip(order, trained, strict=True):
+        for k, member in zip(group, trained, strict=True):
             members[k] = member
     return [member for member in members if member is not None]
 
@@ -791,29 +804,23 @@ def _train_fleet(
                     torch.set_rng_state(member.dropout_rng.get_state())
                     member.probe_records.extend(_call_hook(hook, ctx))
 
-    def draw_seeds() -> list[int]:
-        return [
-            int(torch.randint(0, SEED_BOUND, (1,), generator=everyone[p].dropout_rng, dtype=torch.int64).item())
-            for p in alive
-        ]
-
     evaluate_at(0)
     call_hooks_at(0)
     for step in range(template.steps):
         step_start = time.perf_counter()
         lrs = [learning_rate(everyone[p].spec, step) for p in alive]
-        indices = torch.stack([next(everyone[p].batches) for p in alive], dim=1).to(device)  # (B, K)
+        indices = torch.stack([next(everyone[p].batches) for p in alive]).to(device)  # (K, B)
         if shared:
             x, labels = x_train[indices], y_train[indices]
         else:  # member k's rows of its own training set
-            owner = torch.tensor(alive, dtype=torch.int64, device=device).view(1, -1)
+            owner = torch.tensor(alive, dtype=torch.int64, device=device).view(-1, 1)
             x, labels = x_train[owner, indices], y_train[owner, indices]
-        logits = fleet.forward(x, draw_seeds)
+        logits = fleet.forward(x, [everyone[p].dropout_rng for p in alive])
         if fleet.exact:  # each member's loss as its solo run computes it
-            losses = list(torch.stack([F.cross_entropy(logits[:, k], labels[:, k]) for k in range(len(alive))]))
+            losses = [F.cross_entropy(logits[k], labels[k]) for k in range(len(alive))]
         else:  # one batched reduction (off CPU: a tolerance, not bit for bit)
             per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-            losses = list(per_example.view(labels.shape).mean(0))
+            losses = list(per_example.view(labels.shape).mean(1))
         loss_values = torch.stack([loss.detach() for loss in losses]).tolist()
         survivors: list[int] = []
         for k, position in enumerate(alive):
@@ -893,23 +900,23 @@ def _fleet_evaluate(fleet: Fleet, inputs: Tensor, labels: Tensor) -> list[tuple[
     batched_totals = torch.zeros(members, dtype=torch.float64, device=inputs.device)
     batched_correct = torch.zeros(members, dtype=torch.int64, device=inputs.device)
     for start in range(0, count, EVAL_CHUNK):
-        if per_member:  # (n, K, D) and (n, K)
-            chunk = inputs[:, start : start + EVAL_CHUNK].transpose(0, 1)
-            chunk_labels = labels[:, start : start + EVAL_CHUNK].transpose(0, 1)
+        if per_member:  # (K, n, D) and (K, n)
+            chunk = inputs[:, start : start + EVAL_CHUNK]
+            chunk_labels = labels[:, start : start + EVAL_CHUNK]
         else:  # one chunk seen by every member (stride 0 over members)
             shared = inputs[start : start + EVAL_CHUNK]
-            chunk = shared.unsqueeze(1).expand(len(shared), members, shared.shape[1])
-            chunk_labels = labels[start : start + EVAL_CHUNK].unsqueeze(1).expand(len(shared), members)
+            chunk = shared.unsqueeze(0).expand(members, *shared.shape)
+            chunk_labels = labels[start : start + EVAL_CHUNK].unsqueeze(0).expand(members, len(shared))
         logits = fleet.forward(chunk, None)
         if not fleet.exact:  # off CPU: all members in one reduction, one device sync per evaluation
             flat_logits = logits.reshape(-1, logits.shape[-1])
             losses = F.cross_entropy(flat_logits, chunk_labels.reshape(-1), reduction="none").view(chunk_labels.shape)
-            batched_totals += losses.double().sum(0)
-            batched_correct += (logits.argmax(dim=2) == chunk_labels).sum(0)
+            batched_totals += losses.double().sum(1)
+            batched_correct += (logits.argmax(dim=2) == chunk_labels).sum(1)
             continue
         for k in range(members):
-            member_logits = logits[:, k]
-            member_labels = chunk_labels[:, k].contiguous() if per_member else chunk_labels[:, 0]
+            member_logits = logits[k]
+            member_labels = chunk_labels[k] if per_member else chunk_labels[0]
             totals[k] += F.cross_entropy(member_logits, member_labels, reduction="sum").item()
             correct[k] += int((member_logits.argmax(dim=1) == member_labels).sum())
     if not fleet.exact:

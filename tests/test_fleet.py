@@ -104,12 +104,12 @@ def test_members_diverge_at_their_own_steps():
 
 def test_member_masks_equal_solo_masks():
     seeds, ps = [11, 2**61 + 5, 0], [0.1, 0.5, 0.9]
-    multiplier = fleet_dropout_multiplier((30, 3, 37), seeds, ps)
+    multiplier = fleet_dropout_multiplier((3, 30, 37), seeds, ps)
     for k, (seed, p) in enumerate(zip(seeds, ps, strict=False)):
         # the solo layer draws its seed from torch's default generator: find the seed state that draws `seed`
         ones = torch.ones(30, 37)
         solo = _dropout_with_seed(ones, p, seed)
-        assert torch.equal(multiplier[:, k], solo)
+        assert torch.equal(multiplier[k], solo)
 
 
 def _dropout_with_seed(x, p, seed):
@@ -277,14 +277,14 @@ def test_torch_mask_kernel_equals_the_numba_kernel():
     seeds, ps = [3, 2**62 - 1, 99], [0.2, 0.5, 0.7]
     constants = [numba_cpu._dropout_constants(p, False, True, torch.float32)[1] for p in ps]
     by_torch = _torch_multiplier(
-        (20, 3, 33),
+        (3, 20, 33),
         np.array([round_keys(s) for s in seeds], dtype=np.int64),
         np.array([drop_threshold(p) for p in ps], dtype=np.int64),
         np.array([c[1] for c in constants], dtype=np.float32),
         np.array([c[0] for c in constants], dtype=np.float32),
         torch.device("cpu"),
     )
-    assert torch.equal(by_torch, fleet_dropout_multiplier((20, 3, 33), seeds, ps))
+    assert torch.equal(by_torch, fleet_dropout_multiplier((3, 20, 33), seeds, ps))
 
 
 def test_batched_path_of_other_devices_matches_solo_to_tolerance():
@@ -404,9 +404,38 @@ def test_members_with_their_own_batch_norm_momentum_and_eps():
     assert results[0].summary["test_loss"] != results[3].summary["test_loss"]  # other data_seed, same setting
 
 
-def test_norm_blocks_are_runs_of_equal_settings():
-    from normdrop.fleet import _norm_blocks
+def test_the_fleet_nodes_carry_batch_norm_and_dropout(monkeypatch):
+    # on CPU every BN and dropout layer of a training step is one C++ node over the members (not K Python calls)
+    from normdrop.nn.kernels import fastpath
 
-    specs = [RunSpec(**BASE, norm="batch", norm_momentum=m, norm_eps=e) for m, e in [(0.1, 1e-5)] * 2]
-    specs += [RunSpec(**BASE, norm="batch", norm_momentum=None), RunSpec(**BASE, norm="batch", norm_eps=1e-3)]
-    assert _norm_blocks(specs) == [(2, 0.1, 1e-5), (1, None, 1e-5), (1, 0.1, 1e-3)]
+    calls = {"bn": 0, "dropout": 0}
+    bn, dropout = fastpath.fleet_batch_norm, fastpath.fleet_dropout_drawing_seeds
+
+    def counting(kind, function):
+        def wrapped(*args, **kwargs):
+            y = function(*args, **kwargs)
+            calls[kind] += y is not None
+            return y
+
+        return wrapped
+
+    monkeypatch.setattr(fastpath, "fleet_batch_norm", counting("bn", bn))
+    monkeypatch.setattr(fastpath, "fleet_dropout_drawing_seeds", counting("dropout", dropout))
+    options = {**BASE, "steps": 2, "eval_every": 2, "norm": "batch", "dropout": 0.2, "depth": 3}
+    run_fleet([RunSpec(**options, seed=k) for k in range(3)])
+    if fastpath.extension() is None:
+        pytest.skip("the C++ fast path cannot be built here")
+    assert calls["dropout"] == 2 * 3  # 2 steps x 3 layers
+    assert calls["bn"] >= 2 * 3  # and the evaluations' inference calls
+
+
+def test_members_equal_solo_runs_without_the_fast_path(monkeypatch):
+    # with the fast path off the fleet takes the solo call member by member (BN) and the multiplier (dropout)
+    from normdrop.nn.kernels import fastpath
+
+    monkeypatch.setattr(fastpath, "_forced", False)
+    options = {**BASE, "norm": "batch", "dropout": 0.2, "width": 37, "depth": 2, "steps": 6}
+    settings = [(0.1, 1e-5), (None, 1e-3), (0.3, 1e-5)]
+    _assert_members_equal_solo(
+        [RunSpec(**options, seed=k, norm_momentum=m, norm_eps=e) for k, (m, e) in enumerate(settings)]
+    )

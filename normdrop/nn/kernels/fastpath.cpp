@@ -23,6 +23,11 @@
 // ``torch.randint(0, 2**62, (1,), generator=g)``, i.e. ATen's uniform_int_from_to_distribution on the generator
 // under its lock (the same value and the same generator state after), and expand it into the counter hash's round
 // keys (rng.round_keys: SplitMix64). They draw nothing when they return None, so the caller then draws once itself.
+//
+// Fleet nodes (normdrop.fleet): a (K, B, C) contiguous input holds K members' (B, C) activations. Member k's slice
+// is contiguous, so each node calls the kernels above once per member on that slice with the member's own
+// parameters (BN momentum and eps; dropout keys, threshold and scales): every member computes exactly what its
+// solo run's node computes on its (B, C) input, in one node per layer instead of K Python calls.
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
@@ -343,6 +348,150 @@ std::optional<Tensor> uniform_noise_drawing_seed(Tensor x, const std::optional<a
   return UniformNoiseNode::apply(x, 0, keys[0], keys[1], keys[2], scale);
 }
 
+int64_t element_size(const Tensor& x) { return static_cast<int64_t>(x.element_size()); }
+
+// One member's slice of a contiguous (K, ...) tensor: the address of member k's first value.
+int64_t member_address(const Tensor& t, int64_t k) {
+  return t.defined() ? address(t) + k * (t.numel() / t.size(0)) * element_size(t) : 0;
+}
+
+struct FleetBatchNormNode : public torch::autograd::Function<FleetBatchNormNode> {
+  // x (K, B, C); weight, bias, running_mean, running_var (K, C); member k's momentum and eps. Training: batch
+  // statistics per member, its running statistics updated in place; inference: its running statistics.
+  static Tensor forward(AutogradContext* ctx, Tensor x, Tensor weight, Tensor bias, Tensor running_mean,
+                        Tensor running_var, bool training, std::vector<double> momenta, std::vector<double> eps) {
+    const int64_t members = x.size(0), rows = x.size(1), channels = x.size(2);
+    Tensor y = at::empty_like(x);
+    Tensor mean = training ? at::empty({members, channels}, x.options()) : running_mean;
+    Tensor var = training ? at::empty({members, channels}, x.options()) : running_var;
+    const auto kernel = batch_norm_forward_kernel[dtype_index(x)];
+    for (int64_t k = 0; k < members; ++k) {
+      kernel(member_address(y, k), member_address(x, k), member_address(weight, k), member_address(bias, k),
+             member_address(mean, k), member_address(var, k), training ? member_address(running_mean, k) : 0,
+             training ? member_address(running_var, k) : 0, rows * channels, channels, 1, training ? 1 : 0, eps[k],
+             momenta[k]);
+    }
+    if (training) {
+      torch::autograd::impl::bump_version(running_mean);
+      torch::autograd::impl::bump_version(running_var);
+    }
+    ctx->save_for_backward({x, weight, mean, var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);
+    if (!grads[0].defined()) return out;
+    TORCH_CHECK(!at::GradMode::is_enabled(), "normdrop fleet batch norm: double backward is not supported");
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    const bool training = ctx->saved_data["training"].toBool();
+    const auto eps = ctx->saved_data["eps"].toDoubleVector();
+    const int64_t members = x.size(0), rows = x.size(1), channels = x.size(2);
+    const Tensor grad = dense_like(grads[0], x);
+    Tensor grad_x = at::empty_like(x);
+    Tensor grad_weight = at::empty({members, channels}, x.options());
+    Tensor grad_bias = at::empty({members, channels}, x.options());
+    const auto kernel = batch_norm_backward_kernel[dtype_index(x)];
+    for (int64_t k = 0; k < members; ++k) {
+      kernel(member_address(grad_x, k), member_address(grad_weight, k), member_address(grad_bias, k),
+             member_address(grad, k), member_address(x, k), member_address(weight, k), member_address(mean, k),
+             member_address(var, k), rows * channels, channels, 1, training ? 1 : 0, eps[k]);
+    }
+    out[0] = grad_x;
+    out[1] = grad_weight;
+    out[2] = grad_bias;
+    return out;
+  }
+};
+
+struct FleetDropoutNode : public torch::autograd::Function<FleetDropoutNode> {
+  // x (K, B, C): member k's element i of its slice kept iff bits(keys_k, i) >= thresholds[k], times keep_scales[k]
+  // (else drop_scales[k]); backward applies the same masks and scales to the gradient.
+  static Tensor forward(AutogradContext* ctx, Tensor x, std::vector<int64_t> keys, std::vector<int64_t> thresholds,
+                        std::vector<double> drop_scales, std::vector<double> keep_scales) {
+    Tensor y = at::empty_like(x);
+    apply_masks(y, x, keys, thresholds, drop_scales, keep_scales);
+    ctx->saved_data["keys"] = keys;
+    ctx->saved_data["thresholds"] = thresholds;
+    ctx->saved_data["drop_scales"] = drop_scales;
+    ctx->saved_data["keep_scales"] = keep_scales;
+    ctx->save_for_backward({at::empty({0}, x.options())});  // as DropoutNode: a second backward raises
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static void apply_masks(Tensor& y, const Tensor& x, const std::vector<int64_t>& keys,
+                          const std::vector<int64_t>& thresholds, const std::vector<double>& drop_scales,
+                          const std::vector<double>& keep_scales) {
+    const int64_t members = x.size(0), per_member = x.numel() / members;
+    const auto kernel = dropout_kernel[dtype_index(x)];
+    for (int64_t k = 0; k < members; ++k) {
+      kernel(member_address(y, k), member_address(x, k), per_member, 1, 0, keys[3 * k], keys[3 * k + 1],
+             keys[3 * k + 2], thresholds[k], drop_scales[k], keep_scales[k], 0.0, 0.0);
+    }
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);
+    if (!grads[0].defined()) return out;
+    TORCH_CHECK(!at::GradMode::is_enabled(), "normdrop fleet dropout: double backward is not supported");
+    ctx->get_saved_variables();
+    if (grads[0]._is_zerotensor()) {
+      out[0] = grads[0];
+      return out;
+    }
+    const Tensor grad = dense_like(grads[0], grads[0]);
+    out[0] = at::empty_like(grad);
+    apply_masks(out[0], grad, ctx->saved_data["keys"].toIntVector(), ctx->saved_data["thresholds"].toIntVector(),
+                ctx->saved_data["drop_scales"].toDoubleVector(), ctx->saved_data["keep_scales"].toDoubleVector());
+    return out;
+  }
+};
+
+// A stacked (K, C) per-member tensor the fleet kernels can read (K and C as x's).
+bool member_ready(const Tensor& t, const Tensor& x) {
+  return t.defined() && t.scalar_type() == x.scalar_type() && t.is_cpu() && t.layout() == at::kStrided &&
+         t.is_contiguous() && t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(2) && plain_memory(t);
+}
+
+// Fleet batch norm of a (K, B, C) input with member k's (momenta[k], eps[k]); None where the tensors are not what
+// the kernels take.
+std::optional<Tensor> fleet_batch_norm(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var,
+                                       bool training, std::vector<double> momenta, std::vector<double> eps) {
+  if (batch_norm_forward_kernel[0] == nullptr || !kernel_ready(x) || x.dim() != 3) return std::nullopt;
+  if (!member_ready(weight, x) || !member_ready(bias, x) || !member_ready(running_mean, x) ||
+      !member_ready(running_var, x))
+    return std::nullopt;
+  const auto members = static_cast<size_t>(x.size(0));
+  TORCH_CHECK(momenta.size() == members && eps.size() == members, "fleet_batch_norm: one momentum and eps per member");
+  return FleetBatchNormNode::apply(x, weight, bias, running_mean, running_var, training, momenta, eps);
+}
+
+// Fleet dropout of a (K, B, C) input, member k's seed drawn here from generators[k] as draw_seed draws it (in
+// member order); None (nothing drawn) where x or a generator is not what this path takes.
+std::optional<Tensor> fleet_dropout_drawing_seeds(Tensor x, const std::vector<at::Generator>& generators,
+                                                  std::vector<int64_t> thresholds, std::vector<double> drop_scales,
+                                                  std::vector<double> keep_scales) {
+  if (dropout_kernel[0] == nullptr || !kernel_ready(x) || x.dim() != 3) return std::nullopt;
+  const auto members = static_cast<size_t>(x.size(0));
+  if (generators.size() != members || thresholds.size() != members || drop_scales.size() != members ||
+      keep_scales.size() != members)
+    return std::nullopt;
+  for (const auto& generator : generators)
+    if (!generator.defined() || !generator.device().is_cpu()) return std::nullopt;
+  std::vector<int64_t> keys;
+  keys.reserve(3 * members);
+  for (const auto& generator : generators) {
+    const auto member_keys = round_keys(draw_seed(generator));
+    keys.insert(keys.end(), member_keys.begin(), member_keys.end());
+  }
+  return FleetDropoutNode::apply(x, keys, thresholds, drop_scales, keep_scales);
+}
+
 void register_kernels(int64_t forward32, int64_t forward64, int64_t backward32, int64_t backward64,
                       int64_t dropout32, int64_t dropout64, int64_t noise32, int64_t noise64) {
   batch_norm_forward_kernel[0] = reinterpret_cast<BatchNormForward>(forward32);
@@ -364,6 +513,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Dropout as a C++ autograd node, its seed drawn from the generator as normdrop.nn.rng.draw_seed draws it.");
   m.def("uniform_noise_drawing_seed", &uniform_noise_drawing_seed,
         "Uniform multiplicative noise (Uout) as a C++ autograd node, its seed drawn as draw_seed draws it.");
+  m.def("fleet_batch_norm", &fleet_batch_norm, "Batch norm of K members' (B, C) slices of a (K, B, C) input.");
+  m.def("fleet_dropout_drawing_seeds", &fleet_dropout_drawing_seeds,
+        "Dropout of K members' (B, C) slices, member k's seed drawn from its own generator.");
   m.def("draw_seed", &draw_seed, "normdrop.nn.rng.draw_seed on a CPU generator (None: torch's default).");
   m.def("round_keys", &round_keys, "normdrop.nn.rng.round_keys.");
   m.def("register_kernels", &register_kernels, "Register the numba kernels' C entry points.");

@@ -53,6 +53,8 @@ __all__ = [
     "dropout",
     "dropout_drawing_seed",
     "extension",
+    "fleet_batch_norm",
+    "fleet_dropout_drawing_seeds",
     "prepare",
     "set_enabled",
     "uniform_noise_drawing_seed",
@@ -189,15 +191,16 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([directory, os.environ.get("PATH", "")])
 
 
-def _usable(x: Tensor) -> ModuleType | None:
+def _usable(x: Tensor, numel: int | None = None) -> ModuleType | None:
     """The extension if calls on ``x`` may take the fast path, else None; the extension itself then checks that
-    the tensors are what the kernels take (CPU, float32/float64, contiguous, per-channel sizes)."""
+    the tensors are what the kernels take (CPU, float32/float64, contiguous, per-channel sizes). ``numel``: the
+    size of one kernel call when it is not ``x.numel()`` (a fleet member's slice)."""
     if not _wanted() or torch._C._are_functorch_transforms_active():
         return None
     if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:  # subclasses keep their own dispatch
         return None
     numba_cpu = kernels._numba_module()
-    numel = x.numel()
+    numel = x.numel() if numel is None else numel
     if (
         numba_cpu is None
         or numel >= MAX_NUMEL
@@ -260,6 +263,44 @@ def uniform_noise_drawing_seed(x: Tensor, generator: torch.Generator | None, sca
     if module is None or x.dtype not in _DTYPES:
         return None
     return module.uniform_noise_drawing_seed(x, generator, scale)
+
+
+def fleet_batch_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    momenta: list[float],
+    eps: list[float],
+) -> Tensor | None:
+    """Batch norm of a fleet's (K, B, C) activations: member k's contiguous (B, C) slice through the kernel that
+    :func:`batch_norm` calls on a solo (B, C) input, with its (K, C) rows of ``weight``, ``bias`` and running
+    statistics (updated in place in training) and its ``momenta[k]`` and ``eps[k]``. None where a solo (B, C)
+    input would not take the fast path (the caller then takes the solo path member by member)."""
+    if x.dim() != 3 or x.shape[0] == 0:
+        return None
+    module = _usable(x, x[0].numel())
+    if module is None or x.dtype not in _DTYPES:
+        return None
+    return module.fleet_batch_norm(x, weight, bias, running_mean, running_var, training, momenta, eps)
+
+
+def fleet_dropout_drawing_seeds(x: Tensor, generators: list[torch.Generator], ps: list[float]) -> Tensor | None:
+    """Element-wise dropout of a fleet's (K, B, C) activations: member k's slice masked as :func:`dropout_drawing_seed`
+    masks a solo (B, C) input with probability ``ps[k]`` (``0 < p < 1``), its seed drawn in C++ from
+    ``generators[k]`` (in member order). None, having drawn nothing, where a solo input would not take the fast
+    path."""
+    if x.dim() != 3 or x.shape[0] == 0 or not all(0.0 < p < 1.0 for p in ps):
+        return None
+    module = _usable(x, x[0].numel())
+    if module is None or x.dtype not in _DTYPES:
+        return None
+    constants = [_constants(float(p), False, x.dtype) for p in ps]
+    return module.fleet_dropout_drawing_seeds(
+        x, generators, [c[0] for c in constants], [c[1][0] for c in constants], [c[1][1] for c in constants]
+    )
 
 
 @functools.lru_cache(maxsize=256)

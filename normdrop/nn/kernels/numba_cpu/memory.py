@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 import time
 
 import numba
@@ -106,13 +108,108 @@ def _address(t: Tensor | None) -> int:
 
 
 def _empty_like(x: Tensor, layout: int) -> tuple[Tensor, np.ndarray]:
-    """A new tensor shaped and laid out like ``x``, and a flat numpy view of it in memory order."""
+    """A new tensor shaped and laid out like ``x``, and a flat numpy view of it in memory order (its memory from
+    :func:`_empty_array`: a large one may be an idle pooled buffer; the kernels overwrite every value)."""
     shape = x.shape
     if layout == _CONTIGUOUS:
-        array = np.empty(shape, NUMPY_DTYPES[x.dtype])
+        array = _empty_array(tuple(shape), NUMPY_DTYPES[x.dtype])
         return torch.from_numpy(array), array.reshape(-1)
-    array = np.empty((shape[0], *shape[2:], shape[1]), NUMPY_DTYPES[x.dtype])
+    array = _empty_array((shape[0], *shape[2:], shape[1]), NUMPY_DTYPES[x.dtype])
     return torch.from_numpy(array).permute(_FROM_CHANNELS_LAST[x.ndim]), array.reshape(-1)
+
+
+POOL_ENV = "NORMDROP_OUTPUT_POOL_MB"
+POOL_MIN_BYTES = 4 << 20
+"""Outputs this large reuse idle buffers (:func:`_empty_array`); smaller ones come from ``np.empty``."""
+DEFAULT_POOL_MB = 256
+
+
+class _OutputPool:
+    """Idle large output buffers kept for reuse, so a training loop's outputs do not pay for fresh pages each step.
+
+    A fresh 32 MiB buffer costs the kernel's first touch of every page (the OS zeroes it: ~5 ms here, measured
+    2026-12-02 on the 2-core Zen 3 machine, 128x64x32x32 float32 dropout forward 15 ms fresh vs 9.7 ms on warm
+    memory), on every call, since the allocator returns such buffers to the OS when they are freed. The pool keeps
+    up to ``limit`` bytes of buffers (exact byte sizes). A buffer is handed out only when nothing but the pool
+    refers to it: an output tensor (``torch.from_numpy`` of a view of it) holds a reference to it for as long as the
+    tensor, any view of it or its storage lives, so memory in use is never handed out twice. Eviction: idle buffers,
+    oldest first, to make room; when the buffers in use fill the limit, a new output is a plain ``np.empty``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buffers: list[np.ndarray] = []  # flat uint8 arrays, oldest first
+        self.lock = threading.Lock()
+
+    # References to an idle buffer, as sys.getrefcount sees it in take(): the list, the loop variable, the argument.
+    _IDLE_REFS = 3
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A flat uint8 buffer of ``nbytes`` that nothing else uses (a pooled one when one is idle)."""
+        with self.lock:
+            for buffer in self.buffers:
+                if buffer.nbytes == nbytes and sys.getrefcount(buffer) == self._IDLE_REFS:
+                    self.buffers.remove(buffer)
+                    self.buffers.append(buffer)  # most recently used last
+                    return buffer
+            held = sum(b.nbytes for b in self.buffers)
+            for buffer in list(self.buffers):
+                if held + nbytes <= self.limit:
+                    break
+                if sys.getrefcount(buffer) == self._IDLE_REFS + 1:  # + the list() copy
+                    self.buffers.remove(buffer)
+                    held -= buffer.nbytes
+            buffer = np.empty(nbytes, np.uint8)
+            if held + nbytes <= self.limit:
+                self.buffers.append(buffer)
+            return buffer
+
+    def idle_bytes(self) -> int:
+        """Bytes of pooled buffers that nothing else refers to now."""
+        with self.lock:
+            return sum(b.nbytes for b in self.buffers if sys.getrefcount(b) == self._IDLE_REFS)
+
+
+def _pool_limit() -> int:
+    """``$NORMDROP_OUTPUT_POOL_MB`` (default 256; 0 turns the pool off) in bytes."""
+    text = os.environ.get(POOL_ENV, str(DEFAULT_POOL_MB))
+    try:
+        megabytes = float(text)
+    except ValueError:
+        raise ValueError(f"{POOL_ENV}={text!r}: expected a number of MiB (0 turns the pool off)") from None
+    if megabytes < 0:
+        raise ValueError(f"{POOL_ENV}={text!r}: expected a number of MiB >= 0 (0 turns the pool off)")
+    return int(megabytes * (1 << 20))
+
+
+_output_pool: _OutputPool | None = None
+
+
+def _fresh_pool_in_child() -> None:
+    """A forked child starts its own pool (its lock may have been held by another thread at the fork); buffers it
+    inherited stay with the tensors that use them."""
+    global _output_pool
+    _output_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_pool_in_child)
+
+
+def output_pool() -> _OutputPool:
+    """This process's pool of large output buffers (created on first use with :func:`_pool_limit`)."""
+    global _output_pool
+    if _output_pool is None:
+        _output_pool = _OutputPool(_pool_limit())
+    return _output_pool
+
+
+def _empty_array(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """An uninitialised C-contiguous array; from :class:`_OutputPool` when it is at least :data:`POOL_MIN_BYTES`."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    pool = output_pool()
+    if nbytes < POOL_MIN_BYTES or pool.limit < nbytes:
+        return np.empty(shape, dtype)
+    return pool.take(nbytes).view(dtype).reshape(shape)
 
 
 def _plane_size(numel: int, x: Tensor, layout: int) -> int:

@@ -510,7 +510,7 @@ class Fleet:
             return _FleetLinear.apply(h, weight, bias)
         shared = h.stride(0) == 0  # the eval input: one chunk seen by every member
         outputs = [
-            F.linear(_aligned(h[0] if shared else h[k]), weight[k], None if bias is None else bias[k])
+            F.linear(_aligned(h[0] if shared else h[k]), _aligned(weight[k]), None if bias is None else bias[k])
             for k in range(members)
         ]
         return torch.stack(outputs)

@@ -4,7 +4,9 @@ A Python ``torch.autograd.Function`` costs about 20 us per call plus as much aga
 input is as long as torch's whole native batch norm. ``fastpath.cpp`` holds two C++ autograd nodes (batch norm;
 dropout, element-wise or per channel/sample) that call numba's serial kernels through C function pointers
 (``numba_cpu.entry_points()``), so a small layer costs one pybind call, two allocations and the kernel; a third node
-does Uout's uniform noise. The dropout and noise calls also draw the layer's seed in C++, as
+does Uout's uniform noise, and two fleet nodes (:mod:`normdrop.fleet`) run the batch norm and dropout kernels on
+each member's (B, C) slice of a (K, B, C) input with the member's own settings and seed (no double backward
+through those). The dropout and noise calls also draw the layer's seed in C++, as
 ``normdrop.nn.rng.draw_seed`` draws it (the same ``torch.randint`` distribution on the same generator: the same seed
 and the same generator state after), which saves the ~4 us of a Python ``torch.randint(...).item()``. Results are
 the numba backend's: the same bits for dropout; for batch norm equal to rounding (an ulp in the running statistics,

@@ -439,3 +439,13 @@ def test_members_equal_solo_runs_without_the_fast_path(monkeypatch):
     _assert_members_equal_solo(
         [RunSpec(**options, seed=k, norm_momentum=m, norm_eps=e) for k, (m, e) in enumerate(settings)]
     )
+
+
+def test_one_row_batches_with_batch_norm_fail_as_the_solo_runs_do():
+    # training batch norm on one row per member is an error in the solo run; the fleet's node must not hide it
+    specs = [RunSpec(**{**BASE, "batch_size": 1, "steps": 2}, norm="batch", seed=k) for k in range(2)]
+    for spec, result in zip(specs, run_fleet(specs), strict=True):
+        solo = run(spec)
+        assert solo.status == result.status == "failed"
+        assert "more than 1 value per channel" in solo.error
+        assert result.error == solo.error

@@ -472,8 +472,10 @@ std::optional<Tensor> fleet_batch_norm(Tensor x, Tensor weight, Tensor bias, Ten
 }
 
 // Fleet dropout of a (K, B, C) input, member k's seed drawn here from generators[k] as draw_seed draws it (in
-// member order); None (nothing drawn) where x or a generator is not what this path takes.
-std::optional<Tensor> fleet_dropout_drawing_seeds(Tensor x, const std::vector<at::Generator>& generators,
+// member order; an empty one: torch's default CPU generator); None (nothing drawn) where x or a generator is not
+// what this path takes.
+std::optional<Tensor> fleet_dropout_drawing_seeds(Tensor x,
+                                                  const std::vector<std::optional<at::Generator>>& generators,
                                                   std::vector<int64_t> thresholds, std::vector<double> drop_scales,
                                                   std::vector<double> keep_scales) {
   if (dropout_kernel[0] == nullptr || !kernel_ready(x) || x.dim() != 3) return std::nullopt;
@@ -482,7 +484,7 @@ std::optional<Tensor> fleet_dropout_drawing_seeds(Tensor x, const std::vector<at
       keep_scales.size() != members)
     return std::nullopt;
   for (const auto& generator : generators)
-    if (!generator.defined() || !generator.device().is_cpu()) return std::nullopt;
+    if (!cpu_generator(generator)) return std::nullopt;
   std::vector<int64_t> keys;
   keys.reserve(3 * members);
   for (const auto& generator : generators) {

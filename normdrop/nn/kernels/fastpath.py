@@ -281,19 +281,19 @@ def fleet_batch_norm(
     :func:`batch_norm` calls on a solo (B, C) input, with its (K, C) rows of ``weight``, ``bias`` and running
     statistics (updated in place in training) and its ``momenta[k]`` and ``eps[k]``. None where a solo (B, C)
     input would not take the fast path (the caller then takes the solo path member by member)."""
-    if x.dim() != 3 or x.shape[0] == 0:
-        return None
+    if x.dim() != 3 or x.shape[0] == 0 or (training and x.shape[1] < 2):
+        return None  # (one row per member in training: the solo call raises, member by member, as it should)
     module = _usable(x, x[0].numel())
     if module is None or x.dtype not in _DTYPES:
         return None
     return module.fleet_batch_norm(x, weight, bias, running_mean, running_var, training, momenta, eps)
 
 
-def fleet_dropout_drawing_seeds(x: Tensor, generators: list[torch.Generator], ps: list[float]) -> Tensor | None:
+def fleet_dropout_drawing_seeds(x: Tensor, generators: list[torch.Generator | None], ps: list[float]) -> Tensor | None:
     """Element-wise dropout of a fleet's (K, B, C) activations: member k's slice masked as :func:`dropout_drawing_seed`
     masks a solo (B, C) input with probability ``ps[k]`` (``0 < p < 1``), its seed drawn in C++ from
-    ``generators[k]`` (in member order). None, having drawn nothing, where a solo input would not take the fast
-    path."""
+    ``generators[k]`` (in member order; None: torch's default CPU generator, as the solo layer's None). None,
+    having drawn nothing, where a solo input would not take the fast path."""
     if x.dim() != 3 or x.shape[0] == 0 or not all(0.0 < p < 1.0 for p in ps):
         return None
     module = _usable(x, x[0].numel())

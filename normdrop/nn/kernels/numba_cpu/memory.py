@@ -140,27 +140,34 @@ class _OutputPool:
         self.buffers: list[np.ndarray] = []  # flat uint8 arrays, oldest first
         self.lock = threading.Lock()
 
-    # References to an idle buffer, as sys.getrefcount sees it in take(): the list, the loop variable, the argument.
+    # References to an idle buffer as sys.getrefcount sees it inside the loops of take(): the list, the name
+    # ``buffer`` (rebound at each step, so it never holds two) and getrefcount's argument. The loops index the list
+    # (no enumerate: its result tuple holds one more reference) and remove by position (list.remove compares arrays
+    # with ==, elementwise).
     _IDLE_REFS = 3
 
     def take(self, nbytes: int) -> np.ndarray:
         """A flat uint8 buffer of ``nbytes`` that nothing else uses (a pooled one when one is idle)."""
         with self.lock:
-            for buffer in self.buffers:
+            buffers = self.buffers
+            for i in range(len(buffers)):
+                buffer = buffers[i]
                 if buffer.nbytes == nbytes and sys.getrefcount(buffer) == self._IDLE_REFS:
-                    self.buffers.remove(buffer)
-                    self.buffers.append(buffer)  # most recently used last
+                    del buffers[i]
+                    buffers.append(buffer)  # most recently used last
                     return buffer
-            held = sum(b.nbytes for b in self.buffers)
-            for buffer in list(self.buffers):
-                if held + nbytes <= self.limit:
-                    break
-                if sys.getrefcount(buffer) == self._IDLE_REFS + 1:  # + the list() copy
-                    self.buffers.remove(buffer)
+            held = sum(b.nbytes for b in buffers)
+            i = 0
+            while i < len(buffers) and held + nbytes > self.limit:
+                buffer = buffers[i]
+                if sys.getrefcount(buffer) == self._IDLE_REFS:
+                    del buffers[i]
                     held -= buffer.nbytes
+                else:
+                    i += 1
             buffer = np.empty(nbytes, np.uint8)
             if held + nbytes <= self.limit:
-                self.buffers.append(buffer)
+                buffers.append(buffer)
             return buffer
 
     def idle_bytes(self) -> int:
